@@ -1,0 +1,18 @@
+"""fastssl: fused kernels for self-supervised pretraining in PyTorch."""
+import os as _os
+
+__version__ = "0.1.0"
+
+# Installed, ``kernels/`` is the subpackage ``fastssl.kernels``. Run from a source tree
+# without installing, the same folder is found beside this package.
+_tree = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
+        not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
+    __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
+
+from fastssl import functional  # noqa: E402
+from fastssl.functional import clip_loss, info_nce, nt_xent  # noqa: E402
+from fastssl.losses import ClipLoss, InfoNCELoss, NTXentLoss  # noqa: E402
+
+__all__ = ["functional", "nt_xent", "info_nce", "clip_loss", "NTXentLoss", "InfoNCELoss",
+           "ClipLoss", "__version__"]

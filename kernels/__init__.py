@@ -1,0 +1,4 @@
+"""Triton kernels, one module per op family (installed as ``fastssl.kernels``).
+
+Modules here import triton at import time; ``fastssl._dispatch`` imports them lazily.
+"""

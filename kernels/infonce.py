@@ -1,0 +1,355 @@
+"""Tiled InfoNCE kernels: row log-sum-exp over a similarity matrix that is never stored.
+
+Rows R (n x D), columns C (m x D) and optional extra negatives Q (k x D, no gradient,
+each scaled by w_j) give cosine-like products and logits
+
+    x_ij = r_i . c_j            (j < m)         x_ij = w_j (r_i . q_j)   (extra negatives)
+    l_ij = s * x_ij
+
+Row i has a positive column p_i (or -1: none) and may mask one column q_i (or -1). With
+lse_i = log sum_{j valid} exp(l_ij) the per-row loss is loss_i = lse_i - l_{i,p_i}.
+
+The forward pass keeps, per row, a running max, sum of exponentials and softmax-weighted
+sum of x (online softmax, base 2 with log2(e) folded into the scale), and writes
+O(n) statistics: lse2_i (base 2), ex_i = sum_j P_ij x_ij, px_i = x_{i,p_i}, loss_i.
+d loss_i / d s = ex_i - px_i, so the scale gradient needs no extra pass.
+
+The backward pass recomputes the tiles. With G_ij = g_i (P_ij - [j = p_i]):
+    dR_i = s * sum_j G_ij c_j      (+ s * sum_j g_i P_ij w_j q_j over extra negatives)
+    dC_j = s * sum_i G_ij r_i
+computed by two kernels (row blocks, column blocks), each tiled over D chunks of its
+output: no atomics, so results are bitwise reproducible.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot_tile(A, a_idx, a_n, sa0, sa1, B, b_idx, b_n, sb0, sb1, D,
+              BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+              PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """[BA, BB] fp32 tile of A[a_idx] . B[b_idx]^T, looping over D in chunks of BK."""
+    acc = tl.zeros([BA, BB], dtype=tl.float32)
+    a_ok = a_idx < a_n
+    b_ok = b_idx < b_n
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK).to(tl.int64)
+        k_ok = kk < D
+        a = tl.load(A + a_idx[:, None] * sa0 + kk[None, :] * sa1,
+                    mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(B + b_idx[None, :] * sb0 + kk[:, None] * sb1,
+                    mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        if INTERPRET:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _online_update(x, s2, valid, m_i, l_i, e_i):
+    """Fold one [BM, BN] tile of products x into the running base-2 softmax statistics."""
+    t = tl.where(valid, x * s2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(t - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    e_i = e_i * alpha + tl.sum(p * x, 1)
+    return m_new, l_i, e_i
+
+
+@triton.jit
+def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, LSE2, EX, PX,
+                n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1,
+                HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM).to(tl.int64)
+    row_ok = rows < n
+    s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    pos = tl.load(POS + rows, mask=row_ok, other=-1)
+    if HAS_MASK:
+        msk = tl.load(MASK + rows, mask=row_ok, other=-1)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    e_i = tl.zeros([BM], dtype=tl.float32)
+    px = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(0, m, BN):
+        cols = c0 + tl.arange(0, BN).to(tl.int64)
+        x = _dot_tile(R, rows, n, s_r0, s_r1, C, cols, m, s_c0, s_c1, D,
+                      BM, BN, BK, PRECISION, INTERPRET)
+        is_pos = cols[None, :] == pos[:, None]
+        px += tl.sum(tl.where(is_pos, x, 0.0), 1)
+        valid = (cols < m)[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            valid = valid & (cols[None, :] != msk[:, None])
+        m_i, l_i, e_i = _online_update(x, s2, valid, m_i, l_i, e_i)
+    if HAS_NEG:
+        for c0 in range(0, k, BN):
+            cols = c0 + tl.arange(0, BN).to(tl.int64)
+            col_ok = cols < k
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = _dot_tile(R, rows, n, s_r0, s_r1, Q, cols, k, s_q0, s_q1, D,
+                          BM, BN, BK, PRECISION, INTERPRET) * w[None, :]
+            valid = col_ok[None, :] & row_ok[:, None]
+            m_i, l_i, e_i = _online_update(x, s2, valid, m_i, l_i, e_i)
+    lse2 = m_i + tl.log2(l_i)
+    # (m - s2 * px) is exactly 0 when the positive is the only valid column.
+    loss = tl.where(pos >= 0, (m_i - px * s2) + tl.log2(l_i), lse2) * 0.6931471805599453
+    tl.store(LOSS + rows, loss, mask=row_ok)
+    tl.store(LSE2 + rows, lse2, mask=row_ok)
+    tl.store(EX + rows, e_i / l_i, mask=row_ok)
+    tl.store(PX + rows, px, mask=row_ok)
+
+
+@triton.jit
+def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, LSE2, G, GSCALE, DR,
+                     n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1, s_d0, s_d1,
+                     HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                     PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM).to(tl.int64)
+    row_ok = rows < n
+    dd = pid_d * BD + tl.arange(0, BD).to(tl.int64)
+    d_ok = dd < D
+    s = tl.load(SCALE).to(tl.float32)
+    s2 = s * 1.4426950408889634
+    lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+    g = tl.load(G + rows, mask=row_ok, other=0.0)
+    pos = tl.load(POS + rows, mask=row_ok, other=-1)
+    if HAS_MASK:
+        msk = tl.load(MASK + rows, mask=row_ok, other=-1)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for c0 in range(0, m, BN):
+        cols = c0 + tl.arange(0, BN).to(tl.int64)
+        col_ok = cols < m
+        x = _dot_tile(R, rows, n, s_r0, s_r1, C, cols, m, s_c0, s_c1, D,
+                      BM, BN, BK, PRECISION, INTERPRET)
+        valid = col_ok[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            valid = valid & (cols[None, :] != msk[:, None])
+        p = tl.where(valid, tl.exp2(x * s2 - lse2[:, None]), 0.0)
+        gm = p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0)
+        b = tl.load(C + cols[:, None] * s_c0 + dd[None, :] * s_c1,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if INTERPRET:
+            acc += tl.dot(gm, b.to(tl.float32))
+        else:
+            acc = tl.dot(gm.to(b.dtype), b, acc, input_precision=PRECISION)
+    if HAS_NEG:
+        for c0 in range(0, k, BN):
+            cols = c0 + tl.arange(0, BN).to(tl.int64)
+            col_ok = cols < k
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = _dot_tile(R, rows, n, s_r0, s_r1, Q, cols, k, s_q0, s_q1, D,
+                          BM, BN, BK, PRECISION, INTERPRET) * w[None, :]
+            valid = col_ok[None, :] & row_ok[:, None]
+            gm = tl.where(valid, tl.exp2(x * s2 - lse2[:, None]), 0.0) * w[None, :]
+            b = tl.load(Q + cols[:, None] * s_q0 + dd[None, :] * s_q1,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if INTERPRET:
+                acc += tl.dot(gm, b.to(tl.float32))
+            else:
+                b = b.to(R.dtype.element_ty)
+                acc = tl.dot(gm.to(b.dtype), b, acc, input_precision=PRECISION)
+    out = acc * (g * (s * tl.load(GSCALE)))[:, None]
+    tl.store(DR + rows[:, None] * s_d0 + dd[None, :] * s_d1, out.to(DR.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _bwd_cols_kernel(R, C, POS, MASK, SCALE, LSE2, G, GSCALE, DC,
+                     n, m, D, s_r0, s_r1, s_c0, s_c1, s_d0, s_d1,
+                     HAS_MASK: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                     PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    cols = pid * BN + tl.arange(0, BN).to(tl.int64)
+    col_ok = cols < m
+    dd = pid_d * BD + tl.arange(0, BD).to(tl.int64)
+    d_ok = dd < D
+    s = tl.load(SCALE).to(tl.float32)
+    s2 = s * 1.4426950408889634
+    acc = tl.zeros([BN, BD], dtype=tl.float32)
+    for r0 in range(0, n, BM):
+        rows = r0 + tl.arange(0, BM).to(tl.int64)
+        row_ok = rows < n
+        xt = _dot_tile(C, cols, m, s_c0, s_c1, R, rows, n, s_r0, s_r1, D,
+                       BN, BM, BK, PRECISION, INTERPRET)
+        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+        g = tl.load(G + rows, mask=row_ok, other=0.0)
+        pos = tl.load(POS + rows, mask=row_ok, other=-1)
+        valid = col_ok[:, None] & row_ok[None, :]
+        if HAS_MASK:
+            msk = tl.load(MASK + rows, mask=row_ok, other=-1)
+            valid = valid & (cols[:, None] != msk[None, :])
+        p = tl.where(valid, tl.exp2(xt * s2 - lse2[None, :]), 0.0)
+        gm = (p - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0)) * g[None, :]
+        a = tl.load(R + rows[:, None] * s_r0 + dd[None, :] * s_r1,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if INTERPRET:
+            acc += tl.dot(gm, a.to(tl.float32))
+        else:
+            acc = tl.dot(gm.to(a.dtype), a, acc, input_precision=PRECISION)
+    out = acc * (s * tl.load(GSCALE))
+    tl.store(DC + cols[:, None] * s_d0 + dd[None, :] * s_d1, out.to(DC.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def config(dtype, D):
+    """Block sizes and launch options for one (dtype, D). One table for every kernel.
+
+    The interpreter (CPU) runs one program after another with no register limit; it gets
+    large row and column blocks, and 64-wide D chunks so that D = 130 still exercises the
+    multi-chunk loops.
+    """
+    if _interpret():
+        blk = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=1)
+        return {"fwd": blk, "bwd": dict(blk, BD=64)}
+    wide = dtype == torch.float32
+    small = D <= 32
+    bk = 32 if (small or wide) else 64
+    bd = 32 if small else (64 if wide else 128)
+    return {
+        "fwd": dict(BM=64 if wide else 128, BN=64, BK=bk, num_warps=4 if wide else 8,
+                    num_stages=3),
+        "bwd": dict(BM=64, BN=64, BK=bk, BD=bd, num_warps=4, num_stages=2),
+    }
+
+
+def _precision(dtype):
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "ieee" if os.environ.get("FASTSSL_FP32_PRECISION", "tf32") == "ieee" else "tf32"
+
+
+def _launch_opts(cfg):
+    if _interpret():
+        return {}
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _neg_args(rows, negatives, neg_scale):
+    if negatives is None:
+        return rows, rows.new_empty(1, dtype=torch.float32), 0, (0, 0)
+    if neg_scale is None:
+        neg_scale = torch.ones(negatives.shape[0], device=rows.device, dtype=torch.float32)
+    return negatives, neg_scale, negatives.shape[0], negatives.stride()
+
+
+def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale):
+    """Per-row loss and statistics; see the module docstring. Returns (loss, [lse2, ex, px])."""
+    n, D = rows.shape
+    m = cols.shape[0]
+    q, w, k, sq = _neg_args(rows, negatives, neg_scale)
+    loss = torch.empty(n, device=rows.device, dtype=torch.float32)
+    stats = torch.empty(3, n, device=rows.device, dtype=torch.float32)
+    cfg = config(rows.dtype, D)["fwd"]
+    grid = (triton.cdiv(n, cfg["BM"]),)
+    _fwd_kernel[grid](
+        rows, cols, q, w, pos_idx, pos_idx if mask_idx is None else mask_idx, scale,
+        loss, stats[0], stats[1], stats[2],
+        n, m, k, D, *rows.stride(), *cols.stride(), *sq,
+        HAS_MASK=mask_idx is not None, HAS_NEG=k > 0,
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PRECISION=_precision(rows.dtype),
+        INTERPRET=_interpret(), **_launch_opts(cfg))
+    return loss, stats
+
+
+def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, grad,
+             need_rows, need_cols):
+    """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
+    n, D = rows.shape
+    m = cols.shape[0]
+    cfg = config(rows.dtype, D)["bwd"]
+    # Upstream gradients are normalised by their largest magnitude so that the 16-bit
+    # operands of the tile matmuls stay in range; the factor is applied at the end.
+    gscale = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    g = (grad / gscale).contiguous()
+    mask = pos_idx if mask_idx is None else mask_idx
+    prec = _precision(rows.dtype)
+    d_rows = d_cols = None
+    if need_rows:
+        q, w, k, sq = _neg_args(rows, negatives, neg_scale)
+        d_rows = torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
+        grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(D, cfg["BD"]))
+        _bwd_rows_kernel[grid](
+            rows, cols, q, w, pos_idx, mask, scale, lse2, g, gscale, d_rows,
+            n, m, k, D, *rows.stride(), *cols.stride(), *sq, *d_rows.stride(),
+            HAS_MASK=mask_idx is not None, HAS_NEG=k > 0,
+            BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PRECISION=prec,
+            INTERPRET=_interpret(), **_launch_opts(cfg))
+    if need_cols:
+        d_cols = torch.empty(cols.shape, device=cols.device, dtype=torch.float32)
+        if m > 0:
+            grid = (triton.cdiv(m, cfg["BN"]), triton.cdiv(D, cfg["BD"]))
+            _bwd_cols_kernel[grid](
+                rows, cols, pos_idx, mask, scale, lse2, g, gscale, d_cols,
+                n, m, D, *rows.stride(), *cols.stride(), *d_cols.stride(),
+                HAS_MASK=mask_idx is not None,
+                BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PRECISION=prec,
+                INTERPRET=_interpret(), **_launch_opts(cfg))
+    return d_rows, d_cols
+
+
+# ------------------------------------------------------------- ahead-of-time compile table
+
+_TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def shipped_configs():
+    """Every (kernel, signature, constexprs, options) the launchers can use on a GPU.
+
+    The table has two D classes (D <= 32 and larger); D = 32 and D = 128 stand for them.
+    Extra negatives may have another float dtype than the rows (an fp32 queue for bf16
+    embeddings), which is its own specialisation.
+    """
+    out = []
+    for dtype, ty in _TY.items():
+        for D in (32, 128):
+            c = config(dtype, D)
+            prec = "tf32"
+            f, b = c["fwd"], c["bwd"]
+            i64, f32, i32 = "*i64", "*fp32", "i32"
+            for has_mask in (False, True):
+                negs = [(False, ty), (True, ty)] + ([(True, "*fp32")] if ty != "*fp32" else [])
+                for has_neg, qty in negs:
+                    sig = {"R": ty, "C": ty, "Q": qty, "W": f32, "POS": i64, "MASK": i64,
+                           "SCALE": f32, "LOSS": f32, "LSE2": f32, "EX": f32, "PX": f32}
+                    sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
+                                                 "s_c1", "s_q0", "s_q1")})
+                    ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, BM=f["BM"], BN=f["BN"],
+                              BK=f["BK"], PRECISION=prec, INTERPRET=False)
+                    out.append((_fwd_kernel, sig, ce, f))
+                    sig = {"R": ty, "C": ty, "Q": qty, "W": f32, "POS": i64, "MASK": i64,
+                           "SCALE": f32, "LSE2": f32, "G": f32, "GSCALE": f32, "DR": f32}
+                    sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
+                                                 "s_c1", "s_q0", "s_q1", "s_d0", "s_d1")})
+                    ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, BM=b["BM"], BN=b["BN"],
+                              BK=b["BK"], BD=b["BD"], PRECISION=prec, INTERPRET=False)
+                    out.append((_bwd_rows_kernel, sig, ce, b))
+                sig = {"R": ty, "C": ty, "POS": i64, "MASK": i64, "SCALE": f32, "LSE2": f32,
+                       "G": f32, "GSCALE": f32, "DC": f32}
+                sig.update({a: i32 for a in ("n", "m", "D", "s_r0", "s_r1", "s_c0", "s_c1",
+                                             "s_d0", "s_d1")})
+                ce = dict(HAS_MASK=has_mask, BM=b["BM"], BN=b["BN"], BK=b["BK"], BD=b["BD"],
+                          PRECISION=prec, INTERPRET=False)
+                out.append((_bwd_cols_kernel, sig, ce, b))
+    return out
