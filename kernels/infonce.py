@@ -52,7 +52,7 @@ def _dot_tile(A, a_idx, a_n, sa0, sa1, B, b_idx, b_n, sb0, sb1, D,
         if INTERPRET:
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
-            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
@@ -164,7 +164,6 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, LSE2, G, GSCALE, DR,
             if INTERPRET:
                 acc += tl.dot(gm, b.to(tl.float32))
             else:
-                b = b.to(R.dtype.element_ty)
                 acc = tl.dot(gm.to(b.dtype), b, acc, input_precision=PRECISION)
     out = acc * (g * (s * tl.load(GSCALE)))[:, None]
     tl.store(DR + rows[:, None] * s_d0 + dd[None, :] * s_d1, out.to(DR.dtype.element_ty),
@@ -213,24 +212,24 @@ def _bwd_cols_kernel(R, C, POS, MASK, SCALE, LSE2, G, GSCALE, DC,
 
 # ----------------------------------------------------------------------------- launchers
 
-def config(dtype, D):
+def config(dtype, D, interpret=None):
     """Block sizes and launch options for one (dtype, D). One table for every kernel.
 
     The interpreter (CPU) runs one program after another with no register limit; it gets
     large row and column blocks, and 64-wide D chunks so that D = 130 still exercises the
     multi-chunk loops.
     """
-    if _interpret():
+    if _interpret() if interpret is None else interpret:
         blk = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=1)
         return {"fwd": blk, "bwd": dict(blk, BD=64)}
     wide = dtype == torch.float32
     small = D <= 32
     bk = 32 if (small or wide) else 64
-    bd = 32 if small else (64 if wide else 128)
+    bd = 32 if small else 64
     return {
-        "fwd": dict(BM=64 if wide else 128, BN=64, BK=bk, num_warps=4 if wide else 8,
-                    num_stages=3),
-        "bwd": dict(BM=64, BN=64, BK=bk, BD=bd, num_warps=4, num_stages=2),
+        "fwd": dict(BM=64 if wide else 128, BN=64, BK=bk, num_warps=8, num_stages=3),
+        "bwd": dict(BM=64, BN=64, BK=bk, BD=bd, num_warps=4 if small and not wide else 8,
+                    num_stages=2),
     }
 
 
@@ -251,6 +250,8 @@ def _neg_args(rows, negatives, neg_scale):
         return rows, rows.new_empty(1, dtype=torch.float32), 0, (0, 0)
     if neg_scale is None:
         neg_scale = torch.ones(negatives.shape[0], device=rows.device, dtype=torch.float32)
+    # One operand dtype per tile matmul: a queue kept in another precision is cast once.
+    negatives = negatives.to(rows.dtype)
     return negatives, neg_scale, negatives.shape[0], negatives.stride()
 
 
@@ -318,19 +319,16 @@ def shipped_configs():
     """Every (kernel, signature, constexprs, options) the launchers can use on a GPU.
 
     The table has two D classes (D <= 32 and larger); D = 32 and D = 128 stand for them.
-    Extra negatives may have another float dtype than the rows (an fp32 queue for bf16
-    embeddings), which is its own specialisation.
     """
     out = []
     for dtype, ty in _TY.items():
         for D in (32, 128):
-            c = config(dtype, D)
+            c = config(dtype, D, interpret=False)
             prec = "tf32"
             f, b = c["fwd"], c["bwd"]
             i64, f32, i32 = "*i64", "*fp32", "i32"
             for has_mask in (False, True):
-                negs = [(False, ty), (True, ty)] + ([(True, "*fp32")] if ty != "*fp32" else [])
-                for has_neg, qty in negs:
+                for has_neg, qty in ((False, ty), (True, ty)):
                     sig = {"R": ty, "C": ty, "Q": qty, "W": f32, "POS": i64, "MASK": i64,
                            "SCALE": f32, "LOSS": f32, "LSE2": f32, "EX": f32, "PX": f32}
                     sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",

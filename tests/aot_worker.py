@@ -1,0 +1,65 @@
+"""Compile every shipped kernel configuration for one GPU architecture, with no GPU present.
+
+Run as ``python tests/aot_worker.py 90``; prints one JSON object per configuration. It runs
+in its own process because kernels decorated for the Triton interpreter (as the rest of
+the test suite uses them) cannot be compiled.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastssl.kernels import infonce  # noqa: E402
+
+FAMILIES = {"infonce": infonce}
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
+             if os.path.exists(os.path.join(BIN, p)))
+
+
+def config_id(family, cfg):
+    fn, sig, ce, _ = cfg
+    flags = "".join(k[4] for k in ("HAS_MASK", "HAS_NEG") if ce.get(k)) or "plain"
+    blocks = "-".join(f"{k}{v}" for k, v in ce.items() if k.startswith("B"))
+    return f"{family}.{fn.__name__}-{sig['R'][1:]}-{blocks}-{flags}"
+
+
+def main(cc):
+    arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+    for family, module in FAMILIES.items():
+        for cfg in module.shipped_configs():
+            fn, sig, ce, opts = cfg
+            row = {"id": config_id(family, cfg), "cc": cc}
+            try:
+                src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in ce}},
+                                constexprs=ce)
+                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                   options={"num_warps": opts["num_warps"],
+                                            "num_stages": opts["num_stages"]})
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                    f.write(k.asm["ptx"])
+                out = subprocess.run([PTXAS, "-v", "--gpu-name", arch, f.name, "-o", os.devnull],
+                                     capture_output=True, text=True)
+                os.unlink(f.name)
+                spills = [int(s) for s in re.findall(r"(\d+) bytes spill", out.stderr)]
+                regs = re.findall(r"Used (\d+) registers", out.stderr)
+                row.update(ok=out.returncode == 0 and bool(k.asm["cubin"]), ptxas=out.stderr[-2000:],
+                           spill_bytes=max(spills) if spills else None,
+                           registers=int(regs[0]) if regs else None,
+                           shared=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"])
+            except Exception as e:  # reported per configuration by the test
+                row.update(ok=False, error=f"{type(e).__name__}: {e}"[-2000:])
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
