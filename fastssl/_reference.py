@@ -8,12 +8,18 @@ import torch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-BLOCK = 1024
+BLOCK = None  # column block width; None picks one per call (see _block_width)
+
+
+def _block_width(n):
+    """Columns per block: n x block float32 temporaries of about 8 MiB, which the C
+    allocator keeps and reuses, instead of fresh pages (and page faults) per block."""
+    return int(min(4096, max(64, (2 ** 21 // max(n, 1)) // 64 * 64)))
 
 
 def _blocks(rows, cols, negatives, neg_scale, block):
     """Yield (start, x, is_negative) for each column block: x = rows @ block^T in fp32."""
-    block = block or BLOCK
+    block = block or BLOCK or _block_width(rows.shape[0])
     r = rows.float()
     for c0 in range(0, cols.shape[0], block):
         yield c0, r @ cols[c0:c0 + block].float().T, False
@@ -25,12 +31,19 @@ def _blocks(rows, cols, negatives, neg_scale, block):
             yield c0, x, True
 
 
-def _valid(x, c0, mask_idx):
-    """Boolean [n, B] of the columns that enter row i's softmax (all but mask_idx[i])."""
+def _local(idx, c0, width):
+    """(clamped column index in this block [n, 1], whether it falls in the block [n, 1])."""
+    local = idx - c0
+    hit = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1)[:, None], hit[:, None]
+
+
+def _mask_out(t, mask_idx, c0, value):
+    """t[i, mask_idx[i] - c0] = value where that column is in this block; O(n), in place."""
     if mask_idx is None:
-        return None
-    cols = torch.arange(c0, c0 + x.shape[1], device=x.device)
-    return cols[None, :] != mask_idx[:, None]
+        return t
+    loc, hit = _local(mask_idx, c0, t.shape[1])
+    return t.scatter_(1, loc, torch.where(hit, value, t.gather(1, loc)))
 
 
 def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=None):
@@ -46,18 +59,15 @@ def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=No
     for c0, x, is_neg in _blocks(rows, cols, negatives, neg_scale, block):
         t = x * s2
         if not is_neg:
-            local = pos_idx - c0
-            hit = has_pos & (local >= 0) & (local < x.shape[1])
-            px = px + torch.where(hit, x.gather(1, local.clamp(0, x.shape[1] - 1)[:, None])[:, 0], 0.0)
-            valid = _valid(x, c0, mask_idx)
-            if valid is not None:
-                t = t.masked_fill(~valid, float("-inf"))
+            loc, hit = _local(pos_idx, c0, x.shape[1])
+            px += torch.where(hit[:, 0] & has_pos, x.gather(1, loc)[:, 0], 0.0)
+            _mask_out(t, mask_idx, c0, float("-inf"))
         m_new = torch.maximum(m_i, t.amax(1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp2(m_i - m_use)
-        p = torch.exp2(t - m_use[:, None])
+        p = t.sub_(m_use[:, None]).exp2_()
         l_i = l_i * alpha + p.sum(1)
-        e_i = e_i * alpha + (p * x).sum(1)
+        e_i = e_i * alpha + p.mul_(x).sum(1)
         m_i = m_new
     lse2 = m_i + torch.log2(l_i)
     loss = torch.where(has_pos, (m_i - px * s2) + torch.log2(l_i), lse2) * LN2
@@ -74,23 +84,22 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, g
     d_rows = torch.zeros_like(r) if need_rows else None
     d_cols = torch.zeros(cols.shape, device=cols.device) if need_cols else None
     for c0, x, is_neg in _blocks(rows, cols, negatives, neg_scale, block):
-        p = torch.exp2(x * s2 - lse2[:, None])
+        width = x.shape[1]
+        # G = g_i (P_ij - [j = p_i]), built in place in the block of products.
+        gm = x.mul_(s2).sub_(lse2[:, None]).exp2_().mul_(g[:, None])
         if is_neg:
-            gm = p * g[:, None]
             if neg_scale is not None:
-                gm = gm * neg_scale[c0:c0 + x.shape[1]].float()
+                gm.mul_(neg_scale[c0:c0 + width].float())
             if need_rows:
-                d_rows += gm @ negatives[c0:c0 + x.shape[1]].float()
+                d_rows += gm @ negatives[c0:c0 + width].float()
             continue
-        valid = _valid(x, c0, mask_idx)
-        if valid is not None:
-            p = p.masked_fill(~valid, 0.0)
-        cols_idx = torch.arange(c0, c0 + x.shape[1], device=x.device)
-        gm = (p - (cols_idx[None, :] == pos_idx[:, None]).float()) * g[:, None]
+        _mask_out(gm, mask_idx, c0, 0.0)
+        loc, hit = _local(pos_idx, c0, width)
+        gm.scatter_add_(1, loc, torch.where(hit & (pos_idx >= 0)[:, None], -g[:, None], 0.0))
         if need_rows:
-            d_rows += gm @ cols[c0:c0 + x.shape[1]].float()
+            d_rows += gm @ cols[c0:c0 + width].float()
         if need_cols:
-            d_cols[c0:c0 + x.shape[1]] = gm.T @ r
+            d_cols[c0:c0 + width] = gm.T @ r
     d_rows = d_rows * s if need_rows else None
     d_cols = d_cols * s if need_cols else None
     return d_rows, d_cols

@@ -1,0 +1,50 @@
+"""The command line: `fastssl info` and `fastssl bench --quick` on this machine."""
+import json
+import subprocess
+import sys
+
+import torch
+
+from fastssl import _dispatch, cli
+
+
+def test_info_lists_versions_and_paths(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch   {torch.__version__}" in out
+    assert "infonce (nt_xent, info_nce, clip_loss)" in out
+    if not torch.cuda.is_available() and "FASTSSL_BACKEND=auto" in out:
+        assert "torch (portable): no CUDA device" in out
+
+
+def test_describe_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    assert "forced" in next(iter(_dispatch.describe().values()))
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    assert "triton" in next(iter(_dispatch.describe().values()))
+
+
+def test_bench_quick_writes_valid_json(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "--quick", "--sizes",
+                          "512", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["environment"]["torch"] == torch.__version__
+    impls = {r["impl"] for r in result["rows"]}
+    assert impls == ({"fastssl", "eager", "torch.compile"} if torch.cuda.is_available()
+                     else {"fastssl (portable)", "eager"})
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert row["fwd_bwd_ms"] > 0 and row["peak_extra_mib"] >= 0
+    assert (tmp_path / path.name.replace(".json", ".md")).read_text().count("|") > 10
+
+
+def test_bad_arguments_give_usage_not_traceback():
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "--sizes", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "usage:" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "nosuchop"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
