@@ -221,16 +221,25 @@ def config(dtype, D, interpret=None):
     """
     if _interpret() if interpret is None else interpret:
         blk = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=1)
-        return {"fwd": blk, "bwd": dict(blk, BD=64)}
+        return {"fwd": blk, "bwd": dict(blk, BD=64), "bwd_cols": dict(blk, BD=64)}
     wide = dtype == torch.float32
     small = D <= 32
     bk = 32 if (small or wide) else 64
-    bd = 32 if small else 64
-    return {
-        "fwd": dict(BM=64 if wide else 128, BN=64, BK=bk, num_warps=8, num_stages=3),
-        "bwd": dict(BM=64, BN=64, BK=bk, BD=bd, num_warps=4 if small and not wide else 8,
-                    num_stages=2),
-    }
+    fwd = dict(BM=64 if wide else 128, BN=64, BK=bk, num_warps=8, num_stages=3)
+    # The backward kernels recompute the similarity tile once per D chunk of their output,
+    # so the chunk BD is as wide as registers allow (every entry compiles without spills).
+    if small:
+        bwd = dict(BM=64, BN=64, BK=bk, BD=32, num_warps=8 if wide else 4, num_stages=2)
+    elif wide:
+        bwd = dict(BM=64, BN=64, BK=bk, BD=64, num_warps=8, num_stages=2)
+    elif D <= 128:
+        bwd = dict(BM=64, BN=64, BK=bk, BD=128, num_warps=8, num_stages=2)
+    else:
+        bwd = dict(BM=64, BN=32, BK=bk, BD=256, num_warps=8, num_stages=2)
+    # The column kernel owns BN columns and walks rows in blocks of BM: the same tile
+    # shapes with the roles exchanged, so its matmuls keep M = 64 rows (wgmma's minimum).
+    bwd_cols = dict(bwd, BM=bwd["BN"], BN=bwd["BM"])
+    return {"fwd": fwd, "bwd": bwd, "bwd_cols": bwd_cols}
 
 
 def _precision(dtype):
@@ -298,6 +307,7 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, g
             BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PRECISION=prec,
             INTERPRET=_interpret(), **_launch_opts(cfg))
     if need_cols:
+        cfg = config(rows.dtype, D)["bwd_cols"]
         d_cols = torch.empty(cols.shape, device=cols.device, dtype=torch.float32)
         if m > 0:
             grid = (triton.cdiv(m, cfg["BN"]), triton.cdiv(D, cfg["BD"]))
@@ -318,14 +328,14 @@ _TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 def shipped_configs():
     """Every (kernel, signature, constexprs, options) the launchers can use on a GPU.
 
-    The table has two D classes (D <= 32 and larger); D = 32 and D = 128 stand for them.
+    D = 32, 128 and 256 stand for the table's D classes (<= 32, <= 128, larger).
     """
     out = []
     for dtype, ty in _TY.items():
-        for D in (32, 128):
+        for D in ((32, 128) if dtype == torch.float32 else (32, 128, 256)):
             c = config(dtype, D, interpret=False)
             prec = "tf32"
-            f, b = c["fwd"], c["bwd"]
+            f, b, bc = c["fwd"], c["bwd"], c["bwd_cols"]
             i64, f32, i32 = "*i64", "*fp32", "i32"
             for has_mask in (False, True):
                 for has_neg, qty in ((False, ty), (True, ty)):
@@ -347,7 +357,7 @@ def shipped_configs():
                        "G": f32, "GSCALE": f32, "DC": f32}
                 sig.update({a: i32 for a in ("n", "m", "D", "s_r0", "s_r1", "s_c0", "s_c1",
                                              "s_d0", "s_d1")})
-                ce = dict(HAS_MASK=has_mask, BM=b["BM"], BN=b["BN"], BK=b["BK"], BD=b["BD"],
+                ce = dict(HAS_MASK=has_mask, BM=bc["BM"], BN=bc["BN"], BK=bc["BK"], BD=bc["BD"],
                           PRECISION=prec, INTERPRET=False)
-                out.append((_bwd_cols_kernel, sig, ce, b))
+                out.append((_bwd_cols_kernel, sig, ce, bc))
     return out

@@ -14,7 +14,7 @@ from fastssl import functional as F
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 3), (2, 1), (3, 130), (257, 3), (2, 130), (257, 130), (3, 1)]
+SHAPES = [(n, D) for n in (1, 2, 3, 257) for D in (1, 3, 130)]
 
 
 # ----------------------------------------------------------------------------- references
