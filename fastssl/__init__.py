@@ -10,9 +10,10 @@ if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
         not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
     __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
 
-from fastssl import functional  # noqa: E402
-from fastssl.functional import clip_loss, info_nce, nt_xent  # noqa: E402
-from fastssl.losses import ClipLoss, InfoNCELoss, NTXentLoss  # noqa: E402
+from fastssl import distributed, functional  # noqa: E402
+from fastssl.functional import clip_loss, info_nce, nt_xent, siglip_loss  # noqa: E402
+from fastssl.losses import (ClipLoss, InfoNCELoss, MoCoQueue, NTXentLoss,  # noqa: E402
+                            SigLipLoss)
 
-__all__ = ["functional", "nt_xent", "info_nce", "clip_loss", "NTXentLoss", "InfoNCELoss",
-           "ClipLoss", "__version__"]
+__all__ = ["functional", "distributed", "nt_xent", "info_nce", "clip_loss", "siglip_loss",
+           "NTXentLoss", "InfoNCELoss", "ClipLoss", "SigLipLoss", "MoCoQueue", "__version__"]

@@ -68,7 +68,7 @@ def implementation(family, *tensors):
     if name == "triton":
         return name, kernels(family)
     from fastssl import _reference
-    return name, _reference
+    return name, getattr(_reference, family)
 
 
 def describe():
@@ -85,4 +85,4 @@ def describe():
         why = "torch (portable): triton is not importable"
     else:
         why = "torch (portable): no CUDA device"
-    return {"infonce (nt_xent, info_nce, clip_loss)": why}
+    return {"infonce (nt_xent, info_nce, clip_loss)": why, "siglip (siglip_loss)": why}

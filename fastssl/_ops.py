@@ -121,3 +121,57 @@ def _backward(ctx, grad_loss, grad_stats):
 
 
 infonce.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+@torch.library.custom_op("fastssl::siglip", mutates_args=())
+def siglip(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor,
+           bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row sigmoid loss (differentiable) and statistics [a, c] (see kernels/siglip.py)."""
+    _, impl = _dispatch.implementation("siglip", rows, cols)
+    return impl.forward(rows, cols, pos_idx, scale, bias)
+
+
+@siglip.register_fake
+def _(rows, cols, pos_idx, scale, bias):
+    n = rows.shape[0]
+    return rows.new_empty(n, dtype=torch.float32), rows.new_empty(2, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastssl::siglip_backward", mutates_args=())
+def siglip_backward(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor, bias: Tensor,
+                    grad: Tensor, need_rows: bool, need_cols: bool) -> tuple[Tensor, Tensor]:
+    _, impl = _dispatch.implementation("siglip", rows, cols)
+    d_r, d_c = impl.backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols)
+    return (rows.new_empty(0) if d_r is None else d_r.to(rows.dtype),
+            cols.new_empty(0) if d_c is None else d_c.to(cols.dtype))
+
+
+@siglip_backward.register_fake
+def _(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols):
+    def like(x, need):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if need \
+            else x.new_empty(0)
+    return like(rows, need_rows), like(cols, need_cols)
+
+
+def _siglip_setup(ctx, inputs, output):
+    rows, cols, pos_idx, scale, bias = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(rows, cols, pos_idx, scale, bias, output[1])
+
+
+def _siglip_backward(ctx, grad_loss, grad_stats):
+    rows, cols, pos_idx, scale, bias, stats = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = grad_loss.float().contiguous()
+    d_rows = d_cols = None
+    if need[0] or need[1]:
+        d_rows, d_cols = siglip_backward(rows, cols, pos_idx, scale, bias, g, need[0], need[1])
+    d_scale = (g * stats[1]).sum().reshape(scale.shape).to(scale.dtype) if need[3] else None
+    d_bias = (g * stats[0]).sum().reshape(bias.shape).to(bias.dtype) if need[4] else None
+    return (d_rows if need[0] else None, d_cols if need[1] else None, None, d_scale, d_bias)
+
+
+siglip.register_autograd(_siglip_backward, setup_context=_siglip_setup)

@@ -4,6 +4,8 @@ Each function has the signature and the contract of its kernel launcher, and the
 the one in the kernel module's docstring. Work is chunked over column blocks so that
 memory is O((n + m) * D + n * block), never O(n * m).
 """
+from types import SimpleNamespace
+
 import torch
 
 LOG2E = 1.4426950408889634
@@ -46,7 +48,7 @@ def _mask_out(t, mask_idx, c0, value):
     return t.scatter_(1, loc, torch.where(hit, value, t.gather(1, loc)))
 
 
-def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=None):
+def infonce_forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=None):
     """Per-row loss and statistics; returns (loss, stack([lse2, ex, px]))."""
     n = rows.shape[0]
     s2 = scale.float() * LOG2E
@@ -74,8 +76,8 @@ def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=No
     return loss, torch.stack([lse2, e_i / l_i, px])
 
 
-def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, grad,
-             need_rows, need_cols, block=None):
+def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, grad,
+                     need_rows, need_cols, block=None):
     """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
     s = scale.float()
     s2 = s * LOG2E
@@ -103,3 +105,49 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, g
     d_rows = d_rows * s if need_rows else None
     d_cols = d_cols * s if need_cols else None
     return d_rows, d_cols
+
+
+def _pair_terms(x, s, b, is_pos):
+    """softplus(-t z) and d = -t sigmoid(-t z) with z = s x + b, t = +1 at positives."""
+    z = x * s + b
+    u = torch.where(is_pos, -z, z)
+    return torch.nn.functional.softplus(u), torch.where(is_pos, -1.0, 1.0) * torch.sigmoid(u)
+
+
+def _positives(pos_idx, c0, width, device):
+    cols = torch.arange(c0, c0 + width, device=device)
+    return cols[None, :] == pos_idx[:, None]
+
+
+def siglip_forward(rows, cols, pos_idx, scale, bias, block=None):
+    """Per-row sigmoid loss and statistics; returns (loss, stack([a, c])) (kernels/siglip.py)."""
+    s, b = scale.float(), bias.float()
+    n = rows.shape[0]
+    loss, a, c = (torch.zeros(n, device=rows.device) for _ in range(3))
+    for c0, x, _ in _blocks(rows, cols, None, None, block):
+        sp, d = _pair_terms(x, s, b, _positives(pos_idx, c0, x.shape[1], x.device))
+        loss += sp.sum(1)
+        a += d.sum(1)
+        c += (d * x).sum(1)
+    return loss, torch.stack([a, c])
+
+
+def siglip_backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols, block=None):
+    """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
+    s, b = scale.float(), bias.float()
+    r = rows.float()
+    d_rows = torch.zeros_like(r) if need_rows else None
+    d_cols = torch.zeros(cols.shape, device=cols.device) if need_cols else None
+    for c0, x, _ in _blocks(rows, cols, None, None, block):
+        width = x.shape[1]
+        _, d = _pair_terms(x, s, b, _positives(pos_idx, c0, width, x.device))
+        gd = d.mul_(grad.float()[:, None])
+        if need_rows:
+            d_rows += gd @ cols[c0:c0 + width].float()
+        if need_cols:
+            d_cols[c0:c0 + width] = gd.T @ r
+    return (d_rows * s if need_rows else None), (d_cols * s if need_cols else None)
+
+
+infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
+siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward)

@@ -3,17 +3,23 @@
 Notation: rows r_i, columns c_j, scale s (1/temperature or CLIP's logit_scale),
 logits l_ij = s * r_i . c_j, and per row i with positive column p_i:
 
-    loss_i = log sum_{j valid} exp(l_ij) - l_{i, p_i}
+    InfoNCE family:  loss_i = log sum_{j valid} exp(l_ij) - l_{i, p_i}
+    SigLIP:          loss_i = sum_j softplus(-t_ij (l_ij + b)),  t_ij = +1 if j = p_i else -1
 
 No n x m matrix is stored: the kernels keep per-row statistics and recompute tiles in the
-backward pass (see ``fastssl.kernels.infonce``).
+backward pass (see ``fastssl.kernels.infonce`` and ``fastssl.kernels.siglip``).
+
+Distributed (``gather_distributed=True`` inside an initialised process group): each rank
+scores its local rows against the columns gathered from every rank (with gradient, see
+``fastssl.distributed``), with positives at the rank's global offset. The loss is the mean
+over the local rows; batch sizes may differ between ranks.
 """
 import numbers
 
 import torch
 from torch import Tensor
 
-from fastssl import _ops
+from fastssl import _ops, distributed
 
 normalize = _ops.unit_rows  # x / max(||x||, 1e-12) per row, norm in float32
 
@@ -78,24 +84,44 @@ def _rows_loss(rows, cols, scale, pos, mask=None, negatives=None, normalize=True
     return loss
 
 
-def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5) -> Tensor:
+def _world(gather):
+    """(gathering?, this rank) — gathering only in an initialised group of > 1 processes."""
+    if gather and distributed.world_size() > 1:
+        return True, distributed.rank()
+    return False, 0
+
+
+def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5, gather_distributed: bool = False) -> Tensor:
     """SimCLR's NT-Xent loss (lightly's ``NTXentLoss`` without a memory bank).
 
     z = [normalize(z0); normalize(z1)] (2n rows); row i is scored against all 2n rows but
     itself, its positive is its other view ((i + n) mod 2n), and the loss is the mean over
-    the 2n rows of log sum_{j != i} exp(z_i.z_j / T) - z_i.z_{p_i} / T.
+    the 2n rows of log sum_{j != i} exp(z_i.z_j / T) - z_i.z_{p_i} / T. With
+    ``gather_distributed`` the columns are both views of the global batch.
     """
     check_embeddings(z0=z0, z1=z1)
     s = scale_tensor(temperature, z0.device, "temperature", invert=True)
     n = z0.shape[0]
-    z = torch.cat([z0, z1])
-    idx = torch.arange(2 * n, device=z.device)
-    loss = _rows_loss(z, z, s, (idx + n) % (2 * n), mask=idx)
+    rows = torch.cat([z0, z1])
+    i = torch.arange(n, device=z0.device)
+    gather, r = _world(gather_distributed)
+    if gather:
+        g0, offsets = distributed.gather(z0)
+        g1, _ = distributed.gather(z1)
+        o, N = offsets[r], g0.shape[0]
+        cols = torch.cat([g0, g1])
+        pos = torch.cat([N + o + i, o + i])
+        mask = torch.cat([o + i, N + o + i])
+    else:
+        cols = rows
+        pos = torch.cat([n + i, i])
+        mask = torch.cat([i, n + i])
+    loss = _rows_loss(rows, cols, s, pos, mask=mask)
     return loss.mean().to(z0.dtype)
 
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.1, negatives: Tensor = None,
-             symmetric: bool = False) -> Tensor:
+             symmetric: bool = False, gather_distributed: bool = False) -> Tensor:
     """InfoNCE with in-batch negatives and optional extra negatives (a queue or bank).
 
     Row i of normalize(query) is scored against all rows of normalize(key) (its positive is
@@ -106,33 +132,81 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.1, negatives: Tensor = No
     check_embeddings(query=query, key=key)
     check_negatives(negatives, query)
     s = scale_tensor(temperature, query.device, "temperature", invert=True)
-    pos = torch.arange(query.shape[0], device=query.device)
-    loss = _rows_loss(query, key, s, pos, negatives=negatives).mean()
+    gather, r = _world(gather_distributed)
+
+    def one(rows, other):
+        cols, offsets = distributed.gather(other) if gather else (other, [0])
+        pos = offsets[r] + torch.arange(rows.shape[0], device=rows.device)
+        return _rows_loss(rows, cols, s, pos, negatives=negatives).mean()
+
+    loss = one(query, key)
     if symmetric:
-        back = _rows_loss(key, query, s, pos, negatives=negatives).mean()
-        loss = (loss + back) / 2
+        loss = (loss + one(key, query)) / 2
     return loss.to(query.dtype)
 
 
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale,
-              logit_bias=None) -> Tensor:
-    """CLIP's symmetric loss (open_clip's ``ClipLoss`` value for one process).
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+              local_loss: bool = False, gather_with_grad: bool = False,
+              gather_distributed: bool = False) -> Tensor:
+    """CLIP's symmetric loss (open_clip's ``ClipLoss``).
 
     logits = logit_scale * image @ text^T (+ logit_bias); the loss is the mean of the
     image->text and text->image cross-entropies with the matching pair as the label.
     Features are used as given (open_clip's models normalise them); logit_scale is already
     exponentiated. A constant bias cancels inside each softmax, so it does not change the
     value; it is accepted for signature compatibility and receives a zero gradient.
+
+    With ``gather_distributed`` (open_clip with world_size > 1): features are gathered from
+    every rank, with gradient if ``gather_with_grad`` (else other ranks' features are
+    constants); ``local_loss=True`` scores the local rows against the global columns
+    (labels offset by the rank's position), ``local_loss=False`` computes the global loss on
+    every rank.
     """
     check_embeddings(image_features=image_features, text_features=text_features)
     s = scale_tensor(logit_scale, image_features.device, "logit_scale", invert=False)
-    pos = torch.arange(image_features.shape[0], device=image_features.device)
-    loss = (_rows_loss(image_features, text_features, s, pos, normalize=False).mean()
-            + _rows_loss(text_features, image_features, s, pos, normalize=False).mean()) / 2
+    gather, r = _world(gather_distributed)
+    img, txt, o = image_features, text_features, 0
+    if gather:
+        all_img, offsets = distributed.gather(img, with_grad=gather_with_grad)
+        all_txt, _ = distributed.gather(txt, with_grad=gather_with_grad)
+        if local_loss:
+            o = offsets[r]
+        else:
+            img, txt = all_img, all_txt
+        cols_img, cols_txt = all_img, all_txt
+    else:
+        cols_img, cols_txt = img, txt
+    pos_i = o + torch.arange(img.shape[0], device=img.device)
+    pos_t = o + torch.arange(txt.shape[0], device=txt.device)
+    loss = (_rows_loss(img, cols_txt, s, pos_i, normalize=False).mean()
+            + _rows_loss(txt, cols_img, s, pos_t, normalize=False).mean()) / 2
     if logit_bias is not None:
         bias = logit_bias if isinstance(logit_bias, Tensor) else torch.tensor(float(logit_bias))
         loss = loss + 0.0 * bias.float().sum()
     return loss.to(image_features.dtype)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                gather_distributed: bool = False) -> Tensor:
+    """SigLIP's sigmoid loss (open_clip's ``SigLipLoss``).
+
+    logits z = logit_scale * image @ text^T + logit_bias, labels +1 on the matching pair and
+    -1 elsewhere; loss = -sum_ij log sigmoid(label_ij * z_ij) / n (n local images). Features
+    are used as given; logit_scale is already exponentiated; both scale and bias may be
+    tensors that require grad. With ``gather_distributed`` the local images are scored
+    against the text features of every rank (gathered with gradient), which is the value
+    and gradient of open_clip's neighbour exchange.
+    """
+    check_embeddings(image_features=image_features, text_features=text_features)
+    dev = image_features.device
+    s = scale_tensor(logit_scale, dev, "logit_scale", invert=False)
+    b = scale_tensor(0.0 if logit_bias is None else logit_bias, dev, "logit_bias", invert=False)
+    gather, r = _world(gather_distributed)
+    cols, offsets = distributed.gather(text_features) if gather else (text_features, [0])
+    n = image_features.shape[0]
+    pos = offsets[r] + torch.arange(n, device=dev)
+    loss, _ = _ops.siglip(image_features, cols, pos, s, b)
+    return (loss.sum() / n).to(image_features.dtype)
 
 
 def _info_nce_positive_only(query: Tensor, key: Tensor, negatives: Tensor, temperature) -> Tensor:

@@ -5,10 +5,21 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from fastssl import distributed
 from fastssl import functional as F
 
-_GATHER = ("multi-process gathering of negatives (torch.distributed) is not implemented in "
-           "this version of fastssl; it arrives with the distributed scale-out work")
+
+def _check_world(name, rank, world_size):
+    """open_clip passes rank/world_size explicitly: they must match the process group."""
+    if world_size == 1:
+        return
+    if not distributed.is_distributed():
+        raise ValueError(f"{name}(world_size={world_size}) but torch.distributed is not "
+                         "initialised (call torch.distributed.init_process_group first)")
+    if distributed.world_size() != world_size or distributed.rank() != rank:
+        raise ValueError(f"{name}(rank={rank}, world_size={world_size}) does not match the "
+                         f"process group (rank {distributed.rank()} of "
+                         f"{distributed.world_size()})")
 
 
 class NTXentLoss(nn.Module):
@@ -24,7 +35,9 @@ class NTXentLoss(nn.Module):
             is updated, and updated only when ``out0`` requires grad. When a batch does not
             fit in the space left before the end of the bank, the tail is filled and the
             rest of that batch is dropped (lightly's rule).
-        gather_distributed: not supported yet; raises NotImplementedError.
+        gather_distributed: inside an initialised process group, score the local rows
+            against both views of the global batch (gathered with gradient; see
+            ``fastssl.distributed``); with a memory bank, enqueue the gathered ``out1``.
 
     ``forward(out0, out1)`` takes two (n, D) batches and returns the scalar loss.
     """
@@ -36,7 +49,7 @@ class NTXentLoss(nn.Module):
         if isinstance(temperature, (int, float)) and abs(temperature) < 1e-8:
             raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
         if gather_distributed:
-            raise NotImplementedError(f"NTXentLoss(gather_distributed=True): {_GATHER}")
+            distributed.require_distributed("NTXentLoss(gather_distributed=True)")
         size = (memory_bank_size,) if isinstance(memory_bank_size, int) \
             else tuple(memory_bank_size)
         if len(size) not in (1, 2) or any(int(v) < 0 for v in size):
@@ -58,6 +71,8 @@ class NTXentLoss(nn.Module):
     @torch.no_grad()
     def _enqueue(self, batch):
         size, ptr = self.memory_bank_size, int(self.bank_ptr)
+        if self.gather_distributed:
+            batch, _ = distributed.gather(batch.detach(), with_grad=False)
         batch = batch.detach().to(self.bank.dtype)
         if ptr + batch.shape[0] >= size:
             self.bank[ptr:] = batch[:size - ptr]
@@ -68,7 +83,7 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank_size == 0:
-            return F.nt_xent(out0, out1, self.temperature)
+            return F.nt_xent(out0, out1, self.temperature, self.gather_distributed)
         F.check_embeddings(out0=out0, out1=out1)
         if self.bank.dim() != 2:
             self._init_bank(out0.shape[1])
@@ -83,9 +98,11 @@ class NTXentLoss(nn.Module):
 
 
 class InfoNCELoss(nn.Module):
-    """InfoNCE over in-batch negatives plus optional extra negatives.
+    """InfoNCE over in-batch negatives plus optional extra negatives (e.g. a MoCoQueue).
 
-    ``forward(query, key, negatives=None)``: see ``fastssl.functional.info_nce``.
+    ``forward(query, key, negatives=None)``: see ``fastssl.functional.info_nce``. With
+    ``gather_distributed`` the keys (and, when symmetric, the queries) are gathered from
+    every rank with gradient.
     """
 
     def __init__(self, temperature: float = 0.1, symmetric: bool = False,
@@ -94,12 +111,14 @@ class InfoNCELoss(nn.Module):
         if isinstance(temperature, (int, float)) and temperature == 0:
             raise ValueError("temperature must be non-zero")
         if gather_distributed:
-            raise NotImplementedError(f"InfoNCELoss(gather_distributed=True): {_GATHER}")
+            distributed.require_distributed("InfoNCELoss(gather_distributed=True)")
         self.temperature = temperature
         self.symmetric = symmetric
+        self.gather_distributed = gather_distributed
 
     def forward(self, query: Tensor, key: Tensor, negatives: Tensor = None) -> Tensor:
-        return F.info_nce(query, key, self.temperature, negatives, self.symmetric)
+        return F.info_nce(query, key, self.temperature, negatives, self.symmetric,
+                          self.gather_distributed)
 
 
 class ClipLoss(nn.Module):
@@ -108,14 +127,14 @@ class ClipLoss(nn.Module):
     ``forward(image_features, text_features, logit_scale, logit_bias=None,
     output_dict=False)`` returns the loss, or ``{"contrastive_loss": loss}`` with
     ``output_dict=True``. Labels are never materialised, so ``cache_labels`` has nothing to
-    cache. ``world_size > 1`` is not supported yet and raises NotImplementedError.
+    cache. With ``world_size > 1`` (matching the initialised process group) features are
+    gathered as open_clip does: with gradient if ``gather_with_grad``; ``local_loss=True``
+    scores local rows against global columns (the option that scales).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__()
-        if world_size > 1:
-            raise NotImplementedError(f"ClipLoss(world_size={world_size}): {_GATHER}")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -124,5 +143,82 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
-        loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias)
+        _check_world("ClipLoss", self.rank, self.world_size)
+        loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                           local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                           gather_distributed=self.world_size > 1)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss with open_clip's signature.
+
+    ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``;
+    see ``fastssl.functional.siglip_loss``. With ``world_size > 1`` the local images are
+    scored against every rank's texts (gathered with gradient); ``dist_impl`` is accepted
+    for compatibility: every open_clip variant has this value and gradient.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: str = "bidir"):
+        super().__init__()
+        if dist_impl not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"unknown dist_impl {dist_impl!r}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        _check_world("SigLipLoss", self.rank, self.world_size)
+        loss = F.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                             gather_distributed=self.world_size > 1)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class MoCoQueue(nn.Module):
+    """A FIFO ring buffer of keys on the device, for MoCo's negatives.
+
+    ``enqueue(keys)`` after a step writes the (detached) keys at the write pointer, wrapping
+    around; with ``gather_distributed`` the keys of every rank are enqueued, in rank order,
+    so the queue is identical on all ranks. ``negatives()`` returns the (size, dim) queue
+    for ``info_nce(..., negatives=queue.negatives())``, which reads it in place. The queue
+    starts as random unit vectors (as in MoCo) until filled; ``filled`` counts the real
+    keys. The queue and the pointer are buffers: saved in ``state_dict``, moved by ``.to()``.
+    """
+
+    def __init__(self, dim: int, size: int, dtype=torch.float32, device=None,
+                 gather_distributed: bool = False):
+        super().__init__()
+        if int(dim) < 1 or int(size) < 1:
+            raise ValueError(f"MoCoQueue needs dim >= 1 and size >= 1, got dim={dim}, size={size}")
+        if not torch.empty(0, dtype=dtype).is_floating_point():
+            raise ValueError(f"MoCoQueue dtype must be floating point, got {dtype}")
+        self.gather_distributed = gather_distributed
+        init = F.normalize(torch.randn(int(size), int(dim), device=device)).to(dtype)
+        self.register_buffer("queue", init)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
+
+    @property
+    def size(self):
+        return self.queue.shape[0]
+
+    def negatives(self) -> Tensor:
+        return self.queue
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        if keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
+            raise ValueError(f"keys must have shape (n, {self.queue.shape[1]}), got {tuple(keys.shape)}")
+        if self.gather_distributed:
+            keys, _ = distributed.gather(keys.detach(), with_grad=False)
+        n = keys.shape[0]
+        # Sequential FIFO writes of all n keys; when n > size only the last `size` survive.
+        kept = keys.detach().to(self.queue.dtype)[-self.size:]
+        start = self.ptr + (n - kept.shape[0])
+        idx = (start + torch.arange(kept.shape[0], device=self.queue.device)) % self.size
+        self.queue.index_copy_(0, idx, kept)
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + n, max=self.size))

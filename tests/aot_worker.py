@@ -18,9 +18,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastssl.kernels import infonce  # noqa: E402
+from fastssl.kernels import infonce, siglip  # noqa: E402
 
-FAMILIES = {"infonce": infonce}
+FAMILIES = {"infonce": infonce, "siglip": siglip}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
              if os.path.exists(os.path.join(BIN, p)))
@@ -30,7 +30,8 @@ def config_id(family, cfg):
     fn, sig, ce, _ = cfg
     flags = "".join(k[4] for k in ("HAS_MASK", "HAS_NEG") if ce.get(k)) or "plain"
     blocks = "-".join(f"{k}{v}" for k, v in ce.items() if k.startswith("B"))
-    return f"{family}.{fn.__name__}-{sig['R'][1:]}-{blocks}-{flags}"
+    dtype = next(iter(sig.values()))[1:]  # the first pointer is the embeddings'
+    return f"{family}.{fn.__name__}-{dtype}-{blocks}-{flags}"
 
 
 def main(cc):

@@ -44,5 +44,5 @@ def test_every_configuration_compiles_without_spills(compiled):
 def test_both_architectures_and_every_kernel(compiled):
     assert {r["cc"] for r in compiled} == {80, 90}
     kernels = {r["id"].split("-")[0] for r in compiled}
-    assert kernels == {"infonce._fwd_kernel", "infonce._bwd_rows_kernel",
-                       "infonce._bwd_cols_kernel"}
+    assert kernels == {f"{family}.{k}" for family in ("infonce", "siglip")
+                       for k in ("_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel")}

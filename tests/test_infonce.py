@@ -223,15 +223,6 @@ def test_infonce_module(backend, device):
     check(loss, ref_info_nce(q, k, 0.5, neg, True), torch.float32, "loss")
 
 
-def test_not_yet_distributed():
-    with pytest.raises(NotImplementedError, match="distributed"):
-        fastssl.NTXentLoss(gather_distributed=True)
-    with pytest.raises(NotImplementedError, match="distributed"):
-        fastssl.ClipLoss(world_size=2)
-    with pytest.raises(NotImplementedError, match="distributed"):
-        fastssl.InfoNCELoss(gather_distributed=True)
-
-
 # ----------------------------------------------------------------------------- semantics
 
 def test_non_contiguous_inputs(backend, device):

@@ -1,0 +1,252 @@
+"""Multi-process losses on gloo (CPU): each rank's loss and input gradients against a
+single-process float64 reference on the global batch.
+
+Gradient convention (fastssl.distributed): rank k's input gradient is the gradient of
+sum_r loss_r with respect to its slice — world_size times the gradient of the global mean,
+which DDP's averaging turns into exactly the single-process gradient (checked with DDP).
+"""
+import datetime
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as tF
+
+import fastssl
+
+D = 12
+T = 0.3
+SCALE = 7.0
+BIAS = -2.0
+
+
+# ----------------------------------------------------------------------------- data
+
+def global_batch(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    N = sum(sizes)
+    return {k: torch.randn(N, D, generator=g, dtype=torch.float64) for k in ("a", "b")}
+
+
+def offsets(sizes):
+    return [sum(sizes[:r]) for r in range(len(sizes))]
+
+
+# ----------------------------------------------------------------------------- worker
+
+CASES = ["nt_xent", "info_nce", "info_nce_sym", "clip_ll_gg", "clip_ll", "clip_gg", "clip",
+         "siglip", "bank", "queue"]
+
+
+def run_case(case, a, b):
+    """The loss on this rank's slice, through fastssl's public modules."""
+    if case == "nt_xent":
+        return fastssl.NTXentLoss(temperature=T, gather_distributed=True)(a, b)
+    if case == "info_nce":
+        return fastssl.InfoNCELoss(temperature=T, gather_distributed=True)(a, b)
+    if case == "info_nce_sym":
+        return fastssl.InfoNCELoss(temperature=T, symmetric=True, gather_distributed=True)(a, b)
+    if case.startswith("clip"):
+        loss = fastssl.ClipLoss(local_loss="_ll" in case, gather_with_grad=case.endswith("gg"),
+                                rank=dist.get_rank(), world_size=dist.get_world_size())
+        return loss(a, b, torch.tensor(SCALE))
+    if case == "siglip":
+        loss = fastssl.SigLipLoss(rank=dist.get_rank(), world_size=dist.get_world_size())
+        return loss(a, b, torch.tensor(SCALE), torch.tensor(BIAS))
+    raise ValueError(case)
+
+
+def worker(rank, world, port, sizes, seed, out_dir, backend):
+    os.environ["FASTSSL_BACKEND"] = backend
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        o, n = offsets(sizes)[rank], sizes[rank]
+        data = global_batch(sizes, seed)
+        results = {}
+        for case in CASES:
+            a = data["a"][o:o + n].float().requires_grad_()
+            b = data["b"][o:o + n].float().requires_grad_()
+            if case == "bank":
+                # lightly's bank with gather: every rank enqueues the global out1.
+                module = fastssl.NTXentLoss(temperature=T, memory_bank_size=(64, D),
+                                            gather_distributed=True)
+                module(a, b)
+                results[case] = {"bank": module.bank.clone(), "ptr": int(module.bank_ptr)}
+                continue
+            if case == "queue":
+                q = fastssl.MoCoQueue(D, 5, gather_distributed=True)
+                q.enqueue(b.detach())
+                results[case] = {"queue": q.negatives().clone(), "ptr": int(q.ptr)}
+                continue
+            loss = run_case(case, a, b)
+            da, db = torch.autograd.grad(loss, [a, b], allow_unused=True)
+            results[case] = {"loss": loss.detach(), "da": da, "db": db}
+        results["ddp"] = ddp_step(rank, sizes, seed)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_step(rank, sizes, seed):
+    """Parameter gradients of a DDP-wrapped projection under the gathered NT-Xent."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(D, 8, bias=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    data = global_batch(sizes, seed)
+    o, n = offsets(sizes)[rank], sizes[rank]
+    loss_fn = fastssl.NTXentLoss(temperature=T, gather_distributed=True)
+    z = ddp(torch.cat([data["a"][o:o + n], data["b"][o:o + n]]).float())
+    loss = loss_fn(z[:n], z[n:])
+    loss.backward()
+    return model.weight.grad.clone()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(sizes, seed, backend="torch", timeout=240):
+    world = len(sizes)
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.spawn(worker, args=(world, free_port(), sizes, seed, out, backend),
+                       nprocs=world, join=False)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail(f"distributed run did not finish in {timeout} s")
+        return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+
+
+# ----------------------------------------------------------------------------- references
+
+def ref_losses(case, sizes, data):
+    """float64 loss of every rank, with open_clip's detaching where it does not gather
+    with gradient. Returns (list of losses, leaf tensors a, b)."""
+    A = data["a"].clone().requires_grad_()
+    B = data["b"].clone().requires_grad_()
+    offs = offsets(sizes)
+    losses = []
+    for r, (o, n) in enumerate(zip(offs, sizes)):
+        a, b = A[o:o + n], B[o:o + n]
+        i = torch.arange(n)
+        if case == "nt_xent":
+            rows = tF.normalize(torch.cat([a, b]), dim=1)
+            cols = tF.normalize(torch.cat([A, B]), dim=1)
+            N = A.shape[0]
+            logits = rows @ cols.T / T
+            self_idx = torch.cat([o + i, N + o + i])
+            logits[torch.arange(2 * n), self_idx] = float("-inf")
+            losses.append(tF.cross_entropy(logits, torch.cat([N + o + i, o + i])))
+        elif case.startswith("info_nce"):
+            def one(x, Y):
+                return tF.cross_entropy(tF.normalize(x, dim=1) @ tF.normalize(Y, dim=1).T / T, o + i)
+            loss = one(a, B)
+            losses.append((loss + one(b, A)) / 2 if case == "info_nce_sym" else loss)
+        elif case.startswith("clip"):
+            with_grad = case.endswith("gg")
+            parts_a = [A[p:p + m] if (with_grad or q == r) else A[p:p + m].detach()
+                       for q, (p, m) in enumerate(zip(offs, sizes))]
+            parts_b = [B[p:p + m] if (with_grad or q == r) else B[p:p + m].detach()
+                       for q, (p, m) in enumerate(zip(offs, sizes))]
+            all_a, all_b = torch.cat(parts_a), torch.cat(parts_b)
+            if "_ll" in case:
+                lp_i, lp_t, labels = SCALE * a @ all_b.T, SCALE * b @ all_a.T, o + i
+                losses.append((tF.cross_entropy(lp_i, labels) + tF.cross_entropy(lp_t, labels)) / 2)
+            else:
+                logits = SCALE * all_a @ all_b.T
+                labels = torch.arange(all_a.shape[0])
+                losses.append((tF.cross_entropy(logits, labels) + tF.cross_entropy(logits.T, labels)) / 2)
+        elif case == "siglip":
+            z = SCALE * a @ B.T + BIAS
+            t = -torch.ones_like(z)
+            t[i, o + i] = 1
+            losses.append(-tF.logsigmoid(t * z).sum() / n)
+    return losses, A, B
+
+
+def check(got, want, tol, what):
+    err = (got.double() - want).norm() / want.norm().clamp_min(1e-12)
+    assert err <= tol, f"{what}: relative error {err:.3g}"
+
+
+# ----------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("sizes,backend", [([4, 4], "torch"), ([3, 5, 2], "torch"),
+                                           ([3, 3, 3], "triton")],
+                         ids=["2ranks", "3ranks-uneven", "3ranks-triton"])
+def test_gathered_losses_match_single_process(sizes, backend):
+    seed = sum(sizes) * 7 + len(sizes)
+    results = launch(sizes, seed, backend)
+    data = global_batch(sizes, seed)
+    offs = offsets(sizes)
+    for case in CASES:
+        if case in ("bank", "queue"):
+            continue
+        losses, A, B = ref_losses(case, sizes, data)
+        gA, gB = torch.autograd.grad(sum(losses), [A, B])
+        for r, (o, n) in enumerate(zip(offs, sizes)):
+            got = results[r][case]
+            check(got["loss"], losses[r].detach(), 1e-5, f"{case} loss on rank {r}")
+            check(got["da"], gA[o:o + n], 1e-5, f"{case} d(first input) on rank {r}")
+            check(got["db"], gB[o:o + n], 1e-5, f"{case} d(second input) on rank {r}")
+
+    # lightly's gathered bank: every rank enqueues the global normalised out1.
+    expect = tF.normalize(data["b"].float(), dim=1)
+    N = expect.shape[0]
+    for r in range(len(sizes)):
+        bank = results[r]["bank"]
+        torch.testing.assert_close(bank["bank"][:N], expect, atol=1e-6, rtol=0)
+        assert bank["ptr"] == N
+        # MoCoQueue(size 5) after enqueueing all N >= 5 gathered keys: the last 5, wrapped.
+        q = results[r]["queue"]
+        last = data["b"].float()[-5:]
+        slots = [(N - 5 + j) % 5 for j in range(5)]
+        torch.testing.assert_close(q["queue"][slots], last, atol=0, rtol=0)
+        assert q["ptr"] == N % 5
+
+    # DDP: averaged parameter gradients equal the single-process gradient on the global batch.
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(D, 8, bias=False).double()
+    offsets_ = offsets(sizes)
+    ref = sum(fastssl_free_nt_xent(model(data["a"][o:o + n]), model(data["b"][o:o + n]),
+                                   model(data["a"]), model(data["b"]), o)
+              for o, n in zip(offsets_, sizes)) / len(sizes)
+    (want,) = torch.autograd.grad(ref, [model.weight])
+    for r in range(len(sizes)):
+        check(results[r]["ddp"], want, 1e-5, f"DDP weight gradient on rank {r}")
+
+
+def fastssl_free_nt_xent(a, b, A, B, o):
+    """float64 gathered NT-Xent of one rank (local rows vs global columns), textbook form."""
+    n, N = a.shape[0], A.shape[0]
+    i = torch.arange(n)
+    logits = tF.normalize(torch.cat([a, b]), dim=1) @ tF.normalize(torch.cat([A, B]), dim=1).T / T
+    logits[torch.arange(2 * n), torch.cat([o + i, N + o + i])] = float("-inf")
+    return tF.cross_entropy(logits, torch.cat([N + o + i, o + i]))
+
+
+def test_world_size_must_match_the_process_group():
+    with pytest.raises(ValueError, match="not initialised"):
+        fastssl.ClipLoss(world_size=2)(torch.randn(2, 3), torch.randn(2, 3), 1.0)
+    with pytest.raises(ValueError, match="not initialised"):
+        fastssl.SigLipLoss(world_size=2)(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.0)
+
+
+def test_gather_is_identity_without_a_process_group():
+    x = torch.randn(3, 4, requires_grad=True)
+    y, offs = fastssl.distributed.gather(x)
+    assert y is x and offs == [0]
+    # gather_distributed=True in a single process is the plain loss (lightly's rule).
+    z = torch.randn(3, 4)
+    assert torch.equal(fastssl.nt_xent(x, z, 0.5, gather_distributed=True),
+                       fastssl.nt_xent(x, z, 0.5))
