@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastssl
+from fastssl import bench
 from fastssl.bench import eager_nt_xent
 
 CUDA = torch.cuda.is_available()
@@ -15,6 +16,9 @@ CASES = [(16384, 256, torch.bfloat16), (65536, 256, torch.bfloat16), (16384, 128
     if CUDA else [(4096, 64, torch.float32)]
 IMPLS = {"fastssl": fastssl.nt_xent, "eager": eager_nt_xent,
          "compile": torch.compile(eager_nt_xent)}
+SIGLIP = {"fastssl": bench.fastssl_siglip, "eager": bench.eager_siglip,
+          "compile": torch.compile(bench.eager_siglip)}
+SIGLIP_CASES = [(32768, 768, torch.bfloat16)] if CUDA else [(2048, 256, torch.float32)]
 
 
 def _sync():
@@ -40,4 +44,23 @@ def test_nt_xent_fwd_bwd(benchmark, impl, two_n, D, dtype):
     step()  # warm up (and compile)
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu",
                                 torch=torch.__version__, rows=two_n, D=D, dtype=str(dtype))
+    benchmark.pedantic(step, rounds=5 if CUDA else 2, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", list(SIGLIP))
+@pytest.mark.parametrize("n,D,dtype", SIGLIP_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_siglip_fwd_bwd(benchmark, impl, n, D, dtype):
+    if impl != "fastssl" and CUDA and n * n * 4 * 6 > torch.cuda.mem_get_info()[0]:
+        pytest.skip(f"{impl} needs O(n^2) memory: more than this GPU has free at n={n}")
+    a, b = bench.make_inputs("siglip", n, D, dtype, DEVICE)
+    fn = SIGLIP[impl]
+
+    def step():
+        fn(a, b).backward()
+        a.grad = b.grad = None
+        _sync()
+
+    step()
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu",
+                                torch=torch.__version__, n=n, D=D, dtype=str(dtype))
     benchmark.pedantic(step, rounds=5 if CUDA else 2, iterations=1, warmup_rounds=1)

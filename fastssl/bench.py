@@ -1,22 +1,26 @@
 """``fastssl bench``: time and memory of fastssl against the formulations users run today.
 
 Every row is measured in this process (or, for CPU memory, in a child process) on this
-machine; nothing is estimated. Results go to ``benchmarks/results/<device>-<date>.json``
-plus a markdown table beside it.
+machine; nothing is estimated. Results go to
+``benchmarks/results/<device>-<date>-<op>.json`` plus a markdown table beside it.
+
+Ops: ``infonce`` (NT-Xent), ``siglip`` (sigmoid loss), ``maxbatch`` (largest NT-Xent batch
+whose forward+backward completes).
 """
 import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as tF
 
 import fastssl
+
+OPS = ("infonce", "siglip", "maxbatch")
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -35,20 +39,63 @@ def eager_nt_xent(z0, z1, temperature=0.5):
     return tF.cross_entropy(logits, labels)
 
 
-def _peers():
-    """Optional incumbents importable here: {name: loss(z0, z1)} and {name: why not}."""
+def eager_siglip(img, txt, scale=SIGLIP_SCALE, bias=SIGLIP_BIAS):
+    """SigLIP as the incumbents write it: the full logits matrix and a +-1 label matrix."""
+    logits = scale * img @ txt.T + bias
+    labels = 2 * torch.eye(img.shape[0], device=img.device, dtype=img.dtype) - 1
+    return -tF.logsigmoid(labels * logits).sum() / img.shape[0]
+
+
+def fastssl_nt_xent(z0, z1):
+    return fastssl.nt_xent(z0, z1, 0.5)
+
+
+def fastssl_siglip(img, txt):
+    return fastssl.siglip_loss(img, txt, SIGLIP_SCALE, SIGLIP_BIAS)
+
+
+IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
+         "siglip": {"fastssl": fastssl_siglip, "eager": eager_siglip}}
+
+
+def make_inputs(op, size, D, dtype, device, seed=0):
+    """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's is n pairs."""
+    rows = size // 2 if op == "infonce" else size
+    g = torch.Generator(device=device).manual_seed(seed + size + D)
+    return [torch.randn(rows, D, device=device, dtype=dtype, generator=g).requires_grad_()
+            for _ in range(2)]
+
+
+def model_flops(op, size, D):
+    """Forward+backward work of the textbook formulation: 3 matmuls of size x size x D."""
+    return 6 * size * size * D
+
+
+def _peers(op):
+    """Optional incumbents importable here: {name: loss(a, b)} and {name: why not}."""
     found, missing = {}, {}
-    try:
-        from lightly.loss import NTXentLoss as LightlyNTXent
-        found["lightly"] = LightlyNTXent(temperature=0.5)
-    except Exception as e:  # not installed, or broken install
-        missing["lightly"] = f"{type(e).__name__}: {e}"
+    if op == "infonce":
+        try:
+            from lightly.loss import NTXentLoss as LightlyNTXent
+            found["lightly"] = LightlyNTXent(temperature=0.5)
+        except Exception as e:
+            missing["lightly"] = f"{type(e).__name__}: {e}"
+        missing["Inf-CL"] = "no adapter: Inf-CL computes one-directional CLIP-style losses"
+    if op == "siglip":
+        try:
+            from open_clip.loss import SigLipLoss as OpenClipSigLip
+            ref = OpenClipSigLip()
+            found["open_clip"] = lambda a, b: ref(a, b, torch.tensor(SIGLIP_SCALE, device=a.device),
+                                                  torch.tensor(SIGLIP_BIAS, device=a.device))
+        except Exception as e:
+            missing["open_clip"] = f"{type(e).__name__}: {e}"
     return found, missing
 
 
 # ----------------------------------------------------------------------------- environment
 
 def environment():
+    here = os.path.dirname(os.path.abspath(__file__))
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -63,12 +110,12 @@ def environment():
     except Exception:
         env["triton"] = None
     try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        git = ["git", "-C", here]
+        env["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True,
+                                           text=True, timeout=10).stdout.strip() or None
         env["git_dirty"] = bool(subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-            text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip())
+            git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, timeout=10).stdout.strip())
     except Exception:
         env["git_commit"] = None
     if torch.cuda.is_available():
@@ -76,12 +123,11 @@ def environment():
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         env["cuda"] = torch.version.cuda
     else:
-        env["device"] = f"CPU ({platform.processor() or platform.machine()}, "\
-                        f"{os.cpu_count()} cores)"
+        env["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return env
 
 
-# ----------------------------------------------------------------------------- GPU timing
+# ----------------------------------------------------------------------------- GPU
 
 def _gpu_ceiling():
     """Measured bf16 dense matmul rate (TFLOP/s) on this GPU."""
@@ -92,145 +138,229 @@ def _gpu_ceiling():
     return 2 * 8192 ** 3 / ms / 1e9
 
 
-def _time_gpu(loss_fn, z0, z1):
+def _time_gpu(loss_fn, a, b):
     import triton.testing
-    out = {}
-
-    def fwd():
-        return loss_fn(z0, z1)
-
-    def fwd_bwd():
-        loss_fn(z0, z1).backward()
-
-    out["fwd_ms"] = triton.testing.do_bench(fwd, return_mode="median")
-    loss = fwd()
+    out = {"fwd_ms": triton.testing.do_bench(lambda: loss_fn(a, b), return_mode="median")}
+    loss = loss_fn(a, b)
     out["bwd_ms"] = triton.testing.do_bench(lambda: loss.backward(retain_graph=True),
-                                            return_mode="median", grad_to_none=[z0, z1])
-    out["fwd_bwd_ms"] = triton.testing.do_bench(fwd_bwd, return_mode="median",
-                                                grad_to_none=[z0, z1])
+                                            return_mode="median", grad_to_none=[a, b])
+    out["fwd_bwd_ms"] = triton.testing.do_bench(lambda: loss_fn(a, b).backward(),
+                                                return_mode="median", grad_to_none=[a, b])
     del loss
-    z0.grad = z1.grad = None
+    out["peak_extra_mib"] = _gpu_peak(loss_fn, a, b)
+    return out
+
+
+def _gpu_peak(loss_fn, a, b):
+    a.grad = b.grad = None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss_fn(z0, z1).backward()
+    loss_fn(a, b).backward()
     torch.cuda.synchronize()
-    out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    z0.grad = z1.grad = None
-    return out
+    a.grad = b.grad = None
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def bench_infonce_gpu(sizes, dims, dtypes, log):
+def _noop(rows):
+    pass
+
+
+def bench_gpu(op, sizes, dims, dtypes, log, save=_noop):
     peak = _gpu_ceiling()
     log(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
-    peers, missing = _peers()
+    peers, missing = _peers(op)
     for name, why in missing.items():
         log(f"note: {name} not benchmarked ({why})")
-    impls = {"fastssl": fastssl.nt_xent, "eager": eager_nt_xent,
-             "torch.compile": torch.compile(eager_nt_xent)}
+    impls = dict(IMPLS[op])
+    # dynamic=True: one compilation serves every size (per-shape recompiles would hit
+    # dynamo's cache limit and silently fall back to eager).
+    impls["torch.compile"] = torch.compile(impls["eager"], dynamic=True)
     impls.update(peers)
     rows = []
     for dtype in dtypes:
         for D in dims:
-            for two_n in sizes:
-                n = two_n // 2
+            for size in sizes:
                 for name, fn in impls.items():
-                    g = torch.Generator(device="cuda").manual_seed(two_n + D)
-                    z0 = torch.randn(n, D, device="cuda", dtype=dtype, generator=g,
-                                     requires_grad=True)
-                    z1 = torch.randn(n, D, device="cuda", dtype=dtype, generator=g,
-                                     requires_grad=True)
-                    row = {"op": "nt_xent", "impl": name, "rows": two_n, "D": D,
+                    row = {"op": op, "impl": name, "rows": size, "D": D,
                            "dtype": str(dtype).replace("torch.", "")}
+                    a = b = None
                     try:
-                        row.update(_time_gpu(fn, z0, z1))
-                        flops = 6 * two_n * two_n * D
-                        row["tflops"] = flops / row["fwd_bwd_ms"] / 1e9
+                        a, b = make_inputs(op, size, D, dtype, "cuda")
+                        row.update(_time_gpu(fn, a, b))
+                        row["tflops"] = model_flops(op, size, D) / row["fwd_bwd_ms"] / 1e9
                         row["fraction_of_bf16_peak"] = row["tflops"] / peak
                     except torch.cuda.OutOfMemoryError:
                         row["error"] = "out of memory"
                     except Exception as e:
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    finally:
-                        del z0, z1
-                        torch.cuda.empty_cache()
+                    del a, b
+                    torch.cuda.empty_cache()
                     rows.append(row)
                     log(_fmt(row))
+                    save(rows)
     return rows, {"bf16_peak_tflops": peak}
 
 
-# ----------------------------------------------------------------------------- CPU timing
+# ----------------------------------------------------------------------------- CPU
 
 _CHILD = """
-import json, resource, sys, time, statistics, torch
+import ctypes, gc, json, statistics, sys, time, torch
 sys.path[:0] = {path!r}
-import fastssl
 from fastssl import bench
 torch.set_num_threads({threads})
-fn = fastssl.nt_xent if {impl!r} == "fastssl" else bench.eager_nt_xent
-g = torch.Generator().manual_seed({two_n} + {D})
-z0 = torch.randn({two_n} // 2, {D}, generator=g, dtype=getattr(torch, {dtype!r})).requires_grad_()
-z1 = torch.randn({two_n} // 2, {D}, generator=g, dtype=getattr(torch, {dtype!r})).requires_grad_()
-fn(z0, z1).backward()  # warm up
-z0.grad = z1.grad = None
-import ctypes, gc
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so reuse shows in RSS
-open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS counter here
+fn = bench.IMPLS[{op!r}][{impl!r}]
+a, b = bench.make_inputs({op!r}, {size}, {D}, getattr(torch, {dtype!r}), "cpu")
 def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
+if {warm}:
+    fn(a, b).backward()
+    a.grad = b.grad = None
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so reuse shows in RSS
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS counter here
 base = rss("VmRSS:")
-fn(z0, z1).backward()
+t0 = time.perf_counter()
+fn(a, b).backward()
+first = time.perf_counter() - t0
 peak = rss("VmHWM:") - base
-z0.grad = z1.grad = None
+a.grad = b.grad = None
 t = {{"fwd": [], "bwd": [], "fwd_bwd": []}}
 for _ in range({repeats}):
-    a = time.perf_counter(); loss = fn(z0, z1); b = time.perf_counter()
-    loss.backward(); c = time.perf_counter()
-    t["fwd"].append(b - a); t["bwd"].append(c - b); t["fwd_bwd"].append(c - a)
-    z0.grad = z1.grad = None
-print(json.dumps({{"peak_extra_mib": peak / 2**20,
-                  **{{k + "_ms": 1e3 * statistics.median(v) for k, v in t.items()}}}}))
+    t0 = time.perf_counter(); loss = fn(a, b); t1 = time.perf_counter()
+    loss.backward(); t2 = time.perf_counter()
+    t["fwd"].append(t1 - t0); t["bwd"].append(t2 - t1); t["fwd_bwd"].append(t2 - t0)
+    a.grad = b.grad = None
+out = {{"peak_extra_mib": peak / 2**20, "first_fwd_bwd_ms": 1e3 * first}}
+if {repeats}:
+    out.update({{k + "_ms": 1e3 * statistics.median(v) for k, v in t.items()}})
+print(json.dumps(out))
 """
 
 
-def _cpu_case(impl, two_n, D, dtype, repeats):
+def cpu_case(op, impl, size, D, dtype, repeats, warm=True, timeout=1800):
+    """Run one case in a fresh process: peak extra RSS and median times."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = _CHILD.format(path=[here], threads=torch.get_num_threads(), impl=impl, two_n=two_n,
-                         D=D, dtype=dtype, repeats=repeats)
+    code = _CHILD.format(path=[here], threads=torch.get_num_threads(), op=op, impl=impl,
+                         size=size, D=D, dtype=dtype, repeats=repeats, warm=warm)
     env = dict(os.environ, FASTSSL_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=1800)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result in {timeout} s"}
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_infonce_cpu(sizes, dims, dtypes, log, repeats=3):
+def bench_cpu(op, sizes, dims, dtypes, log, repeats=3, save=_noop):
     rows = []
     for dtype in dtypes:
         for D in dims:
-            for two_n in sizes:
+            for size in sizes:
                 for impl in ("fastssl", "eager"):
-                    row = {"op": "nt_xent", "impl": impl if impl == "eager" else "fastssl (portable)",
-                           "rows": two_n, "D": D, "dtype": dtype}
-                    row.update(_cpu_case(impl, two_n, D, dtype, repeats))
+                    row = {"op": op, "impl": "fastssl (portable)" if impl == "fastssl" else impl,
+                           "rows": size, "D": D, "dtype": dtype}
+                    row.update(cpu_case(op, impl, size, D, dtype, repeats))
                     rows.append(row)
                     log(_fmt(row))
+                    save(rows)
+    return rows, {}
+
+
+# ----------------------------------------------------------------------------- max batch
+
+def _fits_gpu(fn, size, D, dtype):
+    import time
+    a = b = None
+    try:
+        a, b = make_inputs("infonce", size, D, dtype, "cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn(a, b).backward()
+        torch.cuda.synchronize()
+        return True, time.perf_counter() - t
+    except torch.cuda.OutOfMemoryError:
+        return False, None
+    finally:
+        del a, b
+        torch.cuda.empty_cache()
+
+
+def _fits_cpu(impl, size, D, dtype, budget_mib):
+    r = cpu_case("infonce", impl, size, D, dtype, repeats=0, warm=False)
+    if "error" in r:
+        return False, None
+    return r["peak_extra_mib"] <= budget_mib, r["first_fwd_bwd_ms"] / 1e3
+
+
+def max_batch(fits, start, cap, step, log, name):
+    """Doubling from ``start`` until a failure or ``cap``, then bisection to ``step`` rows.
+    ``fits(size) -> (ok, seconds)``. Returns (largest size that fits, reason it stopped)."""
+    good, bad, size = 0, None, start
+    while size <= cap:
+        ok, secs = fits(size)
+        log(f"  {name:>8} 2N={size:>9}: {'ok' if ok else 'does not fit'}"
+            + (f" ({secs:.2f} s)" if secs else ""))
+        if not ok:
+            bad = size
+            break
+        good = size
+        size *= 2
+    if bad is None:
+        return good, f"reached the cap of {cap} rows"
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        if mid in (good, bad):
+            break
+        ok, secs = fits(mid)
+        log(f"  {name:>8} 2N={mid:>9}: {'ok' if ok else 'does not fit'}")
+        good, bad = (mid, bad) if ok else (good, mid)
+    return good, "memory"
+
+
+def bench_maxbatch(quick, log, save=_noop):
+    rows = []
+    if torch.cuda.is_available():
+        D, dtype, cap = 128, torch.bfloat16, (1 << 17) if quick else (1 << 21)
+        free = torch.cuda.mem_get_info()[1] / 2 ** 30
+        log(f"largest NT-Xent 2N whose forward+backward completes on one GPU "
+            f"({free:.0f} GiB), D={D}, bf16; fastssl capped at {cap} rows (time, not memory)")
+        for name, fn in IMPLS["infonce"].items():
+            size, why = max_batch(lambda s: _fits_gpu(fn, s, D, dtype), 4096, cap, 1024,
+                                  log, name)
+            rows.append({"op": "maxbatch", "impl": name, "D": D, "dtype": "bfloat16",
+                         "max_rows": size, "stopped_by": why})
+            save(rows)
+    else:
+        D, dtype = 64, "float32"
+        budget = 512 if quick else 2048
+        cap = 8192 if quick else 65536
+        log(f"CPU run: largest NT-Xent 2N whose forward+backward stays within {budget} MiB of "
+            f"extra memory (peak RSS of a child process), D={D}, fp32, capped at {cap} rows")
+        for impl in ("fastssl", "eager"):
+            size, why = max_batch(lambda s: _fits_cpu(impl, s, D, dtype, budget), 1024, cap,
+                                  512, log, impl)
+            rows.append({"op": "maxbatch", "impl": impl, "D": D, "dtype": dtype,
+                         "max_rows": size, "stopped_by": why, "budget_mib": budget})
+            save(rows)
+    for r in rows:
+        log(f"  {r['impl']}: max 2N = {r['max_rows']} (stopped by {r['stopped_by']})")
     return rows, {}
 
 
 # ----------------------------------------------------------------------------- output
 
 def _fmt(row):
+    head = f"  {row['impl']:>20} {row['op']} size={row['rows']:>7} D={row['D']:>5} {row['dtype']:>8}: "
     if "error" in row:
-        return f"  {row['impl']:>20} 2N={row['rows']:>7} D={row['D']:>5} {row['dtype']:>8}: {row['error']}"
-    s = (f"  {row['impl']:>20} 2N={row['rows']:>7} D={row['D']:>5} {row['dtype']:>8}: "
-         f"fwd {row['fwd_ms']:9.2f} ms  bwd {row['bwd_ms']:9.2f} ms  "
-         f"fwd+bwd {row['fwd_bwd_ms']:9.2f} ms  peak extra {row['peak_extra_mib']:9.1f} MiB")
+        return head + row["error"]
+    s = head + (f"fwd {row['fwd_ms']:9.2f} ms  bwd {row['bwd_ms']:9.2f} ms  "
+                f"fwd+bwd {row['fwd_bwd_ms']:9.2f} ms  peak extra {row['peak_extra_mib']:9.1f} MiB")
     if "tflops" in row:
         s += f"  {row['tflops']:6.1f} TFLOP/s ({100 * row['fraction_of_bf16_peak']:.0f}% of peak)"
     return s
@@ -238,20 +368,27 @@ def _fmt(row):
 
 def markdown(result):
     env = result["environment"]
+    cpu = result["cpu"]
+    size_name = {"infonce": "2N", "siglip": "n"}.get(result["op"], "size")
     lines = [f"### {result['op']} on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
-             f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if result["cpu"] else ""),
-             "", "| impl | 2N | D | dtype | fwd ms | bwd ms | fwd+bwd ms | peak extra MiB |"
-             + (" TFLOP/s |" if not result["cpu"] else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if not result["cpu"] else "")]
+             f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]
+    if result["op"] == "maxbatch":
+        lines += ["| impl | D | dtype | largest 2N that completes | stopped by |", "|---|---|---|---|---|"]
+        lines += [f"| {r['impl']} | {r['D']} | {r['dtype']} | {r['max_rows']} | {r['stopped_by']} |"
+                  for r in result["rows"]]
+        return "\n".join(lines) + "\n"
+    lines += [f"| impl | {size_name} | D | dtype | fwd ms | bwd ms | fwd+bwd ms | peak extra MiB |"
+              + ("" if cpu else " TFLOP/s |"),
+              "|---|---|---|---|---|---|---|---|" + ("" if cpu else "---|")]
     for r in result["rows"]:
         if "error" in r:
             cells = [r["impl"], r["rows"], r["D"], r["dtype"], r["error"], "", "", ""]
-            cells += [""] if not result["cpu"] else []
         else:
             cells = [r["impl"], r["rows"], r["D"], r["dtype"], f"{r['fwd_ms']:.2f}",
                      f"{r['bwd_ms']:.2f}", f"{r['fwd_bwd_ms']:.2f}", f"{r['peak_extra_mib']:.1f}"]
-            cells += [f"{r['tflops']:.1f}"] if not result["cpu"] else []
+        if not cpu:
+            cells.append(f"{r['tflops']:.1f}" if "tflops" in r else "")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -262,32 +399,48 @@ def _slug(device):
 
 
 def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
-    if op != "infonce":
-        raise ValueError(f"unknown benchmark {op!r}; available: infonce")
+    """Run one benchmark; the JSON and markdown files are rewritten after every measured row,
+    so a run stopped early still leaves what it measured."""
+    if op not in OPS:
+        raise ValueError(f"unknown benchmark {op!r}; available: {', '.join(OPS)}")
     cuda = torch.cuda.is_available()
-    if cuda:
-        sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])
-        dims = dims or ([128] if quick else [128, 256, 1024])
-        dtypes = dtypes or ["bfloat16", "float32"]
+    env = environment()
+    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{_slug(env['device'] if cuda else 'cpu')}-{env['date']}-{op}")
+    extra = {}
+
+    def save(rows):
+        result = {"op": op, "cpu": not cuda, "environment": env, "rows": rows, **extra}
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+        return result
+
+    if op == "maxbatch":
+        if not cuda:
+            log("CPU run: the portable path against eager PyTorch.")
+        rows, extra = bench_maxbatch(quick, log, save)
+    elif cuda:
+        if op == "infonce":
+            sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])
+            dims = dims or ([128] if quick else [128, 256, 1024])
+        else:
+            sizes = sizes or ([4096] if quick else [4096, 16384, 32768])
+            dims = dims or [768]
+        dtypes = dtypes or (["bfloat16"] if quick else ["bfloat16", "float32"])
         log(f"GPU run on {torch.cuda.get_device_name()}")
-        rows, extra = bench_infonce_gpu(sizes, dims, [getattr(torch, d) for d in dtypes], log)
+        rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save)
     else:
         sizes = sizes or ([2048, 4096] if quick else [4096, 16384])
-        dims = dims or [64]
+        dims = dims or ([64] if op == "infonce" else [256])
         dtypes = dtypes or ["float32"]
         log("CPU run: the portable path (chunked PyTorch) against eager PyTorch; the Triton "
             "kernels need a CUDA GPU. Peak extra memory: a child process per case, warmed up, "
             "freed heap pages returned to the OS (malloc_trim), then its peak RSS during one "
             "forward+backward above its RSS before it.")
-        rows, extra = bench_infonce_cpu(sizes, dims, dtypes, log, repeats=2 if quick else 3)
-    env = environment()
-    result = {"op": "infonce", "cpu": not cuda, "environment": env, "rows": rows, **extra}
-    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{_slug(env['device'] if cuda else 'cpu')}-{env['date']}-{op}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
+        rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
+    result = save(rows)
     log(f"wrote {stem}.json and {stem}.md")
     return result

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from fastssl import bench
+
 
 def _info(args):
     import fastssl
@@ -48,7 +50,6 @@ def _csv(kind):
 
 
 def _bench(args):
-    from fastssl import bench
     for d in args.dtypes or []:
         if d not in ("float32", "bfloat16", "float16"):
             raise SystemExit(f"fastssl bench: unknown dtype {d!r} (float32, bfloat16, float16)")
@@ -63,8 +64,10 @@ def main(argv=None):
     p = sub.add_parser("info", help="versions, device, and the path each op takes")
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="time fastssl against eager PyTorch and torch.compile")
-    p.add_argument("op", nargs="?", default="infonce", choices=["infonce"])
-    p.add_argument("--sizes", type=_csv(int), help="2N values (rows of the similarity matrix)")
+    p.add_argument("op", nargs="?", default="infonce", choices=list(bench.OPS),
+                   help="infonce (NT-Xent), siglip, or maxbatch (largest NT-Xent batch)")
+    p.add_argument("--sizes", type=_csv(int),
+                   help="batch sizes: 2N rows for infonce, n pairs for siglip")
     p.add_argument("--dims", type=_csv(int), help="embedding widths D")
     p.add_argument("--dtypes", type=_csv(str), help="float32,bfloat16,float16")
     p.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")

@@ -29,7 +29,7 @@ def test_bench_quick_writes_valid_json(tmp_path):
                           "512", "--out", str(tmp_path)], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr
-    (path,) = tmp_path.glob("*.json")
+    (path,) = tmp_path.glob("*-infonce.json")
     result = json.loads(path.read_text())
     assert result["environment"]["torch"] == torch.__version__
     impls = {r["impl"] for r in result["rows"]}
@@ -48,3 +48,28 @@ def test_bad_arguments_give_usage_not_traceback():
     out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "nosuchop"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_max_batch_search_doubles_then_bisects():
+    from fastssl.bench import max_batch
+    limit = 11000
+    probes = []
+
+    def fits(size):
+        probes.append(size)
+        return size <= limit, 0.0
+    size, why = max_batch(fits, 1024, 1 << 20, 256, lambda *_: None, "x")
+    assert why == "memory" and limit - 256 < size <= limit
+    assert probes[:5] == [1024, 2048, 4096, 8192, 16384]
+    size, why = max_batch(lambda s: (True, 0.0), 1024, 4096, 256, lambda *_: None, "x")
+    assert size == 4096 and "cap" in why
+
+
+def test_bench_siglip_quick_on_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "siglip", "--quick",
+                          "--sizes", "256", "--dims", "32", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("*-siglip.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all("error" not in r and r["fwd_bwd_ms"] > 0 for r in rows)

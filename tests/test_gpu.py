@@ -1,0 +1,74 @@
+"""CUDA-only checks (skipped without a GPU): compiled kernels at sizes beyond the
+interpreter's reach against float64 references, and a 1-process NCCL group."""
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+import fastssl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def ref_nt_xent_rows(z0, z1, t, block=2048):
+    """float64 NT-Xent computed in row blocks (memory O(block x 2N))."""
+    z = tF.normalize(torch.cat([z0, z1]).double(), dim=1)
+    n2 = z.shape[0]
+    total = 0.0
+    for r0 in range(0, n2, block):
+        rows = torch.arange(r0, min(r0 + block, n2), device=z.device)
+        logits = z[rows] @ z.T / t
+        logits[torch.arange(len(rows)), rows] = float("-inf")
+        total = total + tF.cross_entropy(logits, (rows + n2 // 2) % n2, reduction="sum")
+    return total / n2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("two_n,D", [(8192, 256), (4098, 130), (16384, 128)])
+def test_large_nt_xent_against_float64(monkeypatch, dtype, tol, two_n, D):
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    g = torch.Generator(device="cuda").manual_seed(two_n + D)
+    z0 = torch.randn(two_n // 2, D, device="cuda", dtype=dtype, generator=g, requires_grad=True)
+    z1 = torch.randn(two_n // 2, D, device="cuda", dtype=dtype, generator=g, requires_grad=True)
+    loss = fastssl.nt_xent(z0, z1, 0.1)
+    d0, d1 = torch.autograd.grad(loss, [z0, z1])
+    r0, r1 = z0.detach().double().requires_grad_(), z1.detach().double().requires_grad_()
+    ref = ref_nt_xent_rows(r0, r1, 0.1)
+    w0, w1 = torch.autograd.grad(ref, [r0, r1])
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    for got, want in ((d0, w0), (d1, w1)):
+        assert ((got.double() - want).norm() / want.norm()).item() <= tol
+
+
+def test_triton_matches_portable_path(monkeypatch):
+    img = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    txt = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("FASTSSL_BACKEND", backend)
+        loss = fastssl.siglip_loss(tF.normalize(img, dim=1), tF.normalize(txt, dim=1), 10.0, -10.0)
+        out[backend] = [loss.float(), *[g.float() for g in torch.autograd.grad(loss, [img, txt])]]
+    for a, b in zip(out["triton"], out["torch"]):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-2
+
+
+def test_nccl_single_process_gather():
+    if not torch.distributed.is_nccl_available():
+        pytest.skip("NCCL is not available in this torch build")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                         world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        x = torch.randn(5, 8, device="cuda", requires_grad=True)
+        y, offsets = fastssl.distributed.gather(x)
+        assert offsets == [0] and torch.equal(y, x)
+        (y * 2).sum().backward()
+        assert torch.equal(x.grad, torch.full_like(x, 2.0))
+        loss = fastssl.ClipLoss(local_loss=True, gather_with_grad=True)(x, x.flip(0), 5.0)
+        assert torch.isfinite(loss)
+    finally:
+        torch.distributed.destroy_process_group()
