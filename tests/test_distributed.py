@@ -88,21 +88,27 @@ def worker(rank, world, port, sizes, seed, out_dir, backend):
             da, db = torch.autograd.grad(loss, [a, b], allow_unused=True)
             results[case] = {"loss": loss.detach(), "da": da, "db": db}
         results["ddp"] = ddp_step(rank, sizes, seed)
+        results["ddp_compiled_bf16"] = ddp_step(rank, sizes, seed, compiled_bf16=True)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def ddp_step(rank, sizes, seed):
-    """Parameter gradients of a DDP-wrapped projection under the gathered NT-Xent."""
+def ddp_step(rank, sizes, seed, compiled_bf16=False):
+    """Parameter gradients of a DDP-wrapped projection under the gathered NT-Xent; optionally
+    with the model compiled (the collective stays outside) and bf16 autocast."""
     torch.manual_seed(seed)
     model = torch.nn.Linear(D, 8, bias=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    forward = torch.compile(ddp, backend="aot_eager") if compiled_bf16 else ddp
     data = global_batch(sizes, seed)
     o, n = offsets(sizes)[rank], sizes[rank]
     loss_fn = fastssl.NTXentLoss(temperature=T, gather_distributed=True)
-    z = ddp(torch.cat([data["a"][o:o + n], data["b"][o:o + n]]).float())
-    loss = loss_fn(z[:n], z[n:])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compiled_bf16):
+        z = forward(torch.cat([data["a"][o:o + n], data["b"][o:o + n]]).float())
+        if compiled_bf16:
+            assert z.dtype == torch.bfloat16
+        loss = loss_fn(z[:n], z[n:])
     loss.backward()
     return model.weight.grad.clone()
 
@@ -224,6 +230,8 @@ def test_gathered_losses_match_single_process(sizes, backend):
     (want,) = torch.autograd.grad(ref, [model.weight])
     for r in range(len(sizes)):
         check(results[r]["ddp"], want, 1e-5, f"DDP weight gradient on rank {r}")
+        check(results[r]["ddp_compiled_bf16"], want, 3e-2,
+              f"compiled DDP weight gradient under bf16 autocast on rank {r}")
 
 
 def fastssl_free_nt_xent(a, b, A, B, o):
