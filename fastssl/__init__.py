@@ -11,9 +11,12 @@ if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
     __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
 
 from fastssl import distributed, functional  # noqa: E402
-from fastssl.functional import clip_loss, info_nce, nt_xent, siglip_loss  # noqa: E402
-from fastssl.losses import (ClipLoss, InfoNCELoss, MoCoQueue, NTXentLoss,  # noqa: E402
-                            SigLipLoss)
+from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
+                                negative_cosine_similarity, nt_xent, siglip_loss, vicreg)
+from fastssl.losses import (BarlowTwinsLoss, ClipLoss, InfoNCELoss, MoCoQueue,  # noqa: E402
+                            NegativeCosineSimilarity, NTXentLoss, SigLipLoss, VICRegLoss)
 
 __all__ = ["functional", "distributed", "nt_xent", "info_nce", "clip_loss", "siglip_loss",
-           "NTXentLoss", "InfoNCELoss", "ClipLoss", "SigLipLoss", "MoCoQueue", "__version__"]
+           "barlow_twins", "vicreg", "negative_cosine_similarity", "NTXentLoss", "InfoNCELoss",
+           "ClipLoss", "SigLipLoss", "MoCoQueue", "BarlowTwinsLoss", "VICRegLoss",
+           "NegativeCosineSimilarity", "__version__"]

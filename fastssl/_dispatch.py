@@ -85,4 +85,5 @@ def describe():
         why = "torch (portable): triton is not importable"
     else:
         why = "torch (portable): no CUDA device"
-    return {"infonce (nt_xent, info_nce, clip_loss)": why, "siglip (siglip_loss)": why}
+    return {"infonce (nt_xent, info_nce, clip_loss)": why, "siglip (siglip_loss)": why,
+            "barlow (barlow_twins, vicreg: Gram formulation)": why}

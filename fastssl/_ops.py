@@ -175,3 +175,44 @@ def _siglip_backward(ctx, grad_loss, grad_stats):
 
 
 siglip.register_autograd(_siglip_backward, setup_context=_siglip_setup)
+
+
+# ----------------------------------------------------------------------------- Gram products
+
+@torch.library.custom_op("fastssl::gram_inner", mutates_args=())
+def gram_inner(a: Tensor, b: Tensor) -> Tensor:
+    """<a a^T, b b^T> = ||a^T b||_F^2 as a 0-d float32 tensor (kernels/barlow.py)."""
+    _, impl = _dispatch.implementation("barlow", a, b)
+    return impl.gram_inner(a, b)
+
+
+@gram_inner.register_fake
+def _(a, b):
+    return a.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastssl::gram_apply", mutates_args=())
+def gram_apply(w: Tensor, x: Tensor) -> Tensor:
+    """(w w^T) x in float32."""
+    _, impl = _dispatch.implementation("barlow", w, x)
+    return impl.gram_apply(w, x)
+
+
+@gram_apply.register_fake
+def _(w, x):
+    return torch.empty(x.shape, device=x.device, dtype=torch.float32)
+
+
+def _gram_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gram_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    g = 2.0 * grad.float()
+    d_a = (g * gram_apply(b, a)).to(a.dtype) if ctx.needs_input_grad[0] else None
+    d_b = (g * gram_apply(a, b)).to(b.dtype) if ctx.needs_input_grad[1] else None
+    return d_a, d_b
+
+
+gram_inner.register_autograd(_gram_backward, setup_context=_gram_setup)

@@ -149,5 +149,26 @@ def siglip_backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols
     return (d_rows * s if need_rows else None), (d_cols * s if need_cols else None)
 
 
+def gram_inner(a, b, block=None):
+    """sum_ij (a_i . a_j)(b_i . b_j) (kernels/barlow.py), in row blocks of the Gram matrices."""
+    a32, b32 = a.float(), b.float()
+    block = block or BLOCK or _block_width(a.shape[0])
+    total = a32.new_zeros(())
+    for r0 in range(0, a.shape[0], block):
+        total = total + ((a32[r0:r0 + block] @ a32.T) * (b32[r0:r0 + block] @ b32.T)).sum()
+    return total
+
+
+def gram_apply(w, x, block=None):
+    """(w w^T) x in float32, in row blocks of the Gram matrix."""
+    w32, x32 = w.float(), x.float()
+    block = block or BLOCK or _block_width(w.shape[0])
+    out = torch.empty(x.shape, device=x.device)
+    for r0 in range(0, w.shape[0], block):
+        out[r0:r0 + block] = (w32[r0:r0 + block] @ w32.T) @ x32
+    return out
+
+
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
+barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply)
 siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward)

@@ -17,6 +17,7 @@ over the local rows; batch sizes may differ between ranks.
 import numbers
 
 import torch
+import torch.nn.functional as tF
 from torch import Tensor
 
 from fastssl import _ops, distributed
@@ -220,3 +221,162 @@ def _info_nce_positive_only(query: Tensor, key: Tensor, negatives: Tensor, tempe
     none = torch.full((query.shape[0],), -1, device=query.device, dtype=torch.long)
     lse_neg = _rows_loss(query, key[:0], s, none, negatives=negatives)
     return (torch.logaddexp(l_pos, lse_neg) - l_pos).mean()
+
+
+# ----------------------------------------------------------------------------- non-contrastive
+
+FORMULATIONS = ("auto", "gram", "dxd")
+
+
+def _check_pair_nd(z_a, z_b, what):
+    for name, t in (("z_a", z_a), ("z_b", z_b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"z_a has shape {tuple(z_a.shape)} but z_b has {tuple(z_b.shape)}")
+    if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
+        raise ValueError(f"z_a and z_b differ in dtype or device ({z_a.dtype} on {z_a.device}, "
+                         f"{z_b.dtype} on {z_b.device})")
+    if z_a.dim() < 2 or z_a.shape[-1] == 0:
+        raise ValueError(f"{what} takes (N, D) inputs, got shape {tuple(z_a.shape)}")
+    if z_a.shape[0] < 2:
+        raise ValueError(f"{what} needs a batch of at least 2 samples, got {z_a.shape[0]}")
+
+
+def _use_gram(N, D, formulation):
+    """Gram work ~8 N^2 D against the D x D formulation's ~6 N D^2 (forward + backward)."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    return formulation == "gram" or (formulation == "auto" and 4 * N < 3 * D)
+
+
+def _fro2(a, b, gram):
+    """||a^T b||_F^2 in float32, by the N x N Gram formulation or the D x D product."""
+    if gram:
+        return _ops.gram_inner(a, b)
+    return torch.linalg.vector_norm(a.float().T @ b.float()).square()
+
+
+def _standardize(z, eps, stats=None):
+    """Per-feature (z - mean) / sqrt(biased var + eps) in float32; stats=(mean, var) or local."""
+    zf = z.float()
+    mean, var = stats if stats is not None else (zf.mean(0), zf.var(0, unbiased=False))
+    return (zf - mean) * torch.rsqrt(var + eps)
+
+
+def _global_stats(z):
+    """Mean and biased variance over the global batch, differentiable (sum convention)."""
+    from torch.distributed.nn.functional import all_reduce
+    zf = z.float()
+    count = torch.tensor(float(z.shape[0]), device=z.device)
+    torch.distributed.all_reduce(count)
+    s1 = all_reduce(zf.sum(0))
+    s2 = all_reduce((zf * zf).sum(0))
+    mean = s1 / count
+    return mean, s2 / count - mean * mean, count
+
+
+def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
+                 gather_distributed: bool = False, normalize: str = "local",
+                 formulation: str = "auto") -> Tensor:
+    """Barlow Twins: sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2.
+
+    A, B are the views standardised per feature (mean, biased variance, eps 1e-5, as
+    ``batch_norm`` in training mode) and C = A^T B / N. Computed as
+    sum_i (1 - C_ii)^2 + lambda (||C||_F^2 - sum_i C_ii^2) with ||C||_F^2 = <AA^T, BB^T> / N^2
+    (``formulation="gram"``, O(N^2 D), no D x D matrix) or from C itself (``"dxd"``);
+    ``"auto"`` picks the cheaper one from the shapes.
+
+    Distributed (``gather_distributed`` in a process group): ``normalize="local"`` is
+    lightly's semantics (per-rank standardisation, C averaged over ranks by an autograd-aware
+    all_reduce); ``normalize="global"`` is the reference implementation's (statistics of the
+    global batch, as SyncBatchNorm gives, and C over the global batch). Both use the D x D
+    formulation. Inputs are (N, D); the loss is float32 math returned in the input dtype.
+    """
+    _check_pair_nd(z_a, z_b, "barlow_twins")
+    if z_a.dim() != 2:
+        raise ValueError(f"barlow_twins takes (N, D) inputs, got shape {tuple(z_a.shape)}")
+    if normalize not in ("local", "global"):
+        raise ValueError(f"normalize must be 'local' or 'global', got {normalize!r}")
+    N, D = z_a.shape
+    eps = 1e-5
+    gather, _ = _world(gather_distributed)
+    if gather:
+        from torch.distributed.nn.functional import all_reduce
+        if normalize == "global":
+            mean_a, var_a, count = _global_stats(z_a)
+            mean_b, var_b, _ = _global_stats(z_b)
+            a, b = _standardize(z_a, eps, (mean_a, var_a)), _standardize(z_b, eps, (mean_b, var_b))
+            c = all_reduce(a.T @ b) / count
+        else:
+            a, b = _standardize(z_a, eps), _standardize(z_b, eps)
+            c = all_reduce(a.T @ b / N) / distributed.world_size()
+        diag = torch.diagonal(c)
+        fro2 = torch.linalg.vector_norm(c).square()
+    else:
+        gram = _use_gram(N, D, formulation)
+        a32, b32 = _standardize(z_a, eps), _standardize(z_b, eps)
+        a, b = a32.to(z_a.dtype), b32.to(z_b.dtype)  # matmul operands (16-bit stay 16-bit)
+        # The off-diagonal part ||C||^2 - sum C_ii^2 subtracts terms computed from the same
+        # rounded operands; the diagonal term uses the float32 views.
+        fro2 = _fro2(a, b, gram) / (N * N)
+        diag_sq = ((a.float() * b.float()).sum(0) / N).square().sum()
+        diag = (a32 * b32).sum(0) / N
+        loss = (1 - diag).square().sum() + lambda_param * (fro2 - diag_sq)
+        return loss.to(z_a.dtype)
+    diag_sq = diag.square().sum()
+    loss = (1 - diag).square().sum() + lambda_param * (fro2 - diag_sq)
+    return loss.to(z_a.dtype)
+
+
+def _cov_loss(x, gram):
+    """sum_{i != j} cov_ij^2 / D with cov = X^T X / (N - 1), X centred; x is (N, D)."""
+    N, D = x.shape
+    xc = (x.float() - x.float().mean(0)).to(x.dtype)  # one rounding, shared by both terms
+    diag = xc.float().square().sum(0) / (N - 1)
+    fro2 = _fro2(xc, xc, gram) / ((N - 1) ** 2)
+    return (fro2 - diag.square().sum()) / D
+
+
+def vicreg(z_a: Tensor, z_b: Tensor, lambda_param: float = 25.0, mu_param: float = 25.0,
+           nu_param: float = 1.0, eps: float = 1e-4, gather_distributed: bool = False,
+           formulation: str = "auto") -> Tensor:
+    """VICReg: lambda * MSE(z_a, z_b) + mu * (var(z_a) + var(z_b)) / 2 + nu * (cov(z_a) + cov(z_b)).
+
+    var(z) = mean_d relu(1 - sqrt(Var_unbiased(z_d) + eps)); cov(z) = sum_{i != j} cov_ij^2 / D
+    with cov normalised by N - 1, computed as (||cov||_F^2 - sum_i cov_ii^2) / D where
+    ||X^T X||_F^2 = <X X^T, X X^T> (Gram formulation when N < D). Inputs (N, D) or
+    (N, L, D) (terms averaged over L, as lightly). With ``gather_distributed`` the variance
+    and covariance terms use the global batch (gathered with gradient); the invariance term
+    stays local.
+    """
+    _check_pair_nd(z_a, z_b, "vicreg")
+    inv = tF.mse_loss(z_a.float(), z_b.float())
+    gather, _ = _world(gather_distributed)
+    if gather:
+        shape = z_a.shape
+        z_a = distributed.gather(z_a.reshape(shape[0], -1))[0].reshape(-1, *shape[1:])
+        z_b = distributed.gather(z_b.reshape(shape[0], -1))[0].reshape(-1, *shape[1:])
+
+    def var_loss(z):
+        std = torch.sqrt(z.float().var(0) + eps)
+        return torch.relu(1.0 - std).mean()
+
+    def cov_loss(z):
+        flat = z.reshape(z.shape[0], -1, z.shape[-1]).transpose(0, 1)  # (L, N, D)
+        gram = _use_gram(z.shape[0], z.shape[-1], formulation) and not gather
+        return torch.stack([_cov_loss(x, gram) for x in flat.unbind(0)]).mean()
+
+    loss = (lambda_param * inv + mu_param * 0.5 * (var_loss(z_a) + var_loss(z_b))
+            + nu_param * (cov_loss(z_a) + cov_loss(z_b)))
+    return loss.to(z_a.dtype)
+
+
+def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """-mean cosine_similarity(x0, x1) along ``dim`` (BYOL / SimSiam; stop-gradient is the
+    caller's, e.g. ``x1.detach()``)."""
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
+    return -tF.cosine_similarity(x0, x1, dim=dim, eps=eps).mean()

@@ -222,3 +222,67 @@ class MoCoQueue(nn.Module):
         self.queue.index_copy_(0, idx, kept)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins with lightly's signature: ``forward(z_a, z_b)``.
+
+    ``normalize="global"`` reproduces the reference implementation under DDP (global-batch
+    statistics and C over the global batch); ``formulation`` is "auto", "gram" or "dxd".
+    See ``fastssl.functional.barlow_twins``.
+    """
+
+    def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False,
+                 normalize: str = "local", formulation: str = "auto"):
+        super().__init__()
+        if gather_distributed:
+            distributed.require_distributed("BarlowTwinsLoss(gather_distributed=True)")
+        if normalize not in ("local", "global"):
+            raise ValueError(f"normalize must be 'local' or 'global', got {normalize!r}")
+        if formulation not in F.FORMULATIONS:
+            raise ValueError(f"formulation must be one of {F.FORMULATIONS}, got {formulation!r}")
+        self.lambda_param = lambda_param
+        self.gather_distributed = gather_distributed
+        self.normalize = normalize
+        self.formulation = formulation
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        return F.barlow_twins(z_a, z_b, self.lambda_param, self.gather_distributed,
+                              self.normalize, self.formulation)
+
+
+class VICRegLoss(nn.Module):
+    """VICReg with lightly's signature: ``forward(z_a, z_b)`` on (N, D) or (N, L, D).
+
+    See ``fastssl.functional.vicreg``.
+    """
+
+    def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0,
+                 gather_distributed: bool = False, eps: float = 1e-4, formulation: str = "auto"):
+        super().__init__()
+        if gather_distributed:
+            distributed.require_distributed("VICRegLoss(gather_distributed=True)")
+        if formulation not in F.FORMULATIONS:
+            raise ValueError(f"formulation must be one of {F.FORMULATIONS}, got {formulation!r}")
+        self.lambda_param = lambda_param
+        self.mu_param = mu_param
+        self.nu_param = nu_param
+        self.gather_distributed = gather_distributed
+        self.eps = eps
+        self.formulation = formulation
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        return F.vicreg(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps,
+                        self.gather_distributed, self.formulation)
+
+
+class NegativeCosineSimilarity(nn.Module):
+    """-mean cosine similarity (BYOL / SimSiam), lightly's signature."""
+
+    def __init__(self, dim: int = 1, eps: float = 1e-8):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+
+    def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
+        return F.negative_cosine_similarity(x0, x1, self.dim, self.eps)

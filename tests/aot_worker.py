@@ -18,9 +18,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastssl.kernels import infonce, siglip  # noqa: E402
+from fastssl.kernels import barlow, infonce, siglip  # noqa: E402
 
-FAMILIES = {"infonce": infonce, "siglip": siglip}
+FAMILIES = {"infonce": infonce, "siglip": siglip, "barlow": barlow}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
              if os.path.exists(os.path.join(BIN, p)))

@@ -45,4 +45,5 @@ def test_both_architectures_and_every_kernel(compiled):
     assert {r["cc"] for r in compiled} == {80, 90}
     kernels = {r["id"].split("-")[0] for r in compiled}
     assert kernels == {f"{family}.{k}" for family in ("infonce", "siglip")
-                       for k in ("_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel")}
+                       for k in ("_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel")} | {
+                           "barlow._gram_inner_kernel", "barlow._gram_apply_kernel"}

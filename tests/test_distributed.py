@@ -40,7 +40,7 @@ def offsets(sizes):
 # ----------------------------------------------------------------------------- worker
 
 CASES = ["nt_xent", "info_nce", "info_nce_sym", "clip_ll_gg", "clip_ll", "clip_gg", "clip",
-         "siglip", "bank", "queue"]
+         "siglip", "barlow_local", "barlow_global", "vicreg", "bank", "queue"]
 
 
 def run_case(case, a, b):
@@ -58,6 +58,11 @@ def run_case(case, a, b):
     if case == "siglip":
         loss = fastssl.SigLipLoss(rank=dist.get_rank(), world_size=dist.get_world_size())
         return loss(a, b, torch.tensor(SCALE), torch.tensor(BIAS))
+    if case.startswith("barlow"):
+        return fastssl.BarlowTwinsLoss(lambda_param=0.05, gather_distributed=True,
+                                       normalize=case.split("_")[1])(a, b)
+    if case == "vicreg":
+        return fastssl.VICRegLoss(gather_distributed=True)(a, b)
     raise ValueError(case)
 
 
@@ -177,7 +182,26 @@ def ref_losses(case, sizes, data):
             t = -torch.ones_like(z)
             t[i, o + i] = 1
             losses.append(-tF.logsigmoid(t * z).sum() / n)
+        elif case == "barlow_local":   # lightly: per-rank standardisation, C averaged
+            c = sum(bn(A[p:p + m]).T @ bn(B[p:p + m]) / m for p, m in zip(offs, sizes)) / len(sizes)
+            losses.append(barlow_from_c(c))
+        elif case == "barlow_global":  # reference implementation: global statistics and C
+            losses.append(barlow_from_c(bn(A).T @ bn(B) / A.shape[0]))
+        elif case == "vicreg":
+            from test_barlow import ref_vicreg
+            inv_local = ((a - b) ** 2).mean()
+            inv_global = ((A - B) ** 2).mean()
+            losses.append(ref_vicreg(A, B) - 25.0 * inv_global + 25.0 * inv_local)
     return losses, A, B
+
+
+def bn(x):
+    return tF.batch_norm(x, None, None, training=True, eps=1e-5)
+
+
+def barlow_from_c(c, lam=0.05):
+    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    return (((c - eye) ** 2) * (eye + lam * (1 - eye))).sum()
 
 
 def check(got, want, tol, what):
@@ -187,7 +211,7 @@ def check(got, want, tol, what):
 
 # ----------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("sizes,backend", [([4, 4], "torch"), ([3, 5, 2], "torch"),
+@pytest.mark.parametrize("sizes,backend", [([4, 4], "torch"), ([3, 5, 4], "torch"),
                                            ([3, 3, 3], "triton")],
                          ids=["2ranks", "3ranks-uneven", "3ranks-triton"])
 def test_gathered_losses_match_single_process(sizes, backend):

@@ -1,0 +1,124 @@
+"""Gram-matrix kernels for the cross-correlation losses (Barlow Twins, VICReg).
+
+For A, B (N x D) the D x D cross-correlation satisfies ||A^T B||_F^2 = <A A^T, B B^T>, a
+sum over N x N Gram tiles: O(N^2 D) work instead of O(N D^2), and no D x D (or N x N)
+matrix in memory when N < D.
+
+    gram_inner(A, B) = sum_ij (a_i . a_j)(b_i . b_j)
+    gram_apply(W, X) = (W W^T) X,   so  d gram_inner / dA = 2 gram_apply(B, A)
+
+``_gram_inner_kernel`` computes one (i, j) block pair of both Gram tiles (i <= j; the
+mirror pairs count twice) and writes its partial sum; the partials are summed in a fixed
+order (deterministic). ``_gram_apply_kernel`` walks column blocks j for a block of rows i
+and a D chunk of the output, recomputing the W W^T tile (flash-style).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .infonce import _dot_tile, _interpret, _launch_opts, _precision, _TY
+
+
+@triton.jit
+def _gram_inner_kernel(A, B, PART, N, D, s_a0, s_a1, s_b0, s_b1,
+                       BM: tl.constexpr, BK: tl.constexpr,
+                       PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    pi = tl.program_id(0)
+    pj = tl.program_id(1)
+    nb = tl.num_programs(0)
+    if pj >= pi:
+        ri = pi.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+        rj = pj.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+        ga = _dot_tile(A, ri, N, s_a0, s_a1, A, rj, N, s_a0, s_a1, D, BM, BM, BK,
+                       PRECISION, INTERPRET)
+        gb = _dot_tile(B, ri, N, s_b0, s_b1, B, rj, N, s_b0, s_b1, D, BM, BM, BK,
+                       PRECISION, INTERPRET)
+        part = tl.sum(tl.sum(ga * gb, 1), 0)
+        weight = tl.where(pj > pi, 2.0, 1.0)
+        tl.store(PART + pi * nb + pj, part * weight)
+    else:
+        tl.store(PART + pi * nb + pj, 0.0)
+
+
+@triton.jit
+def _gram_apply_kernel(W, X, OUT, N, D, s_w0, s_w1, s_x0, s_x1, s_o0, s_o1,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                       PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM).to(tl.int64)
+    row_ok = rows < N
+    dd = pid_d * BD + tl.arange(0, BD).to(tl.int64)
+    d_ok = dd < D
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for c0 in range(0, N, BN):
+        cols = c0 + tl.arange(0, BN).to(tl.int64)
+        col_ok = cols < N
+        g = _dot_tile(W, rows, N, s_w0, s_w1, W, cols, N, s_w0, s_w1, D, BM, BN, BK,
+                      PRECISION, INTERPRET)
+        x = tl.load(X + cols[:, None] * s_x0 + dd[None, :] * s_x1,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if INTERPRET:
+            acc += tl.dot(g, x.to(tl.float32))
+        else:
+            acc = tl.dot(g.to(x.dtype), x, acc, input_precision=PRECISION)
+    tl.store(OUT + rows[:, None] * s_o0 + dd[None, :] * s_o1, acc,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def config(dtype, D, interpret=None):
+    """Block sizes: the InfoNCE table's tile shapes (they compile without spills)."""
+    from .infonce import config as infonce_config
+    cfg = infonce_config(dtype, D, interpret)
+    bwd = cfg["bwd"]
+    inner = dict(BM=64, BK=cfg["fwd"]["BK"], num_warps=8, num_stages=3)
+    if _interpret() if interpret is None else interpret:
+        inner = dict(BM=128, BK=64, num_warps=4, num_stages=1)
+    return {"inner": inner, "apply": bwd}
+
+
+def gram_inner(a, b):
+    """sum_ij (a_i . a_j)(b_i . b_j) as a 0-d float32 tensor."""
+    N, D = a.shape
+    cfg = config(a.dtype, D)["inner"]
+    nb = triton.cdiv(N, cfg["BM"])
+    part = torch.empty(nb, nb, device=a.device, dtype=torch.float32)
+    _gram_inner_kernel[(nb, nb)](a, b, part, N, D, *a.stride(), *b.stride(),
+                                 BM=cfg["BM"], BK=cfg["BK"], PRECISION=_precision(a.dtype),
+                                 INTERPRET=_interpret(), **_launch_opts(cfg))
+    return part.sum()
+
+
+def gram_apply(w, x):
+    """(w w^T) x in float32."""
+    N, D = x.shape
+    cfg = config(w.dtype, w.shape[1])["apply"]
+    out = torch.empty(N, D, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BD"]))
+    _gram_apply_kernel[grid](w, x, out, N, w.shape[1], *w.stride(), *x.stride(), *out.stride(),
+                             BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"],
+                             PRECISION=_precision(w.dtype), INTERPRET=_interpret(),
+                             **_launch_opts(cfg))
+    return out
+
+
+def shipped_configs():
+    """Every (kernel, signature, constexprs, options) the launchers can use on a GPU."""
+    out = []
+    for dtype, ty in _TY.items():
+        for D in ((32, 128) if dtype == torch.float32 else (32, 128, 256)):
+            c = config(dtype, D, interpret=False)
+            i, a = c["inner"], c["apply"]
+            sig = {"A": ty, "B": ty, "PART": "*fp32"}
+            sig.update({k: "i32" for k in ("N", "D", "s_a0", "s_a1", "s_b0", "s_b1")})
+            out.append((_gram_inner_kernel, sig, dict(BM=i["BM"], BK=i["BK"], PRECISION="tf32",
+                                                      INTERPRET=False), i))
+            sig = {"W": ty, "X": ty, "OUT": "*fp32"}
+            sig.update({k: "i32" for k in ("N", "D", "s_w0", "s_w1", "s_x0", "s_x1", "s_o0",
+                                           "s_o1")})
+            out.append((_gram_apply_kernel, sig, dict(BM=a["BM"], BN=a["BN"], BK=a["BK"],
+                                                      BD=a["BD"], PRECISION="tf32",
+                                                      INTERPRET=False), a))
+    return out
