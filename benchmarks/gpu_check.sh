@@ -14,10 +14,10 @@ python3 -m fastssl.cli info | tee "$out/info.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv | tee -a "$out/info.txt"
 
 echo "== CUDA tests"
-timeout 180 python3 -m pytest tests -q -x --ignore=tests/test_aot_compile.py \
+timeout 150 python3 -m pytest tests -q -x --ignore=tests/test_aot_compile.py \
   --junitxml="$out/cuda-tests.xml" 2>&1 | tail -n 25
-for op in infonce siglip maxbatch; do
-  limit=$([ "$op" = infonce ] && echo 200 || echo 80)
+for op in infonce siglip maxbatch barlow vicreg; do
+  case "$op" in infonce) limit=160 ;; siglip|maxbatch) limit=60 ;; *) limit=40 ;; esac
   echo "== fastssl bench $op (at most ${limit} s; results are saved row by row)"
   timeout "$limit" python3 -m fastssl.cli bench "$op" --out "$out" 2>&1 | tee -a "$out/bench.log"
 done

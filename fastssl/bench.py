@@ -5,7 +5,8 @@ machine; nothing is estimated. Results go to
 ``benchmarks/results/<device>-<date>-<op>.json`` plus a markdown table beside it.
 
 Ops: ``infonce`` (NT-Xent), ``siglip`` (sigmoid loss), ``maxbatch`` (largest NT-Xent batch
-whose forward+backward completes).
+whose forward+backward completes), ``barlow`` and ``vicreg`` (cross-correlation losses;
+size = N, the batch).
 """
 import datetime
 import json
@@ -19,7 +20,7 @@ import torch.nn.functional as tF
 
 import fastssl
 
-OPS = ("infonce", "siglip", "maxbatch")
+OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg")
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 
 
@@ -46,6 +47,28 @@ def eager_siglip(img, txt, scale=SIGLIP_SCALE, bias=SIGLIP_BIAS):
     return -tF.logsigmoid(labels * logits).sum() / img.shape[0]
 
 
+def eager_barlow(z_a, z_b, lambda_param=5e-3):
+    """Barlow Twins as the reference implementation writes it: batch-norm both views, the
+    D x D cross-correlation, on- and off-diagonal sums."""
+    N, D = z_a.shape
+    c = tF.batch_norm(z_a, None, None, training=True).T @ tF.batch_norm(z_b, None, None, training=True) / N
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.flatten()[:-1].view(D - 1, D + 1)[:, 1:].flatten().pow(2).sum()
+    return on_diag + lambda_param * off_diag
+
+
+def eager_vicreg(z_a, z_b, lam=25.0, mu=25.0, nu=1.0, eps=1e-4):
+    """VICReg as the reference implementation writes it (D x D covariance matrices)."""
+    N, D = z_a.shape
+    inv = tF.mse_loss(z_a, z_b)
+    a, b = z_a - z_a.mean(0), z_b - z_b.mean(0)
+    var = (torch.relu(1 - torch.sqrt(a.var(0) + eps)).mean()
+           + torch.relu(1 - torch.sqrt(b.var(0) + eps)).mean()) / 2
+    off = ~torch.eye(D, dtype=torch.bool, device=z_a.device)
+    cov = sum(((x.T @ x) / (N - 1))[off].pow(2).sum() / D for x in (a, b))
+    return lam * inv + mu * var + nu * cov
+
+
 def fastssl_nt_xent(z0, z1):
     return fastssl.nt_xent(z0, z1, 0.5)
 
@@ -55,7 +78,9 @@ def fastssl_siglip(img, txt):
 
 
 IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
-         "siglip": {"fastssl": fastssl_siglip, "eager": eager_siglip}}
+         "siglip": {"fastssl": fastssl_siglip, "eager": eager_siglip},
+         "barlow": {"fastssl": fastssl.barlow_twins, "eager": eager_barlow},
+         "vicreg": {"fastssl": fastssl.vicreg, "eager": eager_vicreg}}
 
 
 def make_inputs(op, size, D, dtype, device, seed=0):
@@ -67,7 +92,13 @@ def make_inputs(op, size, D, dtype, device, seed=0):
 
 
 def model_flops(op, size, D):
-    """Forward+backward work of the textbook formulation: 3 matmuls of size x size x D."""
+    """Forward+backward work of the textbook formulation: 3 matmuls of size x size x D
+    (contrastive), or of N x D x D (cross-correlation: C and its two gradients; VICReg has
+    two covariance matrices)."""
+    if op == "barlow":
+        return 6 * size * D * D
+    if op == "vicreg":
+        return 12 * size * D * D
     return 6 * size * size * D
 
 
@@ -369,7 +400,7 @@ def _fmt(row):
 def markdown(result):
     env = result["environment"]
     cpu = result["cpu"]
-    size_name = {"infonce": "2N", "siglip": "n"}.get(result["op"], "size")
+    size_name = {"infonce": "2N", "siglip": "n", "barlow": "N", "vicreg": "N"}.get(result["op"], "size")
     lines = [f"### {result['op']} on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
              f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]
@@ -426,15 +457,22 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         if op == "infonce":
             sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])
             dims = dims or ([128] if quick else [128, 256, 1024])
-        else:
+        elif op == "siglip":
             sizes = sizes or ([4096] if quick else [4096, 16384, 32768])
             dims = dims or [768]
+        else:
+            sizes = sizes or ([256] if quick else [256, 2048])
+            dims = dims or ([2048] if quick else [2048, 8192])
         dtypes = dtypes or (["bfloat16"] if quick else ["bfloat16", "float32"])
         log(f"GPU run on {torch.cuda.get_device_name()}")
         rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save)
     else:
-        sizes = sizes or ([2048, 4096] if quick else [4096, 16384])
-        dims = dims or ([64] if op == "infonce" else [256])
+        if op in ("barlow", "vicreg"):
+            sizes = sizes or ([256] if quick else [256, 2048])
+            dims = dims or ([1024] if quick else [4096])
+        else:
+            sizes = sizes or ([2048, 4096] if quick else [4096, 16384])
+            dims = dims or ([64] if op == "infonce" else [256])
         dtypes = dtypes or ["float32"]
         log("CPU run: the portable path (chunked PyTorch) against eager PyTorch; the Triton "
             "kernels need a CUDA GPU. Peak extra memory: a child process per case, warmed up, "

@@ -65,9 +65,11 @@ def main(argv=None):
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="time fastssl against eager PyTorch and torch.compile")
     p.add_argument("op", nargs="?", default="infonce", choices=list(bench.OPS),
-                   help="infonce (NT-Xent), siglip, or maxbatch (largest NT-Xent batch)")
+                   help="infonce (NT-Xent), siglip, maxbatch (largest NT-Xent batch), barlow, "
+                        "vicreg")
     p.add_argument("--sizes", type=_csv(int),
-                   help="batch sizes: 2N rows for infonce, n pairs for siglip")
+                   help="batch sizes: 2N rows for infonce, n pairs for siglip, N for "
+                        "barlow/vicreg")
     p.add_argument("--dims", type=_csv(int), help="embedding widths D")
     p.add_argument("--dtypes", type=_csv(str), help="float32,bfloat16,float16")
     p.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
