@@ -16,8 +16,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --fo
 echo "== CUDA tests"
 timeout 150 python3 -m pytest tests -q -x --ignore=tests/test_aot_compile.py \
   --junitxml="$out/cuda-tests.xml" 2>&1 | tail -n 25
-for op in infonce siglip maxbatch barlow vicreg; do
-  case "$op" in infonce) limit=160 ;; siglip|maxbatch) limit=60 ;; *) limit=40 ;; esac
+for op in infonce siglip maxbatch barlow vicreg ema; do
+  case "$op" in infonce) limit=150 ;; siglip|maxbatch) limit=60 ;; *) limit=35 ;; esac
   echo "== fastssl bench $op (at most ${limit} s; results are saved row by row)"
   timeout "$limit" python3 -m fastssl.cli bench "$op" --out "$out" 2>&1 | tee -a "$out/bench.log"
 done

@@ -85,5 +85,9 @@ def describe():
         why = "torch (portable): triton is not importable"
     else:
         why = "torch (portable): no CUDA device"
+    if want == "torch" or not cuda:
+        ema = "torch._foreach_lerp_" + (" (forced)" if want == "torch" else ": no CUDA device")
+    else:
+        ema = "CUDA multi-tensor kernel (csrc/ema.cu, built on first use; foreach fallback)"
     return {"infonce (nt_xent, info_nce, clip_loss)": why, "siglip (siglip_loss)": why,
-            "barlow (barlow_twins, vicreg: Gram formulation)": why}
+            "barlow (barlow_twins, vicreg: Gram formulation)": why, "ema (update_momentum, EMA)": ema}

@@ -20,7 +20,7 @@ import torch.nn.functional as tF
 
 import fastssl
 
-OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg")
+OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg", "ema")
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 
 
@@ -384,6 +384,97 @@ def bench_maxbatch(quick, log, save=_noop):
     return rows, {}
 
 
+# ----------------------------------------------------------------------------- EMA
+
+def resnet50_shapes():
+    """Parameter shapes of ResNet-50 (161 tensors, 25.6 M parameters)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inp = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, inp, 1, 1), (width,), (width,), (width, width, 3, 3), (width,),
+                       (width,), (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, inp, 1, 1), (4 * width,), (4 * width,)]
+            inp = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def vit_b16_shapes():
+    """Parameter shapes of ViT-B/16 (152 tensors, 86.6 M parameters)."""
+    d = 768
+    shapes = [(d, 3, 16, 16), (d,), (1, 1, d), (1, 197, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d),
+                   (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,), (1000, d), (1000,)]
+
+
+def _ema_methods(ema, online, m):
+    from fastssl.ema import ema_
+    flat_e = torch.cat([t.flatten() for t in ema])
+    flat_o = torch.cat([t.flatten() for t in online])
+
+    def loop():
+        for e, o in zip(ema, online):
+            e.mul_(m).add_(o, alpha=1 - m)
+
+    return {
+        "fastssl": lambda: ema_(ema, online, m),
+        "python loop": loop,
+        "foreach mul+add (lightly)": lambda: (torch._foreach_mul_(ema, m),
+                                              torch._foreach_add_(ema, online, alpha=1 - m)),
+        "foreach lerp (timm)": lambda: torch._foreach_lerp_(ema, online, 1 - m),
+        "flat lerp_ (one buffer)": lambda: flat_e.lerp_(flat_o, 1 - m),
+    }
+
+
+def _time(fn, cuda, repeats=20):
+    import statistics
+    import time
+    if cuda:
+        import triton.testing
+        return triton.testing.do_bench(fn, return_mode="median")
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def bench_ema(quick, log, save=_noop):
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    src = torch.ones(1 << 28 if cuda else 1 << 25, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = _time(lambda: dst.copy_(src), cuda, 5)
+    copy_gbs = 2 * src.numel() * 4 / copy_ms / 1e6  # one read and one write per element
+    del src, dst
+    log(f"measured copy bandwidth: {copy_gbs:.0f} GB/s (copy_ of a "
+        f"{(1 << 28 if cuda else 1 << 25) * 4 >> 20} MiB tensor)")
+    rows = []
+    models = {"resnet50": resnet50_shapes()} if quick else {"resnet50": resnet50_shapes(),
+                                                            "vit_b16": vit_b16_shapes()}
+    for name, shapes in models.items():
+        g = torch.Generator().manual_seed(0)
+        ema = [torch.randn(sh, generator=g).to(device) for sh in shapes]
+        online = [torch.randn(sh, generator=g).to(device) for sh in shapes]
+        params = sum(t.numel() for t in ema)
+        log(f"{name}: {len(shapes)} tensors, {params / 1e6:.1f} M parameters (fp32)")
+        for impl, fn in _ema_methods(ema, online, 0.996).items():
+            ms = _time(fn, cuda, 5 if (impl == "python loop" and not cuda) else 20)
+            gbs = 12 * params / ms / 1e6
+            row = {"op": "ema", "impl": impl, "model": name, "tensors": len(shapes),
+                   "params": params, "ms": ms, "gb_per_s": gbs,
+                   "fraction_of_copy_bandwidth": gbs / copy_gbs}
+            rows.append(row)
+            log(f"  {impl:>28}: {ms:8.3f} ms  {gbs:7.1f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
+            save(rows)
+    return rows, {"copy_gb_per_s": copy_gbs}
+
+
 # ----------------------------------------------------------------------------- output
 
 def _fmt(row):
@@ -404,6 +495,11 @@ def markdown(result):
     lines = [f"### {result['op']} on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
              f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]
+    if result["op"] == "ema":
+        lines += ["| model | impl | ms | GB/s (12 B/param) | of copy bandwidth |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['impl']} | {r['ms']:.3f} | {r['gb_per_s']:.1f} | "
+                  f"{100 * r['fraction_of_copy_bandwidth']:.0f}% |" for r in result["rows"]]
+        return "\n".join(lines) + "\n"
     if result["op"] == "maxbatch":
         lines += ["| impl | D | dtype | largest 2N that completes | stopped by |", "|---|---|---|---|---|"]
         lines += [f"| {r['impl']} | {r['D']} | {r['dtype']} | {r['max_rows']} | {r['stopped_by']} |"
@@ -453,6 +549,11 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         if not cuda:
             log("CPU run: the portable path against eager PyTorch.")
         rows, extra = bench_maxbatch(quick, log, save)
+    elif op == "ema":
+        if not cuda:
+            log("CPU run: fastssl takes torch._foreach_lerp_ on CPU tensors; the CUDA kernel "
+                "needs a GPU.")
+        rows, extra = bench_ema(quick, log, save)
     elif cuda:
         if op == "infonce":
             sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])

@@ -1,0 +1,218 @@
+"""Momentum (EMA) teachers for BYOL / MoCo / DINO.
+
+    ema <- m * ema + (1 - m) * online          (every tensor, fp32 arithmetic)
+
+On CUDA the update is one multi-tensor kernel launch per (teacher dtype, student dtype)
+pair and per ~320 chunks of 64 Ki elements (``csrc/ema.cu``), built on first use with
+``torch.utils.cpp_extension.load`` (ninja) and cached. Where it cannot be built (no nvcc,
+no CUDA) fastssl warns once and uses ``torch._foreach_lerp_``; CPU tensors always take
+that path. ``m`` may be a Python float or a 0-d tensor on the device (no host sync, so a
+schedule can run inside a captured CUDA graph).
+"""
+import copy
+import math
+import os
+import threading
+import warnings
+
+import torch
+from torch import nn
+
+_EXT = None
+_EXT_ERROR = None
+_LOCK = threading.Lock()
+
+
+def _extension():
+    """The compiled CUDA extension, or None (with one warning) when it cannot be built."""
+    global _EXT, _EXT_ERROR
+    if _EXT is not None or _EXT_ERROR is not None:
+        return _EXT
+    if os.environ.get("FASTSSL_BACKEND", "auto").lower() == "torch":
+        return None
+    with _LOCK:
+        if _EXT is None and _EXT_ERROR is None:
+            try:
+                from torch.utils.cpp_extension import load
+                here = os.path.dirname(os.path.abspath(__file__))
+                csrc = next(p for p in (os.path.join(here, "csrc"),
+                                        os.path.join(os.path.dirname(here), "csrc"))
+                            if os.path.isfile(os.path.join(p, "ema.cu")))
+                _EXT = load(name="fastssl_ema", sources=[os.path.join(csrc, "ema.cpp"),
+                                                         os.path.join(csrc, "ema.cu")],
+                            extra_cuda_cflags=["-O3"], verbose=False)
+            except Exception as e:  # no nvcc, no CUDA toolkit, a compiler error ...
+                _EXT_ERROR = e
+                warnings.warn(f"fastssl: the CUDA EMA kernel could not be built ({type(e).__name__}: "
+                              f"{str(e)[:300]}); using torch._foreach_lerp_ instead", RuntimeWarning)
+    return _EXT
+
+
+def _check(ema, online, m):
+    if len(ema) != len(online):
+        raise ValueError(f"the teacher has {len(ema)} tensors but the student has {len(online)}")
+    for i, (e, o) in enumerate(zip(ema, online)):
+        if e.shape != o.shape:
+            raise ValueError(f"tensor {i}: teacher shape {tuple(e.shape)} != student {tuple(o.shape)}")
+        if e.device != o.device:
+            raise ValueError(f"tensor {i}: teacher on {e.device}, student on {o.device}")
+        if not (e.is_floating_point() and o.is_floating_point()):
+            raise ValueError(f"tensor {i}: EMA needs floating tensors, got {e.dtype} / {o.dtype}")
+    if isinstance(m, torch.Tensor):
+        if m.numel() != 1 or not m.is_floating_point():
+            raise ValueError("the momentum tensor must hold one floating value")
+    elif not isinstance(m, (int, float)) or not 0.0 <= float(m) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {m!r}")
+
+
+@torch.no_grad()
+def ema_(ema, online, m):
+    """In place: ema[i] <- m * ema[i] + (1 - m) * online[i] for two lists of tensors.
+
+    Every check runs before any tensor is written, so a failing call changes nothing.
+    """
+    ema, online = list(ema), list(online)
+    _check(ema, online, m)
+    if not ema:
+        return
+    groups = {}
+    for e, o in zip(ema, online):
+        groups.setdefault((e.device, e.dtype, o.dtype), []).append((e, o))
+    for (device, e_dtype, o_dtype), pairs in groups.items():
+        es, os_ = [p[0] for p in pairs], [p[1] for p in pairs]
+        ext = _extension() if device.type == "cuda" else None
+        fused = (ext is not None and e_dtype in _CODES and o_dtype in _CODES
+                 and all(e.is_contiguous() and o.is_contiguous() for e, o in pairs))
+        if fused:
+            m_t = m.reshape(()).float().to(device) if isinstance(m, torch.Tensor) else None
+            stream = torch.cuda.current_stream(device).cuda_stream
+            ext.ema_update(es, os_, 0.0 if m_t is not None else float(m), m_t, stream)
+        else:
+            _foreach_update(es, os_, m)
+
+
+_CODES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _foreach_update(ema, online, m):
+    weight = (1 - m.reshape(()).float().to(ema[0].device)) if isinstance(m, torch.Tensor) \
+        else 1.0 - float(m)
+    if ema[0].dtype == online[0].dtype:
+        torch._foreach_lerp_(ema, online, weight)
+        return
+    for e, o in zip(ema, online):  # mixed precision: fp32 arithmetic, one rounding
+        e.copy_(e.float().lerp_(o.float(), weight))
+
+
+def _unwrap(model):
+    """The module behind DDP / FSDP-style wrappers and torch.compile."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def update_momentum(model: nn.Module, model_ema: nn.Module, m) -> None:
+    """lightly's ``update_momentum``: model_ema's parameters <- m * ema + (1 - m) * model's.
+
+    Parameters only (buffers are left alone), matched in ``parameters()`` order.
+    """
+    ema_([p.data for p in _unwrap(model_ema).parameters()],
+         [p.data for p in _unwrap(model).parameters()], m)
+
+
+def cosine_schedule(step: int, max_steps: int, start_value: float, end_value: float,
+                    period=None) -> float:
+    """lightly's cosine schedule from start_value (step 0) to end_value (step max_steps - 1).
+
+    end - (end - start) * (cos(pi * step / (max_steps - 1)) + 1) / 2; end_value once
+    max_steps <= 1 or step >= max_steps - 1. With ``period``: the cosine has that period
+    and repeats. ValueError for a negative step or max_steps or a period <= 0; a
+    RuntimeWarning when step > max_steps without a period.
+    """
+    if step < 0:
+        raise ValueError(f"Current step number {step} can't be negative")
+    if max_steps < 0:
+        raise ValueError(f"Total step number {max_steps} can't be negative")
+    if period is not None and period <= 0:
+        raise ValueError(f"Period {period} must be larger than 0")
+    if period is None and step > max_steps:
+        warnings.warn(f"Current step number {step} exceeds max_steps {max_steps}.",
+                      category=RuntimeWarning)
+    if period is not None:
+        cos = math.cos(2 * math.pi * step / period)
+        return float(end_value - (end_value - start_value) * (cos + 1) / 2)
+    if max_steps <= 1 or step >= max_steps - 1:
+        return float(end_value)
+    cos = math.cos(math.pi * step / (max_steps - 1))
+    return float(end_value - (end_value - start_value) * (cos + 1) / 2)
+
+
+class EMA(nn.Module):
+    """A momentum teacher: a frozen deep copy of ``model`` updated by ``update()``.
+
+    Args:
+        model: the student (may be wrapped in DDP or compiled with torch.compile).
+        momentum: m at step 0 (or always, with ``schedule=None``).
+        final_momentum: m at the last step of the cosine schedule.
+        schedule: "cosine" (``cosine_schedule(step, max_steps, momentum, final_momentum)``)
+            or None (constant ``momentum``).
+        include_buffers: also copy the student's buffers (BatchNorm statistics, counters)
+            into the teacher at each update.
+
+    ``update(step=None, max_steps=None)`` applies one step; ``.module`` is the teacher;
+    ``state_dict()`` / ``load_state_dict()`` hold the teacher's tensors and the settings.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.996, final_momentum: float = 1.0,
+                 schedule="cosine", include_buffers: bool = True):
+        super().__init__()
+        for name, v in (("momentum", momentum), ("final_momentum", final_momentum)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if schedule not in ("cosine", None):
+            raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
+        self._student = [model]  # a list, so the student is not registered as a submodule
+        self.module = copy.deepcopy(_unwrap(model))
+        self.module.requires_grad_(False)
+        self.momentum = momentum
+        self.final_momentum = final_momentum
+        self.schedule = schedule
+        self.include_buffers = include_buffers
+
+    def current_momentum(self, step=None, max_steps=None):
+        if self.schedule is None or step is None:
+            return self.momentum
+        if max_steps is None:
+            raise ValueError("update(step=...) with the cosine schedule needs max_steps")
+        return cosine_schedule(step, max_steps, self.momentum, self.final_momentum)
+
+    @torch.no_grad()
+    def update(self, step=None, max_steps=None) -> float:
+        """One EMA step; returns the momentum used."""
+        m = self.current_momentum(step, max_steps)
+        student = _unwrap(self._student[0])
+        ema_([p.data for p in self.module.parameters()], [p.data for p in student.parameters()], m)
+        if self.include_buffers:
+            teacher_buffers, student_buffers = list(self.module.buffers()), list(student.buffers())
+            if len(teacher_buffers) != len(student_buffers):
+                raise ValueError("teacher and student have different numbers of buffers")
+            for t, s in zip(teacher_buffers, student_buffers):
+                t.copy_(s)
+        return m
+
+    def get_extra_state(self):
+        return {"momentum": self.momentum, "final_momentum": self.final_momentum,
+                "schedule": self.schedule, "include_buffers": self.include_buffers}
+
+    def set_extra_state(self, state):
+        self.momentum = state["momentum"]
+        self.final_momentum = state["final_momentum"]
+        self.schedule = state["schedule"]
+        self.include_buffers = state["include_buffers"]
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
