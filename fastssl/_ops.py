@@ -80,13 +80,15 @@ def infonce_backward(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], po
     return out[0], out[1]
 
 
+def _grad_like(x, need):
+    """The fake of a gradient output: like x (contiguous), or empty when not requested."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if need else x.new_empty(0)
+
+
 @infonce_backward.register_fake
 def _(rows, cols, negatives, pos_idx, mask_idx, scale, lse2, grad, normalize, need_rows,
       need_cols):
-    def like(x, need):
-        return torch.empty_like(x, memory_format=torch.contiguous_format) if need \
-            else x.new_empty(0)
-    return like(rows, need_rows), like(cols, need_cols)
+    return _grad_like(rows, need_rows), _grad_like(cols, need_cols)
 
 
 def _setup(ctx, inputs, output):
@@ -150,10 +152,7 @@ def siglip_backward(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor, 
 
 @siglip_backward.register_fake
 def _(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols):
-    def like(x, need):
-        return torch.empty_like(x, memory_format=torch.contiguous_format) if need \
-            else x.new_empty(0)
-    return like(rows, need_rows), like(cols, need_cols)
+    return _grad_like(rows, need_rows), _grad_like(cols, need_cols)
 
 
 def _siglip_setup(ctx, inputs, output):
