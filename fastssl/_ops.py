@@ -215,3 +215,42 @@ def _gram_backward(ctx, grad):
 
 
 gram_inner.register_autograd(_gram_backward, setup_context=_gram_setup)
+
+
+# ----------------------------------------------------------------------------- standardisation
+
+@torch.library.custom_op("fastssl::standardize", mutates_args=())
+def standardize(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-feature (z - mean) * rstd in float32 and stats [mean, rstd] (kernels/barlow.py)."""
+    _, impl = _dispatch.implementation("barlow", z)
+    return impl.standardize(z, eps)
+
+
+@standardize.register_fake
+def _(z, eps):
+    return (torch.empty(z.shape, device=z.device, dtype=torch.float32),
+            z.new_empty((2, z.shape[1]), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastssl::standardize_backward", mutates_args=())
+def standardize_backward(z: Tensor, grad_a: Tensor, stats: Tensor) -> Tensor:
+    _, impl = _dispatch.implementation("barlow", z)
+    return impl.standardize_backward(z, grad_a, stats).to(z.dtype)
+
+
+@standardize_backward.register_fake
+def _(z, grad_a, stats):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _standardize_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _standardize_bwd(ctx, grad_a, grad_stats):
+    z, stats = ctx.saved_tensors
+    return standardize_backward(z, grad_a.float().contiguous(), stats), None
+
+
+standardize.register_autograd(_standardize_bwd, setup_context=_standardize_setup)

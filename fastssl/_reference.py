@@ -169,6 +169,23 @@ def gram_apply(w, x, block=None):
     return out
 
 
+def standardize(z, eps):
+    """(a, [mean, rstd]) with a = (z - mean) * rstd per feature, float32 (kernels/barlow.py)."""
+    zf = z.float()
+    mean = zf.mean(0)
+    rstd = torch.rsqrt((zf - mean).square().mean(0) + eps)
+    return (zf - mean) * rstd, torch.stack([mean, rstd])
+
+
+def standardize_backward(z, grad_a, stats):
+    """dz = rstd * (da - mean(da) - a * mean(da * a)), float32."""
+    mean, rstd = stats[0], stats[1]
+    a = (z.float() - mean) * rstd
+    g = grad_a.float()
+    return rstd * (g - g.mean(0) - a * (g * a).mean(0))
+
+
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
-barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply)
+barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardize=standardize,
+                         standardize_backward=standardize_backward)
 siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward)

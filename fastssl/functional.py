@@ -260,10 +260,12 @@ def _fro2(a, b, gram):
 
 
 def _standardize(z, eps, stats=None):
-    """Per-feature (z - mean) / sqrt(biased var + eps) in float32; stats=(mean, var) or local."""
-    zf = z.float()
-    mean, var = stats if stats is not None else (zf.mean(0), zf.var(0, unbiased=False))
-    return (zf - mean) * torch.rsqrt(var + eps)
+    """Per-feature (z - mean) / sqrt(biased var + eps) in float32: the fused op on the local
+    batch, or given (mean, var) of the global batch."""
+    if stats is None:
+        return _ops.standardize(z, eps)[0]
+    mean, var = stats
+    return (z.float() - mean) * torch.rsqrt(var + eps)
 
 
 def _global_stats(z):

@@ -1,4 +1,12 @@
-"""Gram-matrix kernels for the cross-correlation losses (Barlow Twins, VICReg).
+"""Kernels for the cross-correlation losses (Barlow Twins, VICReg).
+
+Per-feature standardisation, fused (one program per block of features, looping over the
+batch; no atomics):
+
+    a = (z - mean) * rstd,   rstd = 1 / sqrt(var + eps)   (mean and biased var over N)
+    dz = rstd * (da - mean(da) - a * mean(da * a))          (means over N)
+
+Gram products:
 
 For A, B (N x D) the D x D cross-correlation satisfies ||A^T B||_F^2 = <A A^T, B B^T>, a
 sum over N x N Gram tiles: O(N^2 D) work instead of O(N D^2), and no D x D (or N x N)
@@ -66,7 +74,90 @@ def _gram_apply_kernel(W, X, OUT, N, D, s_w0, s_w1, s_x0, s_x1, s_o0, s_o1,
              mask=row_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _standardize_kernel(Z, A, STATS, N, D, s_z0, s_z1, s_a0, s_a1, eps,
+                        BN: tl.constexpr, BD: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BD + tl.arange(0, BD).to(tl.int64)
+    c_ok = cols < D
+    total = tl.zeros([BD], dtype=tl.float32)
+    for r0 in range(0, N, BN):
+        rows = r0 + tl.arange(0, BN).to(tl.int64)
+        ok = (rows < N)[:, None] & c_ok[None, :]
+        total += tl.sum(tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok,
+                                other=0.0).to(tl.float32), 0)
+    mean = total / N
+    sq = tl.zeros([BD], dtype=tl.float32)
+    for r0 in range(0, N, BN):  # second pass: no cancellation for large means
+        rows = r0 + tl.arange(0, BN).to(tl.int64)
+        ok = (rows < N)[:, None] & c_ok[None, :]
+        z = tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok, other=0.0)
+        d = tl.where(ok, z.to(tl.float32) - mean[None, :], 0.0)
+        sq += tl.sum(d * d, 0)
+    rstd = 1.0 / tl.sqrt(sq / N + eps)
+    tl.store(STATS + cols, mean, mask=c_ok)
+    tl.store(STATS + D + cols, rstd, mask=c_ok)
+    for r0 in range(0, N, BN):
+        rows = r0 + tl.arange(0, BN).to(tl.int64)
+        ok = (rows < N)[:, None] & c_ok[None, :]
+        z = tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok, other=0.0)
+        a = (z.to(tl.float32) - mean[None, :]) * rstd[None, :]
+        tl.store(A + rows[:, None] * s_a0 + cols[None, :] * s_a1, a, mask=ok)
+
+
+@triton.jit
+def _standardize_bwd_kernel(Z, DA, STATS, DZ, N, D, s_z0, s_z1, s_g0, s_g1, s_d0, s_d1,
+                            BN: tl.constexpr, BD: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BD + tl.arange(0, BD).to(tl.int64)
+    c_ok = cols < D
+    mean = tl.load(STATS + cols, mask=c_ok, other=0.0)
+    rstd = tl.load(STATS + D + cols, mask=c_ok, other=0.0)
+    s1 = tl.zeros([BD], dtype=tl.float32)
+    s2 = tl.zeros([BD], dtype=tl.float32)
+    for r0 in range(0, N, BN):
+        rows = r0 + tl.arange(0, BN).to(tl.int64)
+        ok = (rows < N)[:, None] & c_ok[None, :]
+        z = tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok, other=0.0)
+        g = tl.load(DA + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=ok, other=0.0)
+        a = tl.where(ok, (z.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
+        s1 += tl.sum(g, 0)
+        s2 += tl.sum(g * a, 0)
+    m1 = s1 / N
+    m2 = s2 / N
+    for r0 in range(0, N, BN):
+        rows = r0 + tl.arange(0, BN).to(tl.int64)
+        ok = (rows < N)[:, None] & c_ok[None, :]
+        z = tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok, other=0.0)
+        g = tl.load(DA + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=ok, other=0.0)
+        a = (z.to(tl.float32) - mean[None, :]) * rstd[None, :]
+        dz = rstd[None, :] * (g - m1[None, :] - a * m2[None, :])
+        tl.store(DZ + rows[:, None] * s_d0 + cols[None, :] * s_d1, dz, mask=ok)
+
+
 # ----------------------------------------------------------------------------- launchers
+
+_STD = dict(BN=32, BD=64, num_warps=4, num_stages=2)
+
+
+def standardize(z, eps):
+    """(a float32 (N, D), stats float32 (2, D) = [mean, rstd]) — see the module docstring."""
+    N, D = z.shape
+    a = torch.empty(N, D, device=z.device, dtype=torch.float32)
+    stats = torch.empty(2, D, device=z.device, dtype=torch.float32)
+    _standardize_kernel[(triton.cdiv(D, _STD["BD"]),)](
+        z, a, stats, N, D, *z.stride(), *a.stride(), float(eps), BN=_STD["BN"], BD=_STD["BD"],
+        **_launch_opts(_STD))
+    return a, stats
+
+
+def standardize_backward(z, grad_a, stats):
+    """float32 dz for a float32 upstream gradient of the standardised views."""
+    N, D = z.shape
+    dz = torch.empty(N, D, device=z.device, dtype=torch.float32)
+    _standardize_bwd_kernel[(triton.cdiv(D, _STD["BD"]),)](
+        z, grad_a, stats, dz, N, D, *z.stride(), *grad_a.stride(), *dz.stride(),
+        BN=_STD["BN"], BD=_STD["BD"], **_launch_opts(_STD))
+    return dz
+
 
 def config(dtype, D, interpret=None):
     """Block sizes: the InfoNCE table's tile shapes (they compile without spills)."""
@@ -108,6 +199,13 @@ def shipped_configs():
     """Every (kernel, signature, constexprs, options) the launchers can use on a GPU."""
     out = []
     for dtype, ty in _TY.items():
+        sig = {"Z": ty, "A": "*fp32", "STATS": "*fp32"}
+        sig.update({k: "i32" for k in ("N", "D", "s_z0", "s_z1", "s_a0", "s_a1")})
+        sig["eps"] = "fp32"
+        out.append((_standardize_kernel, sig, dict(BN=_STD["BN"], BD=_STD["BD"]), _STD))
+        sig = {"Z": ty, "DA": "*fp32", "STATS": "*fp32", "DZ": "*fp32"}
+        sig.update({k: "i32" for k in ("N", "D", "s_z0", "s_z1", "s_g0", "s_g1", "s_d0", "s_d1")})
+        out.append((_standardize_bwd_kernel, sig, dict(BN=_STD["BN"], BD=_STD["BD"]), _STD))
         for D in ((32, 128) if dtype == torch.float32 else (32, 128, 256)):
             c = config(dtype, D, interpret=False)
             i, a = c["inner"], c["apply"]

@@ -56,7 +56,8 @@ def main(cc):
                 row.update(ok=out.returncode == 0 and bool(k.asm["cubin"]), ptxas=out.stderr[-2000:],
                            spill_bytes=max(spills) if spills else None,
                            registers=int(regs[0]) if regs else None,
-                           shared=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"])
+                           shared=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"],
+                           matmul="dot" in fn.src)
             except Exception as e:  # reported per configuration by the test
                 row.update(ok=False, error=f"{type(e).__name__}: {e}"[-2000:])
             print(json.dumps(row), flush=True)

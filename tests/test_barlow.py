@@ -180,3 +180,33 @@ def test_compile_fullgraph(backend, name):
     fn = fastssl.BarlowTwinsLoss(formulation="gram") if name == "barlow" \
         else fastssl.VICRegLoss(formulation="gram")
     _step(fn, "aot_eager")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,D", [(2, 1), (3, 70), (130, 5), (257, 129)])
+def test_fused_standardize(backend, device, dtype, N, D):
+    g = torch.Generator().manual_seed(N * 7 + D)
+    base = (torch.randn(N, 2 * D, generator=g, dtype=torch.float64) * 3 + 5)
+    z = base.to(device, dtype)[:, ::2].requires_grad_()       # non-contiguous, large mean
+    a, stats = _ops.standardize(z, 1e-5)
+    up = torch.randn(N, D, generator=g, dtype=torch.float64)
+    (dz,) = torch.autograd.grad(a, [z], up.float().to(device))
+    rz = z.detach().double().requires_grad_()
+    ra = tF.batch_norm(rz, None, None, training=True, eps=1e-5)
+    (want,) = torch.autograd.grad(ra, [rz], up)
+    assert a.dtype == torch.float32 and stats.shape == (2, D)
+    torch.testing.assert_close(stats[0].double(), rz.detach().mean(0), rtol=1e-6, atol=1e-6)
+    assert ((a.double() - ra).norm() / ra.norm()).item() <= 1e-6
+    assert dz.dtype == dtype
+    # N = 2 standardises each feature to +-1: measure against the upstream gradient's size.
+    scale = max(want.norm().item(), up.norm().item() / rz.detach().std(0).min().item()
+                if N == 2 else 0.0)
+    assert ((dz.double() - want).norm() / scale).item() <= (1e-5 if dtype == torch.float32
+                                                            else 1e-2)
+
+
+def test_opcheck_standardize(backend, device):
+    z = torch.randn(19, 11, device=device, requires_grad=True)
+    torch.library.opcheck(_ops.standardize, (z, 1e-5))
+    a, stats = _ops.standardize(z.detach(), 1e-5)
+    torch.library.opcheck(_ops.standardize_backward, (z.detach(), torch.randn_like(a), stats))
