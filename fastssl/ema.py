@@ -38,14 +38,35 @@ def _extension():
                 csrc = next(p for p in (os.path.join(here, "csrc"),
                                         os.path.join(os.path.dirname(here), "csrc"))
                             if os.path.isfile(os.path.join(p, "ema.cu")))
-                _EXT = load(name="fastssl_ema", sources=[os.path.join(csrc, "ema.cpp"),
-                                                         os.path.join(csrc, "ema.cu")],
-                            extra_cuda_cflags=["-O3"], verbose=False)
-            except Exception as e:  # no nvcc, no CUDA toolkit, a compiler error ...
+                ext = load(name="fastssl_ema", sources=[os.path.join(csrc, "ema.cpp"),
+                                                        os.path.join(csrc, "ema.cu")],
+                           extra_cuda_cflags=["-O3"], verbose=False)
+                _self_check(ext)
+                _EXT = ext
+            except Exception as e:  # no nvcc, no CUDA toolkit, a compiler error, a mismatch
                 _EXT_ERROR = e
                 warnings.warn(f"fastssl: the CUDA EMA kernel could not be built ({type(e).__name__}: "
                               f"{str(e)[:300]}); using torch._foreach_lerp_ instead", RuntimeWarning)
     return _EXT
+
+
+@torch.no_grad()
+def _self_check(ext):
+    """Once per process: the kernel against fp32 arithmetic on a small mixed list (a tensor
+    spanning several chunks, odd sizes, a misaligned view, 16-bit teachers); raises on any
+    difference, so a broken build falls back instead of corrupting a teacher."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for te, to in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                   (torch.float16, torch.bfloat16)):
+        sizes = (3, 70001, 1 << 17, 1)
+        ema = [torch.randn(n, device="cuda", generator=g).to(te) for n in sizes]
+        online = [torch.randn(n + 1, device="cuda", generator=g).to(to)[1:] for n in sizes]
+        want = [(0.9 * e.float() + 0.1 * o.float()).to(te) for e, o in zip(ema, online)]
+        ext.ema_update(ema, online, 0.9, None, torch.cuda.current_stream().cuda_stream)
+        for e, w in zip(ema, want):
+            eps = torch.finfo(te).eps  # one rounding apart (fma against mul + add)
+            if not torch.allclose(e.float(), w.float(), rtol=2 * eps, atol=2 * eps):
+                raise RuntimeError("the EMA kernel disagrees with fp32 arithmetic")
 
 
 def _check(ema, online, m):
@@ -200,8 +221,8 @@ class EMA(nn.Module):
             teacher_buffers, student_buffers = list(self.module.buffers()), list(student.buffers())
             if len(teacher_buffers) != len(student_buffers):
                 raise ValueError("teacher and student have different numbers of buffers")
-            for t, s in zip(teacher_buffers, student_buffers):
-                t.copy_(s)
+            if teacher_buffers:
+                torch._foreach_copy_(teacher_buffers, student_buffers)
         return m
 
     def get_extra_state(self):
