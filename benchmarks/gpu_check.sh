@@ -14,15 +14,15 @@ python3 -m fastssl.cli info | tee "$out/info.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv | tee -a "$out/info.txt"
 
 echo "== CUDA tests"
-timeout 150 python3 -m pytest tests -q -x --ignore=tests/test_aot_compile.py \
+timeout 240 python3 -m pytest tests -q --maxfail=20 --ignore=tests/test_aot_compile.py \
   --junitxml="$out/cuda-tests.xml" 2>&1 | tail -n 25
 for op in infonce siglip maxbatch barlow vicreg ema; do
-  case "$op" in infonce) limit=150 ;; siglip|maxbatch) limit=60 ;; *) limit=35 ;; esac
+  case "$op" in infonce) limit=120 ;; siglip|maxbatch) limit=45 ;; *) limit=30 ;; esac
   echo "== fastssl bench $op (at most ${limit} s; results are saved row by row)"
   timeout "$limit" python3 -m fastssl.cli bench "$op" --out "$out" 2>&1 | tee -a "$out/bench.log"
 done
 echo "== one forward+backward at 2N = 1,048,576, D = 128, bf16"
-timeout 40 python3 - <<'PY' 2>&1 | tee -a "$out/bench.log"
+timeout 30 python3 - <<'PY' 2>&1 | tee -a "$out/bench.log"
 import time, torch, fastssl
 n = 1 << 19
 z0 = torch.randn(n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)

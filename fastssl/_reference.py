@@ -107,11 +107,14 @@ def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale,
     return d_rows, d_cols
 
 
-def _pair_terms(x, s, b, is_pos):
-    """softplus(-t z) and d = -t sigmoid(-t z) with z = s x + b, t = +1 at positives."""
-    z = x * s + b
-    u = torch.where(is_pos, -z, z)
-    return torch.nn.functional.softplus(u), torch.where(is_pos, -1.0, 1.0) * torch.sigmoid(u)
+def _pair_terms(x, s, b, is_pos, with_loss=True):
+    """softplus(-t z) (or None) and d = -t sigmoid(-t z), with z = s x + b and t = +1 at
+    positives; u = -t z is built in place in the block x."""
+    u = x.mul_(s).add_(b)
+    u = torch.where(is_pos, -u, u)
+    loss = torch.nn.functional.softplus(u) if with_loss else None
+    d = u.sigmoid_()
+    return loss, torch.where(is_pos, -d, d)
 
 
 def _positives(pos_idx, c0, width, device):
@@ -125,10 +128,11 @@ def siglip_forward(rows, cols, pos_idx, scale, bias, block=None):
     n = rows.shape[0]
     loss, a, c = (torch.zeros(n, device=rows.device) for _ in range(3))
     for c0, x, _ in _blocks(rows, cols, None, None, block):
+        xc = x.clone()
         sp, d = _pair_terms(x, s, b, _positives(pos_idx, c0, x.shape[1], x.device))
         loss += sp.sum(1)
         a += d.sum(1)
-        c += (d * x).sum(1)
+        c += (d * xc).sum(1)
     return loss, torch.stack([a, c])
 
 
@@ -140,7 +144,7 @@ def siglip_backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols
     d_cols = torch.zeros(cols.shape, device=cols.device) if need_cols else None
     for c0, x, _ in _blocks(rows, cols, None, None, block):
         width = x.shape[1]
-        _, d = _pair_terms(x, s, b, _positives(pos_idx, c0, width, x.device))
+        _, d = _pair_terms(x, s, b, _positives(pos_idx, c0, width, x.device), with_loss=False)
         gd = d.mul_(grad.float()[:, None])
         if need_rows:
             d_rows += gd @ cols[c0:c0 + width].float()

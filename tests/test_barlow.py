@@ -174,12 +174,12 @@ def test_opcheck_gram(backend, device, same):
 
 
 @pytest.mark.parametrize("name", ["barlow", "vicreg"])
-def test_compile_fullgraph(backend, name):
+def test_compile_fullgraph(backend, device, name):
     torch._dynamo.reset()
     from test_ops import _step
     fn = fastssl.BarlowTwinsLoss(formulation="gram") if name == "barlow" \
         else fastssl.VICRegLoss(formulation="gram")
-    _step(fn, "aot_eager")
+    _step(fn, "aot_eager", device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

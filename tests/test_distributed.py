@@ -68,6 +68,8 @@ def run_case(case, a, b):
 
 def worker(rank, world, port, sizes, seed, out_dir, backend):
     os.environ["FASTSSL_BACKEND"] = backend
+    if backend == "triton":  # CPU tensors: the kernels run in the interpreter, GPU or not
+        os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:

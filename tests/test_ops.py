@@ -42,10 +42,10 @@ class _Head(torch.nn.Module):
         self.b = torch.nn.Linear(12, 16)
 
 
-def _step(loss_fn, compile_backend):
+def _step(loss_fn, compile_backend, device="cpu"):
     torch.manual_seed(0)
-    head = _Head()
-    x0, x1 = torch.randn(10, 12), torch.randn(10, 12)
+    head = _Head().to(device)
+    x0, x1 = torch.randn(10, 12, device=device), torch.randn(10, 12, device=device)
     opt = torch.optim.SGD(head.parameters(), lr=0.1)
 
     def forward(x0, x1):
@@ -65,17 +65,17 @@ def _step(loss_fn, compile_backend):
 LOSSES = {
     "nt_xent": fastssl.NTXentLoss(temperature=0.2),
     "info_nce": fastssl.InfoNCELoss(temperature=0.1, symmetric=True),
-    "clip": lambda a, b: fastssl.ClipLoss()(a, b, torch.tensor(14.0)),
+    "clip": lambda a, b: fastssl.ClipLoss()(a, b, 14.0),
 }
 
 
 @pytest.mark.parametrize("name", ["nt_xent", "info_nce", "clip"])
-def test_compile_fullgraph(backend, name):
+def test_compile_fullgraph(backend, device, name):
     torch._dynamo.reset()
-    _step(LOSSES[name], "inductor" if name == "nt_xent" else "aot_eager")
+    _step(LOSSES[name], "inductor" if name == "nt_xent" else "aot_eager", device)
 
 
-def test_compile_fullgraph_info_nce_with_negatives(backend):
+def test_compile_fullgraph_info_nce_with_negatives(backend, device):
     torch._dynamo.reset()
-    neg = torch.randn(20, 16)
-    _step(lambda a, b: fastssl.info_nce(a, b, 0.1, negatives=neg), "aot_eager")
+    neg = torch.randn(20, 16, device=device)
+    _step(lambda a, b: fastssl.info_nce(a, b, 0.1, negatives=neg), "aot_eager", device)

@@ -87,11 +87,10 @@ def test_opcheck_siglip(backend, device, need):
                                                  torch.rand(9, device=device), *need))
 
 
-def test_siglip_compile_fullgraph(backend):
+def test_siglip_compile_fullgraph(backend, device):
     torch._dynamo.reset()
     from test_ops import _step
-    _step(lambda a, b: fastssl.SigLipLoss()(a, b, torch.tensor(5.0), torch.tensor(-2.0)),
-          "aot_eager")
+    _step(lambda a, b: fastssl.SigLipLoss()(a, b, 5.0, -2.0), "aot_eager", device)
 
 
 # ----------------------------------------------------------------------------- MoCoQueue
