@@ -245,10 +245,14 @@ def _check_pair_nd(z_a, z_b, what):
         raise ValueError(f"{what} needs a batch of at least 2 samples, got {z_a.shape[0]}")
 
 
-def _use_gram(N, D, formulation):
-    """Gram work ~8 N^2 D against the D x D formulation's ~6 N D^2 (forward + backward)."""
+def check_formulation(formulation):
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+
+
+def _use_gram(N, D, formulation):
+    """Gram work ~8 N^2 D against the D x D formulation's ~6 N D^2 (forward + backward)."""
+    check_formulation(formulation)
     return formulation == "gram" or (formulation == "auto" and 4 * N < 3 * D)
 
 

@@ -239,8 +239,7 @@ class BarlowTwinsLoss(nn.Module):
             distributed.require_distributed("BarlowTwinsLoss(gather_distributed=True)")
         if normalize not in ("local", "global"):
             raise ValueError(f"normalize must be 'local' or 'global', got {normalize!r}")
-        if formulation not in F.FORMULATIONS:
-            raise ValueError(f"formulation must be one of {F.FORMULATIONS}, got {formulation!r}")
+        F.check_formulation(formulation)
         self.lambda_param = lambda_param
         self.gather_distributed = gather_distributed
         self.normalize = normalize
@@ -262,8 +261,7 @@ class VICRegLoss(nn.Module):
         super().__init__()
         if gather_distributed:
             distributed.require_distributed("VICRegLoss(gather_distributed=True)")
-        if formulation not in F.FORMULATIONS:
-            raise ValueError(f"formulation must be one of {F.FORMULATIONS}, got {formulation!r}")
+        F.check_formulation(formulation)
         self.lambda_param = lambda_param
         self.mu_param = mu_param
         self.nu_param = nu_param
