@@ -35,7 +35,7 @@ def _info(args):
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     print("paths:")
     for op, path in _dispatch.describe().items():
-        print(f"  {op:<40} {path}")
+        print(f"  {op:<50} {path}")
     return 0
 
 
