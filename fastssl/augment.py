@@ -1,0 +1,444 @@
+"""Per-sample random augmentation of image batches, on the device that holds them.
+
+Every op draws its random parameters for the whole batch at once on the images' device
+(``torch.Generator`` for reproducibility, no per-sample Python loop, no host sync) and
+follows torchvision's tensor semantics per sample:
+
+- ``RandomResizedCrop``: up to 10 tries of area * U(scale) and ratio exp(U(log r0, log r1));
+  w = round(sqrt(area * ratio)), h = round(sqrt(area / ratio)); the first try with
+  0 < w <= W and 0 < h <= H wins, top = randint(0, H - h + 1), left = randint(0, W - w + 1);
+  otherwise a central crop clamped to the ratio range. The crop is resized with bilinear
+  interpolation, antialiased when downscaling (torchvision's triangle filter: support
+  max(scale, 1), weights normalised per output pixel). Crop, resize and flip are one
+  separable linear map per sample: out = Wy · img · Wxᵀ with per-sample (S x H) and
+  (S x W) weight matrices, so a batch is two batched matmuls.
+- ``ColorJitter``: factors brightness, contrast, saturation ~ U(max(0, 1 - v), 1 + v), hue
+  ~ U(-h, h), applied in a random order per sample, all with probability p. brightness:
+  x·f; contrast: blend with the mean of the grayscale image; saturation: blend with the
+  grayscale image; hue: RGB -> HSV, h <- (h + f) mod 1, HSV -> RGB; blend(x, y, r) =
+  clamp(r·x + (1 - r)·y, 0, 1).
+- ``RandomGrayscale``: 0.2989 R + 0.587 G + 0.114 B, replicated to 3 channels.
+- ``GaussianBlur``: 1-D kernel exp(-x²/2σ²), x = -(k-1)/2 … (k-1)/2, normalised; separable;
+  reflect padding of k // 2 (also a per-sample matrix pair).
+- ``RandomSolarize``: x >= threshold -> 1 - x.
+- ``Normalize``: (x - mean) / std, then the output dtype and memory format.
+
+``Augment(ops)`` chains ops (the crop first) into one view; presets return several views.
+Images: uint8 (N, C, H, W) or (N, H, W, C) (``channels_last_input=True``), a list of uint8
+(C, H, W) images of different sizes, or float images in [0, 1].
+"""
+import math
+
+import torch
+
+GRAY = (0.2989, 0.587, 0.114)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _uniform(n, lo, hi, generator, device):
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+
+
+def _bernoulli(n, p, generator, device):
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+def _check_range(name, pair, lo=None):
+    a, b = pair
+    if not a <= b or (lo is not None and a < lo):
+        raise ValueError(f"{name} must be an increasing pair{f' >= {lo}' if lo is not None else ''}, got {pair}")
+
+
+def _check_p(name, p):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+
+
+# ----------------------------------------------------------------------------- input
+
+def as_batch(images, channels_last_input=False):
+    """(float32 batch (N, 3, H, W) in [0, 1] padded to the largest image, sizes (N, 2) int64).
+
+    uint8 values are divided by 255; float input must already be in [0, 1].
+    """
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("empty list of images")
+        sizes = []
+        for i, im in enumerate(images):
+            if not isinstance(im, torch.Tensor) or im.dim() != 3:
+                raise ValueError(f"image {i}: expected a (C, H, W) tensor")
+            sizes.append(im.shape[-2:])
+        H = max(s[0] for s in sizes)
+        W = max(s[1] for s in sizes)
+        first = images[0]
+        batch = torch.zeros(len(images), 3, H, W, device=first.device)
+        for i, im in enumerate(images):
+            batch[i, :, :im.shape[1], :im.shape[2]] = _to_float(_rgb(im, i))
+        sizes = torch.tensor([list(s) for s in sizes], device=first.device, dtype=torch.int64)
+        return batch, sizes
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError("images must be a (N, C, H, W) tensor, (N, H, W, C) with "
+                         "channels_last_input=True, or a list of (C, H, W) tensors")
+    if channels_last_input:
+        images = images.permute(0, 3, 1, 2)
+    x = _to_float(_rgb(images, None, dim=1))
+    n, _, H, W = x.shape
+    sizes = torch.tensor([[H, W]], device=x.device, dtype=torch.int64).expand(n, 2)
+    return x, sizes
+
+
+def _rgb(im, i, dim=0):
+    c = im.shape[dim]
+    where = f"image {i}" if i is not None else "images"
+    if c == 1:
+        return torch.cat([im] * 3, dim)
+    if c != 3:
+        raise ValueError(f"{where}: expected 1 or 3 channels, got {c}")
+    return im
+
+
+def _to_float(im):
+    if im.dtype == torch.uint8:
+        return im.float() / 255.0
+    if im.is_floating_point():
+        return im.float()
+    raise ValueError(f"images must be uint8 or floating point in [0, 1], got {im.dtype}")
+
+
+# ----------------------------------------------------------------------------- crop + resize
+
+class RandomResizedCrop:
+    """Crop a random area/ratio per sample and resize it to ``size`` (see module docstring);
+    ``flip_p`` flips horizontally with that probability (torchvision's RandomHorizontalFlip
+    after the crop)."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        if min(self.size) < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        _check_range("scale", scale, 0.0)
+        _check_range("ratio", ratio, 0.0)
+        if scale[1] <= 0 or ratio[0] <= 0:
+            raise ValueError("scale and ratio must be positive")
+        _check_p("flip_p", flip_p)
+        self.scale, self.ratio, self.flip_p = scale, ratio, flip_p
+
+    def params(self, sizes, generator=None):
+        """Per-sample (top, left, height, width, flip) for image sizes (N, 2)."""
+        n, device = sizes.shape[0], sizes.device
+        H, W = sizes[:, 0].double(), sizes[:, 1].double()
+        area = (H * W)[:, None]
+        tries = 10
+        target = area * _uniform(n * tries, *self.scale, generator, device).view(n, tries)
+        logr = _uniform(n * tries, math.log(self.ratio[0]), math.log(self.ratio[1]), generator,
+                        device).view(n, tries)
+        ratio = torch.exp(logr)
+        w = torch.round(torch.sqrt(target * ratio))
+        h = torch.round(torch.sqrt(target / ratio))
+        ok = (w > 0) & (h > 0) & (w <= W[:, None]) & (h <= H[:, None])
+        first = torch.argmax(ok.int(), 1)
+        any_ok = ok.any(1)
+        w_t = w.gather(1, first[:, None])[:, 0]
+        h_t = h.gather(1, first[:, None])[:, 0]
+        # Fallback: the central crop, clamped to the ratio range.
+        in_ratio = W / H
+        fw = torch.where(in_ratio < self.ratio[0], W, torch.where(
+            in_ratio > self.ratio[1], torch.round(H * self.ratio[1]), W))
+        fh = torch.where(in_ratio < self.ratio[0], torch.round(W / self.ratio[0]), H)
+        w_c = torch.where(any_ok, w_t, fw)
+        h_c = torch.where(any_ok, h_t, fh)
+        u = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
+        top = torch.where(any_ok, torch.floor(u[:, 0] * (H - h_c + 1)), torch.floor((H - h_c) / 2))
+        left = torch.where(any_ok, torch.floor(u[:, 1] * (W - w_c + 1)), torch.floor((W - w_c) / 2))
+        flip = _bernoulli(n, self.flip_p, generator, device)
+        return {"top": top.long(), "left": left.long(), "height": h_c.long(),
+                "width": w_c.long(), "flip": flip}
+
+    def apply(self, batch, p):
+        S_h, S_w = self.size
+        Wy = resize_weights(p["top"], p["height"], batch.shape[2], S_h)
+        Wx = resize_weights(p["left"], p["width"], batch.shape[3], S_w)
+        Wx = torch.where(p["flip"][:, None, None], Wx.flip(1), Wx)
+        return Wy[:, None] @ batch @ Wx[:, None].transpose(-1, -2)
+
+
+def resize_weights(start, length, in_size, out_size):
+    """(N, out_size, in_size) weights of an antialiased bilinear resize of the window
+    [start, start + length) of each row (torchvision's triangle filter and bounds)."""
+    dtype = torch.float64
+    length = length.to(dtype)[:, None, None]
+    scale = length / out_size
+    support = torch.clamp(scale, min=1.0)
+    i = torch.arange(out_size, device=start.device, dtype=dtype)[None, :, None]
+    center = scale * (i + 0.5)
+    xmin = torch.clamp(torch.trunc(center - support + 0.5), min=0)
+    xmax = torch.minimum(torch.trunc(center + support + 0.5), length)
+    j = torch.arange(in_size, device=start.device, dtype=dtype)[None, None, :] - start[:, None, None]
+    w = torch.clamp(1 - torch.abs((j - center + 0.5) / support), min=0)
+    w = torch.where((j >= xmin) & (j < xmax), w, 0.0)
+    return (w / w.sum(-1, keepdim=True)).float()
+
+
+# ----------------------------------------------------------------------------- colour
+
+def _gray(x):
+    return (GRAY[0] * x[:, 0] + GRAY[1] * x[:, 1] + GRAY[2] * x[:, 2])[:, None]
+
+
+def _blend(x, y, r):
+    return torch.clamp(r * x + (1 - r) * y, 0.0, 1.0)
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack([h, s, maxc], 1)
+
+
+def _hsv_to_rgb(x):
+    h, s, v = x[:, 0], x[:, 1], x[:, 2]
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
+    q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
+    t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    table = torch.stack([torch.stack(c, 1) for c in
+                         ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)
+    return table.gather(1, i[:, None, None].expand(-1, 1, 3, *i.shape[1:]))[:, 0]
+
+
+def adjust(x, op, f):
+    """One colour op (0 brightness, 1 contrast, 2 saturation, 3 hue) with per-sample factor f."""
+    f = f.view(-1, 1, 1, 1).to(x.dtype)
+    if op == 0:
+        return torch.clamp(x * f, 0.0, 1.0)
+    if op == 1:
+        return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f)
+    if op == 2:
+        return _blend(x, _gray(x), f)
+    hsv = _rgb_to_hsv(x)
+    hsv = torch.cat([torch.remainder(hsv[:, :1] + f, 1.0), hsv[:, 1:]], 1)
+    return _hsv_to_rgb(hsv)
+
+
+class ColorJitter:
+    """torchvision's ColorJitter per sample, with probability p; a random op order per sample."""
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
+        for name, v in (("brightness", brightness), ("contrast", contrast),
+                        ("saturation", saturation)):
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {hue}")
+        _check_p("p", p)
+        self.ranges = [(max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
+        self.ranges.append((-hue, hue))
+        self.enabled = [v > 0 for v in (brightness, contrast, saturation, hue)]  # as torchvision
+        self.p = p
+
+    def params(self, n, device, generator=None):
+        factors = torch.stack([_uniform(n, lo, hi, generator, device) for lo, hi in self.ranges], 1)
+        order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), 1)
+        return {"apply": _bernoulli(n, self.p, generator, device), "factors": factors.float(),
+                "order": order}
+
+    def apply(self, x, p):
+        out = x
+        for slot in range(4):
+            op_of_sample = p["order"][:, slot]
+            candidates = [adjust(out, op, p["factors"][:, op]) if self.enabled[op] else out
+                          for op in range(4)]
+            stacked = torch.stack(candidates, 0)
+            pick = op_of_sample.view(1, -1, 1, 1, 1).expand(1, *out.shape)
+            out = stacked.gather(0, pick)[0]
+        return torch.where(p["apply"].view(-1, 1, 1, 1), out, x)
+
+
+class RandomGrayscale:
+    def __init__(self, p=0.2):
+        _check_p("p", p)
+        self.p = p
+
+    def params(self, n, device, generator=None):
+        return {"apply": _bernoulli(n, self.p, generator, device)}
+
+    def apply(self, x, p):
+        return torch.where(p["apply"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+
+
+class GaussianBlur:
+    """Per-sample σ ~ U(sigma), odd kernel (default: about 10% of the image side), reflect
+    padding, with probability p."""
+
+    def __init__(self, kernel_size=None, sigma=(0.1, 2.0), p=0.5):
+        if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
+            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+        _check_range("sigma", sigma, 0.0)
+        if sigma[0] <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        _check_p("p", p)
+        self.kernel_size, self.sigma, self.p = kernel_size, sigma, p
+
+    def params(self, n, device, generator=None):
+        return {"apply": _bernoulli(n, self.p, generator, device),
+                "sigma": _uniform(n, *self.sigma, generator, device).float()}
+
+    def size_for(self, side):
+        if self.kernel_size is not None:
+            return self.kernel_size
+        k = int(0.1 * side)
+        return k + 1 if k % 2 == 0 else k
+
+    def apply(self, x, p):
+        S_h, S_w = x.shape[-2:]
+        By = blur_matrix(p["sigma"], p["apply"], min(self.size_for(S_h), 2 * S_h - 1), S_h)
+        Bx = blur_matrix(p["sigma"], p["apply"], min(self.size_for(S_w), 2 * S_w - 1), S_w)
+        return By[:, None] @ x @ Bx[:, None].transpose(-1, -2)
+
+
+def blur_matrix(sigma, apply, k, size):
+    """(N, size, size): the 1-D Gaussian blur with reflect padding as a matrix (identity
+    where ``apply`` is false)."""
+    half = k // 2
+    t = torch.arange(-half, half + 1, device=sigma.device, dtype=torch.float64)
+    kern = torch.exp(-(t[None] ** 2) / (2 * sigma.double()[:, None] ** 2))
+    kern = kern / kern.sum(1, keepdim=True)
+    i = torch.arange(size, device=sigma.device)[:, None]
+    src = i + torch.arange(-half, half + 1, device=sigma.device)[None, :]
+    src = torch.where(src < 0, -src, src)
+    src = torch.where(src >= size, 2 * (size - 1) - src, src)
+    m = torch.zeros(sigma.shape[0], size, size, device=sigma.device, dtype=torch.float64)
+    m.scatter_add_(2, src[None].expand(sigma.shape[0], -1, -1),
+                   kern[:, None, :].expand(-1, size, -1).contiguous())
+    eye = torch.eye(size, device=sigma.device, dtype=torch.float64)
+    return torch.where(apply.view(-1, 1, 1), m, eye).float()
+
+
+class RandomSolarize:
+    def __init__(self, threshold=0.5, p=0.2):
+        _check_p("p", p)
+        self.threshold, self.p = threshold, p
+
+    def params(self, n, device, generator=None):
+        return {"apply": _bernoulli(n, self.p, generator, device)}
+
+    def apply(self, x, p):
+        solar = torch.where(x >= self.threshold, 1.0 - x, x)
+        return torch.where(p["apply"].view(-1, 1, 1, 1), solar, x)
+
+
+class Normalize:
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def params(self, n, device, generator=None):
+        return {}
+
+    def apply(self, x, p):
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- views
+
+class Augment:
+    """One random view: ``RandomResizedCrop`` first, then the other ops in the given order.
+
+    ``view = Augment(...)(images, generator=g)``; ``return_params=True`` also returns the
+    per-sample parameters (a dict per op) for inspection or replay with ``apply``.
+    """
+
+    def __init__(self, crop, *ops, dtype=torch.float32, channels_last=False):
+        if not isinstance(crop, RandomResizedCrop):
+            raise ValueError("the first op must be a RandomResizedCrop")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"output dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.crop, self.ops = crop, list(ops)
+        self.dtype, self.channels_last = dtype, channels_last
+
+    def sample(self, sizes, generator=None):
+        n, device = sizes.shape[0], sizes.device
+        return [self.crop.params(sizes, generator)] + [op.params(n, device, generator)
+                                                      for op in self.ops]
+
+    def apply(self, batch, params):
+        x = self.crop.apply(batch, params[0]).clamp_(0.0, 1.0)
+        for op, p in zip(self.ops, params[1:]):
+            x = op.apply(x, p)
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __call__(self, images, generator=None, return_params=False, channels_last_input=False):
+        batch, sizes = as_batch(images, channels_last_input)
+        params = self.sample(sizes, generator)
+        out = self.apply(batch, params)
+        return (out, params) if return_params else out
+
+
+def _recipe(size, scale, jitter, blur_p, solarize_p, normalize=True, **kw):
+    ops = [ColorJitter(*jitter, p=0.8), RandomGrayscale(0.2)]
+    if blur_p > 0:
+        ops.append(GaussianBlur(p=blur_p))
+    if solarize_p > 0:
+        ops.append(RandomSolarize(p=solarize_p))
+    if normalize:
+        ops.append(Normalize())
+    return Augment(RandomResizedCrop(size, scale=scale), *ops, **kw)
+
+
+class MultiView:
+    """Several views of the same images; ``__call__`` returns a list of tensors."""
+
+    def __init__(self, views):
+        self.views = list(views)
+
+    def __call__(self, images, generator=None, channels_last_input=False):
+        batch, sizes = as_batch(images, channels_last_input)
+        return [v.apply(batch, v.sample(sizes, generator)) for v in self.views]
+
+
+def SimCLRAugment(size=224, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, **kw):
+    """SimCLR: two views, colour jitter 0.8 strength, blur p = 0.5."""
+    return MultiView([_recipe(size, scale, jitter, blur_p, 0.0, **kw) for _ in range(2)])
+
+
+def BYOLAugment(size=224, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), **kw):
+    """BYOL (also Barlow Twins, VICReg): asymmetric views — blur 1.0 / 0.1, solarize 0 / 0.2."""
+    return MultiView([_recipe(size, scale, jitter, 1.0, 0.0, **kw),
+                      _recipe(size, scale, jitter, 0.1, 0.2, **kw)])
+
+
+BarlowTwinsAugment = BYOLAugment
+VICRegAugment = BYOLAugment
+
+
+def MoCoV2Augment(size=224, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, **kw):
+    """MoCo v2: two views, crop scale (0.2, 1), blur p = 0.5."""
+    return MultiView([_recipe(size, scale, jitter, blur_p, 0.0, **kw) for _ in range(2)])
+
+
+def DINOAugment(global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0),
+                local_scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1), **kw):
+    """DINO: 2 global views (blur 1.0 / 0.1, solarize 0 / 0.2) + n_local local views (blur 0.5)."""
+    views = [_recipe(global_size, global_scale, jitter, 1.0, 0.0, **kw),
+             _recipe(global_size, global_scale, jitter, 0.1, 0.2, **kw)]
+    views += [_recipe(local_size, local_scale, jitter, 0.5, 0.0, **kw) for _ in range(n_local)]
+    return MultiView(views)
