@@ -216,9 +216,11 @@ def _hsv_to_rgb(x):
     p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
     q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
     t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    table = torch.stack([torch.stack(c, 1) for c in
-                         ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)
-    return table.gather(1, i[:, None, None].expand(-1, 1, 3, *i.shape[1:]))[:, 0]
+    # sector i -> (R, G, B): 0 (v,t,p) 1 (q,v,p) 2 (p,v,t) 3 (p,q,v) 4 (t,p,v) 5 (v,p,q)
+    r = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, q, torch.where(i == 4, t, p)))
+    g = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, q, p)))
+    b = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, q, p)))
+    return torch.stack([r, g, b], 1)
 
 
 def adjust(x, op, f):
@@ -259,13 +261,21 @@ class ColorJitter:
 
     def apply(self, x, p):
         out = x
+        n = x.shape[0]
         for slot in range(4):
-            op_of_sample = p["order"][:, slot]
-            candidates = [adjust(out, op, p["factors"][:, op]) if self.enabled[op] else out
-                          for op in range(4)]
-            stacked = torch.stack(candidates, 0)
-            pick = op_of_sample.view(1, -1, 1, 1, 1).expand(1, *out.shape)
-            out = stacked.gather(0, pick)[0]
+            op = p["order"][:, slot].view(n, 1, 1, 1)
+            f = p["factors"].gather(1, p["order"][:, slot:slot + 1]).view(n, 1, 1, 1)
+            # Brightness, contrast and saturation are one blend with a per-sample partner:
+            # 0, the mean of the grayscale image, or the grayscale image.
+            gray = _gray(out)
+            partner = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True),
+                                                            gray))
+            enabled = torch.tensor(self.enabled, device=x.device)[p["order"][:, slot]].view(n, 1, 1, 1)
+            linear = torch.where(enabled, _blend(out, partner, f), out)
+            if self.enabled[3]:
+                out = torch.where(op == 3, adjust(out, 3, f.view(-1)), linear)
+            else:
+                out = torch.where(op == 3, out, linear)
         return torch.where(p["apply"].view(-1, 1, 1, 1), out, x)
 
 

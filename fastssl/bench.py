@@ -20,7 +20,7 @@ import torch.nn.functional as tF
 
 import fastssl
 
-OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg", "ema")
+OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment")
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 
 
@@ -475,6 +475,53 @@ def bench_ema(quick, log, save=_noop):
     return rows, {"copy_gb_per_s": copy_gbs}
 
 
+# ----------------------------------------------------------------------------- augmentation
+
+def _torchvision_loop(images, size):
+    """The incumbent on a GPU batch: torchvision v2 transforms called once per sample (so
+    that each sample gets its own random parameters)."""
+    import torchvision.transforms.v2 as T
+    aug = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(),
+                     T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                     T.RandomGrayscale(0.2), T.GaussianBlur(23, (0.1, 2.0)),
+                     T.ToDtype(torch.float32, scale=True), T.Normalize(
+                         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    return torch.stack([aug(im) for im in images])
+
+
+def bench_augment(quick, log, save=_noop):
+    """The BYOL recipe: uint8 (N, 3, H, W) -> two views, in views per second."""
+    from fastssl.augment import BYOLAugment
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    n, side, size = (256, 256, 224) if cuda else ((16, 128, 96) if quick else (64, 256, 224))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, device=device)
+    aug = BYOLAugment(size=size, dtype=dtype)
+    impls = {"fastssl": lambda: aug(images)}
+    try:
+        import torchvision  # noqa: F401
+        impls["torchvision v2, per-sample loop"] = lambda: _torchvision_loop(images, size)
+    except Exception as e:
+        log(f"note: torchvision not benchmarked ({type(e).__name__}: {e})")
+    try:
+        import kornia  # noqa: F401
+    except Exception as e:
+        log(f"note: kornia not benchmarked ({type(e).__name__}: {e})")
+    log(f"BYOL recipe: {n} uint8 images {side}x{side} -> 2 views {size}x{size} "
+        f"{str(dtype).replace('torch.', '')} on {device}")
+    rows = []
+    for impl, fn in impls.items():
+        views = 2 if impl == "fastssl" else 1
+        ms = _time(fn, cuda, 5 if not cuda else 20)
+        row = {"op": "augment", "impl": impl, "batch": n, "side": side, "size": size,
+               "views_per_call": views * n, "ms": ms, "views_per_s": views * n / ms * 1e3}
+        rows.append(row)
+        log(f"  {impl:>32}: {ms:9.2f} ms per call, {row['views_per_s']:10.0f} views/s")
+        save(rows)
+    return rows, {}
+
+
 # ----------------------------------------------------------------------------- output
 
 def _fmt(row):
@@ -495,6 +542,13 @@ def markdown(result):
     lines = [f"### {result['op']} on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
              f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]
+    if result["op"] == "augment":
+        lines += ["| impl | batch | input | view | views per call | ms | views/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['impl']} | {r['batch']} | {r['side']}² | {r['size']}² | "
+                  f"{r['views_per_call']} | {r['ms']:.2f} | {r['views_per_s']:.0f} |"
+                  for r in result["rows"]]
+        return "\n".join(lines) + "\n"
     if result["op"] == "ema":
         lines += ["| model | impl | ms | GB/s (12 B/param) | of copy bandwidth |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['impl']} | {r['ms']:.3f} | {r['gb_per_s']:.1f} | "
@@ -549,6 +603,10 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         if not cuda:
             log("CPU run: the portable path against eager PyTorch.")
         rows, extra = bench_maxbatch(quick, log, save)
+    elif op == "augment":
+        if not cuda:
+            log("CPU run: the portable path (batched per-sample matrices and torch ops).")
+        rows, extra = bench_augment(quick, log, save)
     elif op == "ema":
         if not cuda:
             log("CPU run: fastssl takes torch._foreach_lerp_ on CPU tensors; the CUDA kernel "

@@ -66,7 +66,7 @@ def main(argv=None):
     p = sub.add_parser("bench", help="time fastssl against eager PyTorch and torch.compile")
     p.add_argument("op", nargs="?", default="infonce", choices=list(bench.OPS),
                    help="infonce (NT-Xent), siglip, maxbatch (largest NT-Xent batch), barlow, "
-                        "vicreg")
+                        "vicreg, ema, augment")
     p.add_argument("--sizes", type=_csv(int),
                    help="batch sizes: 2N rows for infonce, n pairs for siglip, N for "
                         "barlow/vicreg")
