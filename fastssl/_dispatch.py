@@ -90,4 +90,6 @@ def describe():
     else:
         ema = "CUDA multi-tensor kernel (csrc/ema.cu, built on first use; foreach fallback)"
     return {"infonce (nt_xent, info_nce, clip_loss)": why, "siglip (siglip_loss)": why,
-            "barlow (barlow_twins, vicreg: Gram formulation)": why, "ema (update_momentum, EMA)": ema}
+            "barlow (barlow_twins, vicreg: Gram formulation)": why,
+            "augment (colour ops; crop and blur are batched matmuls)": why,
+            "ema (update_momentum, EMA)": ema}

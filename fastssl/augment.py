@@ -367,6 +367,34 @@ class Normalize:
         return (x - mean) / std
 
 
+def colour_ops(x, jitter=None, gray=None, solarize=None):
+    """ColorJitter, then RandomGrayscale, then RandomSolarize — each an (op, params) pair or
+    None — on float32 images (N, 3, H, W): one fused Triton pass where the dispatch picks
+    the kernels, the ops one by one otherwise (the same semantics)."""
+    from fastssl import _dispatch
+    if _dispatch.backend(x) == "triton":
+        n = x.shape[0]
+        zeros = torch.zeros(n, dtype=torch.int32, device=x.device)
+        flags = torch.stack([p["apply"].int() if p is not None else zeros
+                             for p in (jitter and jitter[1], gray and gray[1],
+                                       solarize and solarize[1])], 1).contiguous()
+        if jitter is not None:
+            order = jitter[1]["order"].int().contiguous()
+            factors = jitter[1]["factors"].float().contiguous()
+            enabled = jitter[0].enabled
+        else:
+            order = torch.zeros(n, 4, dtype=torch.int32, device=x.device)
+            factors = torch.ones(n, 4, device=x.device)
+            enabled = [False] * 4
+        threshold = solarize[0].threshold if solarize is not None else 0.5
+        return _dispatch.kernels("augment").colour(x.float(), order, factors, flags, enabled,
+                                                   threshold)
+    for item in (jitter, gray, solarize):
+        if item is not None:
+            x = item[0].apply(x, item[1])
+    return x
+
+
 # ----------------------------------------------------------------------------- views
 
 class Augment:
@@ -391,8 +419,20 @@ class Augment:
 
     def apply(self, batch, params):
         x = self.crop.apply(batch, params[0]).clamp_(0.0, 1.0)
-        for op, p in zip(self.ops, params[1:]):
-            x = op.apply(x, p)
+        ops, ps, i = self.ops, params[1:], 0
+        while i < len(ops):
+            # ColorJitter, RandomGrayscale, RandomSolarize in a row: one fused pass.
+            run = {}
+            for kind in (ColorJitter, RandomGrayscale, RandomSolarize):
+                if i < len(ops) and isinstance(ops[i], kind):
+                    run[kind] = (ops[i], ps[i])
+                    i += 1
+            if run:
+                x = colour_ops(x, run.get(ColorJitter), run.get(RandomGrayscale),
+                               run.get(RandomSolarize))
+            else:
+                x = ops[i].apply(x, ps[i])
+                i += 1
         x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

@@ -120,18 +120,36 @@ def test_single_colour_ops(op):
                                    rtol=0, atol=1e-5)
 
 
-def test_color_jitter_random_order_per_sample():
+@pytest.mark.parametrize("strengths", [(0.4, 0.4, 0.3, 0.1), (0.8, 0.0, 0.8, 0.0)])
+def test_colour_chain_random_order_per_sample(backend, strengths):
+    """ColorJitter -> RandomGrayscale -> RandomSolarize, on the portable path and in the
+    fused kernel, against the float64 / colorsys reference."""
     x = float_images(n=24, h=5, w=6, seed=1)
-    cj = A.ColorJitter(0.4, 0.4, 0.3, 0.1, p=0.7)
-    p = cj.params(24, x.device, torch.Generator().manual_seed(2))
-    got = cj.apply(x, p)
+    g = torch.Generator().manual_seed(2)
+    cj, gray, sol = A.ColorJitter(*strengths, p=0.7), A.RandomGrayscale(0.3), A.RandomSolarize(0.6, 0.4)
+    p, pg, ps = cj.params(24, x.device, g), gray.params(24, x.device, g), sol.params(24, x.device, g)
+    got = A.colour_ops(x, (cj, p), (gray, pg), (sol, ps))
     assert len({tuple(o.tolist()) for o in p["order"]}) > 5  # orders differ across samples
     for i in range(24):
         want = x[i].double()
         if p["apply"][i]:
             for op in p["order"][i].tolist():
-                want = ref_adjust(want, op, float(p["factors"][i, op]))
+                if strengths[op] > 0:  # a zero strength skips the op, as torchvision
+                    want = ref_adjust(want, op, float(p["factors"][i, op]))
+        if pg["apply"][i]:
+            want = ref_gray(want)[None].expand(3, -1, -1)
+        if ps["apply"][i]:
+            want = torch.where(want >= 0.6, 1 - want, want)
         torch.testing.assert_close(got[i].double(), want, rtol=0, atol=2e-5)
+
+
+def test_colour_ops_each_alone(backend):
+    x = float_images(n=8, seed=4)
+    g = torch.Generator().manual_seed(5)
+    gray, sol = A.RandomGrayscale(0.5), A.RandomSolarize(0.5, 0.5)
+    pg, ps = gray.params(8, x.device, g), sol.params(8, x.device, g)
+    torch.testing.assert_close(A.colour_ops(x, gray=(gray, pg)), gray.apply(x, pg), rtol=0, atol=1e-6)
+    torch.testing.assert_close(A.colour_ops(x, solarize=(sol, ps)), sol.apply(x, ps), rtol=0, atol=0)
 
 
 def test_grayscale_solarize_normalize():
@@ -176,6 +194,16 @@ def test_blur_matches_reflect_padded_conv(k, size):
 
 # ----------------------------------------------------------------------------- views and presets
 
+def test_fused_and_portable_views_agree(monkeypatch):
+    x = images(n=4)
+    out = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("FASTSSL_BACKEND", name)
+        out[name] = A.BYOLAugment(size=16)(x, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_generator_makes_views_reproducible_and_views_independent():
     x = images(n=8)
     aug = A.SimCLRAugment(size=16)
@@ -189,7 +217,7 @@ def test_generator_makes_views_reproducible_and_views_independent():
 @pytest.mark.parametrize("name", ["SimCLRAugment", "BYOLAugment", "BarlowTwinsAugment",
                                   "VICRegAugment", "MoCoV2Augment"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_presets(name, dtype):
+def test_presets(backend, name, dtype):
     views = getattr(A, name)(size=20, dtype=dtype, channels_last=True)(images(n=3))
     assert len(views) == 2
     for v in views:
