@@ -395,6 +395,43 @@ def colour_ops(x, jitter=None, gray=None, solarize=None):
     return x
 
 
+def _finishing(rest):
+    kinds = [type(op) for op in rest]
+    return kinds in ([], [RandomSolarize], [Normalize], [RandomSolarize, Normalize])
+
+
+def blur_finish(x, blur, solarize=None, normalize=None, dtype=torch.float32,
+                channels_last=False):
+    """GaussianBlur, then RandomSolarize, then Normalize (each an (op, params) pair or None
+    except the blur), then the output dtype and memory format: two fused Triton passes
+    (rows; columns + the rest) where the dispatch picks the kernels, ops one by one
+    otherwise."""
+    from fastssl import _dispatch
+    op, pb = blur
+    if _dispatch.backend(x) != "triton":
+        x = op.apply(x, pb)
+        for item in (solarize, normalize):
+            if item is not None:
+                x = item[0].apply(x, item[1])
+        x = x.to(dtype)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    n, _, H, W = x.shape
+    sol = solarize[1]["apply"].int() if solarize is not None else \
+        torch.zeros(n, dtype=torch.int32, device=x.device)
+    flags = torch.stack([pb["apply"].int(), sol], 1).contiguous()
+    mean = std = None
+    if normalize is not None:
+        mean = torch.tensor(normalize[0].mean, device=x.device, dtype=torch.float32)
+        std = torch.tensor(normalize[0].std, device=x.device, dtype=torch.float32)
+    out = torch.empty(n, 3, H, W, device=x.device, dtype=dtype,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    k_h = min(op.size_for(H), 2 * H - 1)
+    k_w = min(op.size_for(W), 2 * W - 1)
+    threshold = solarize[0].threshold if solarize is not None else 0.5
+    return _dispatch.kernels("augment").blur_finish(
+        x.float(), pb["sigma"].float().contiguous(), flags, k_h, k_w, mean, std, threshold, out)
+
+
 # ----------------------------------------------------------------------------- views
 
 class Augment:
@@ -430,6 +467,11 @@ class Augment:
             if run:
                 x = colour_ops(x, run.get(ColorJitter), run.get(RandomGrayscale),
                                run.get(RandomSolarize))
+            elif isinstance(ops[i], GaussianBlur) and _finishing(ops[i + 1:]):
+                # GaussianBlur [RandomSolarize] [Normalize] ending the view: one fused finish.
+                tail = dict(zip([type(op) for op in ops[i + 1:]], zip(ops[i + 1:], ps[i + 1:])))
+                return blur_finish(x, (ops[i], ps[i]), tail.get(RandomSolarize),
+                                   tail.get(Normalize), self.dtype, self.channels_last)
             else:
                 x = ops[i].apply(x, ps[i])
                 i += 1

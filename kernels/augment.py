@@ -145,7 +145,25 @@ def colour(x, order, factors, flags, enabled, threshold):
 
 
 def shipped_configs():
-    """Every (kernel, signature, constexprs, options) the launcher can use on a GPU."""
+    """Every (kernel, signature, constexprs, options) the launchers can use on a GPU: the
+    colour pass, and the blur passes for the recipes' 23- and 9-tap kernels (224 and 96
+    pixel views) into each output dtype."""
+    out = []
+    for k, side in ((23, 224), (9, 96)):
+        kp, bx = triton.next_power_of_2(k), min(128, triton.next_power_of_2(side))
+        sig = {"X": "*fp32", "TMP": "*fp32", "SIGMA": "*fp32", "FLAGS": "*i32", "H": "i32",
+               "W": "i32"}
+        out.append((_blur_rows_kernel, sig, dict(K=k, KP=kp, BX=bx), _BLUR))
+        for ty in ("*fp32", "*bf16", "*fp16"):
+            sig = {"TMP": "*fp32", "OUT": ty, "SIGMA": "*fp32", "FLAGS": "*i32", "MEAN": "*fp32",
+                   "STD": "*fp32", "H": "i32", "W": "i32", "s_on": "i32", "s_oc": "i32",
+                   "s_oh": "i32", "s_ow": "i32", "threshold": "fp32"}
+            out.append((_blur_cols_kernel, sig, dict(K=k, KP=kp, BX=bx, NORMALIZE=True), _BLUR))
+    out += _colour_configs()
+    return out
+
+
+def _colour_configs():
     sig = {"X": "*fp32", "OUT": "*fp32", "ORDER": "*i32", "FACTORS": "*fp32", "FLAGS": "*i32",
            "MEAN": "*fp32", "PART": "*fp32", "HW": "i32", "threshold": "fp32"}
     out = []
@@ -154,4 +172,95 @@ def shipped_configs():
             ce = dict(EN_B=True, EN_C=True, EN_S=True, EN_H=en_h, PHASE=phase,
                       BLOCK=_CFG["BLOCK"])
             out.append((_colour_kernel, sig, ce, _CFG))
+    return out
+
+
+# ----------------------------------------------------------------------------- blur
+
+@triton.jit
+def _taps(sigma, K: tl.constexpr, KP: tl.constexpr):
+    """Normalised Gaussian taps exp(-t^2 / 2 sigma^2), t = -(K-1)/2 ... (K-1)/2, in a
+    vector of KP >= K lanes (a power of two; the extra lanes are 0)."""
+    i = tl.arange(0, KP)
+    t = i.to(tl.float32) - (K - 1) / 2
+    w = tl.where(i < K, tl.exp(-0.5 * (t / sigma) * (t / sigma)), 0.0)
+    return w / tl.sum(w, 0)
+
+
+@triton.jit
+def _reflect(i, n):
+    i = tl.where(i < 0, -i, i)
+    return tl.where(i >= n, 2 * (n - 1) - i, i)
+
+
+@triton.jit
+def _blur_rows_kernel(X, TMP, SIGMA, FLAGS, H, W,
+                      K: tl.constexpr, KP: tl.constexpr, BX: tl.constexpr):
+    """Horizontal pass: TMP[n, c, y, x] = sum_t w_t X[n, c, y, reflect(x + t - K//2)]."""
+    nc = tl.program_id(0).to(tl.int64)
+    y = tl.program_id(1).to(tl.int64)
+    n = nc // 3
+    xs = tl.program_id(2).to(tl.int64) * BX + tl.arange(0, BX).to(tl.int64)
+    x_ok = xs < W
+    row = X + (nc * H + y) * W
+    if tl.load(FLAGS + n * 2) != 0:
+        t = tl.arange(0, KP)
+        w = _taps(tl.load(SIGMA + n), K, KP)
+        src = _reflect(xs[None, :] + (t[:, None] - K // 2), W)
+        vals = tl.load(row + src, mask=(t[:, None] < K) & x_ok[None, :], other=0.0)
+        out = tl.sum(vals * w[:, None], 0)
+    else:
+        out = tl.load(row + xs, mask=x_ok, other=0.0)
+    tl.store(TMP + (nc * H + y) * W + xs, out, mask=x_ok)
+
+
+@triton.jit
+def _blur_cols_kernel(TMP, OUT, SIGMA, FLAGS, MEAN, STD, H, W, s_on, s_oc, s_oh, s_ow, threshold,
+                      K: tl.constexpr, KP: tl.constexpr, BX: tl.constexpr,
+                      NORMALIZE: tl.constexpr):
+    """Vertical pass, then solarize (per sample), normalise and the output cast/layout."""
+    nc = tl.program_id(0).to(tl.int64)
+    y = tl.program_id(1).to(tl.int64)
+    n = nc // 3
+    c = nc % 3
+    xs = tl.program_id(2).to(tl.int64) * BX + tl.arange(0, BX).to(tl.int64)
+    x_ok = xs < W
+    plane = TMP + nc * H * W
+    if tl.load(FLAGS + n * 2) != 0:
+        t = tl.arange(0, KP)
+        w = _taps(tl.load(SIGMA + n), K, KP)
+        ys = _reflect(y + (t - K // 2), H)
+        vals = tl.load(plane + ys[:, None] * W + xs[None, :],
+                       mask=(t[:, None] < K) & x_ok[None, :], other=0.0)
+        v = tl.sum(vals * w[:, None], 0)
+    else:
+        v = tl.load(plane + y * W + xs, mask=x_ok, other=0.0)
+    if tl.load(FLAGS + n * 2 + 1) != 0:
+        v = tl.where(v >= threshold, 1.0 - v, v)
+    if NORMALIZE:
+        v = (v - tl.load(MEAN + c)) / tl.load(STD + c)
+    dst = OUT + n * s_on + c * s_oc + y * s_oh + xs * s_ow
+    tl.store(dst, v.to(OUT.dtype.element_ty), mask=x_ok)
+
+
+_BLUR = dict(num_warps=4, num_stages=1)
+
+
+def blur_finish(x, sigma, flags, k_h, k_w, mean, std, threshold, out):
+    """Separable reflect-padded blur (per-sample sigma; flags[:, 0]), then solarize
+    (flags[:, 1]), then (x - mean) / std when ``mean`` is given, written into ``out`` (any
+    float dtype and strides, e.g. channels-last). x: float32 (N, 3, H, W) contiguous."""
+    n, _, H, W = x.shape
+    x = x.contiguous()
+    tmp = torch.empty_like(x)
+    bx = min(128, triton.next_power_of_2(W))
+    grid = (n * 3, H, triton.cdiv(W, bx))
+    _blur_rows_kernel[grid](x, tmp, sigma, flags, H, W, K=k_w, KP=triton.next_power_of_2(k_w),
+                            BX=bx, **_launch_opts(_BLUR))
+    normalize = mean is not None
+    if not normalize:
+        mean = std = sigma  # unused
+    _blur_cols_kernel[grid](tmp, out, sigma, flags, mean, std, H, W, *out.stride(),
+                            float(threshold), K=k_h, KP=triton.next_power_of_2(k_h), BX=bx,
+                            NORMALIZE=normalize, **_launch_opts(_BLUR))
     return out

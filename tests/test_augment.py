@@ -170,14 +170,14 @@ def test_grayscale_solarize_normalize():
 
 
 @pytest.mark.parametrize("k,size", [(23, 40), (5, 7), (9, 3)])
-def test_blur_matches_reflect_padded_conv(k, size):
+def test_blur_matches_reflect_padded_conv(backend, k, size):
     x = float_images(n=4, h=size, w=size + 2, seed=3)
     blur = A.GaussianBlur(kernel_size=k, p=0.75)
     p = blur.params(4, x.device, torch.Generator().manual_seed(4))
-    got = blur.apply(x, p)
+    got = A.blur_finish(x, (blur, p))
     for i in range(4):
         if not p["apply"][i]:
-            torch.testing.assert_close(got[i], x[i])
+            torch.testing.assert_close(got[i], x[i], rtol=0, atol=0)
             continue
         def kernel(side):  # reflect padding needs pad < side: the kernel is capped per axis
             kk = min(k, 2 * side - 1)
@@ -275,3 +275,16 @@ def test_bad_inputs():
         A.Augment(A.RandomResizedCrop(8), dtype=torch.int8)
     with pytest.raises(ValueError, match="empty"):
         A.as_batch([])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blur_solarize_normalize_cast_fused(backend, dtype):
+    x = float_images(n=5, h=12, w=9, seed=6)
+    g = torch.Generator().manual_seed(7)
+    blur, sol, norm = A.GaussianBlur(kernel_size=5, p=0.5), A.RandomSolarize(0.55, 0.5), A.Normalize()
+    pb, ps = blur.params(5, x.device, g), sol.params(5, x.device, g)
+    got = A.blur_finish(x, (blur, pb), (sol, ps), (norm, {}), dtype, channels_last=True)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    want = norm.apply(sol.apply(blur.apply(x, pb), ps), {}).double()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * want.abs().max().item()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
