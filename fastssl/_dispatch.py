@@ -91,5 +91,5 @@ def describe():
         ema = "CUDA multi-tensor kernel (csrc/ema.cu, built on first use; foreach fallback)"
     return {"infonce (nt_xent, info_nce, clip_loss)": why, "siglip (siglip_loss)": why,
             "barlow (barlow_twins, vicreg: Gram formulation)": why,
-            "augment (colour and blur passes; crop is a batched matmul)": why,
+            "augment (crop/resize, colour, blur passes)": why,
             "ema (update_momentum, EMA)": ema}

@@ -11,7 +11,8 @@ follows torchvision's tensor semantics per sample:
   interpolation, antialiased when downscaling (torchvision's triangle filter: support
   max(scale, 1), weights normalised per output pixel). Crop, resize and flip are one
   separable linear map per sample: out = Wy · img · Wxᵀ with per-sample (S x H) and
-  (S x W) weight matrices, so a batch is two batched matmuls.
+  (S x W) weight matrices (the portable path: two batched matmuls; on CUDA one Triton
+  kernel gathers the same taps).
 - ``ColorJitter``: factors brightness, contrast, saturation ~ U(max(0, 1 - v), 1 + v), hue
   ~ U(-h, h), applied in a random order per sample, all with probability p. brightness:
   x·f; contrast: blend with the mean of the grayscale image; saturation: blend with the
@@ -157,6 +158,10 @@ class RandomResizedCrop:
                 "width": w_c.long(), "flip": flip}
 
     def apply(self, batch, p):
+        from fastssl import _dispatch
+        if _dispatch.backend(batch) == "triton":
+            return _dispatch.kernels("augment").resize(
+                batch, p["top"], p["left"], p["height"], p["width"], p["flip"], self.size)
         S_h, S_w = self.size
         Wy = resize_weights(p["top"], p["height"], batch.shape[2], S_h)
         Wx = resize_weights(p["left"], p["width"], batch.shape[3], S_w)

@@ -1,5 +1,13 @@
-"""Fused colour kernel for per-sample augmentation: ColorJitter (random op order per
-sample), RandomGrayscale and RandomSolarize in one pass over each image.
+"""Triton kernels for per-sample augmentation (semantics in fastssl/augment.py):
+
+- ``_resize_kernel``: crop, antialiased bilinear resize (torchvision's triangle filter and
+  bounds, separable weights normalised per axis) and horizontal flip, per output row;
+- ``_colour_kernel``: ColorJitter (random op order per sample), RandomGrayscale and
+  RandomSolarize in one pass over each image (plus a pass for contrast's mean, below);
+- ``_blur_rows_kernel`` / ``_blur_cols_kernel``: the separable reflect-padded Gaussian
+  blur, the second pass also applying solarize, normalisation and the output cast.
+
+Colour pass:
 
 Per sample n (see fastssl/augment.py for the semantics): the four jitter ops in the order
 ``order[n]`` with factors ``factors[n]`` when ``jitter[n]``; then grayscale when
@@ -160,6 +168,9 @@ def shipped_configs():
                    "s_oh": "i32", "s_ow": "i32", "threshold": "fp32"}
             out.append((_blur_cols_kernel, sig, dict(K=k, KP=kp, BX=bx, NORMALIZE=True), _BLUR))
     out += _colour_configs()
+    sig = {"X": "*fp32", "OUT": "*fp32", "TOP": "*i64", "LEFT": "*i64", "HEIGHT": "*i64",
+           "WIDTH": "*i64", "FLIP": "*i32", "H": "i32", "W": "i32", "SH": "i32", "SW": "i32"}
+    out.append((_resize_kernel, sig, dict(BX=_RESIZE["BX"]), _RESIZE))
     return out
 
 
@@ -263,4 +274,83 @@ def blur_finish(x, sigma, flags, k_h, k_w, mean, std, threshold, out):
     _blur_cols_kernel[grid](tmp, out, sigma, flags, mean, std, H, W, *out.stride(),
                             float(threshold), K=k_h, KP=triton.next_power_of_2(k_h), BX=bx,
                             NORMALIZE=normalize, **_launch_opts(_BLUR))
+    return out
+
+
+# ----------------------------------------------------------------------------- crop + resize
+
+@triton.jit
+def _window(i, start, length, S):
+    """Antialiased bilinear window of output index i (torchvision's bounds):
+    (centre, support, first tap, end tap) in input coordinates of the crop."""
+    scale = length / S
+    support = tl.maximum(scale, 1.0)
+    center = scale * (i + 0.5)
+    lo = tl.maximum((center - support + 0.5).to(tl.int32), 0)
+    hi = tl.minimum((center + support + 0.5).to(tl.int32), length.to(tl.int32))
+    return center, support, lo, hi
+
+
+@triton.jit
+def _resize_kernel(X, OUT, TOP, LEFT, HEIGHT, WIDTH, FLIP, H, W, SH, SW,
+                   BX: tl.constexpr):
+    """OUT[n, :, y, x] = sum_{taps} wy * wx * X[n, :, top + ty, left + tx] / (sum wy sum wx):
+    crop, antialiased bilinear resize and flip of one output row block per program."""
+    n = tl.program_id(0).to(tl.int64)
+    y = tl.program_id(1)
+    xs = tl.program_id(2) * BX + tl.arange(0, BX)
+    x_ok = xs < SW
+    top = tl.load(TOP + n).to(tl.int32)
+    left = tl.load(LEFT + n).to(tl.int32)
+    hgt = tl.load(HEIGHT + n).to(tl.float32)
+    wid = tl.load(WIDTH + n).to(tl.float32)
+    flip = tl.load(FLIP + n) != 0
+    src_x = tl.where(flip, SW - 1 - xs, xs).to(tl.float32)
+    cy, sy, y0, y1 = _window(y.to(tl.float32), top * 0, hgt, SH)
+    cx, sx, x0, x1 = _window(src_x, top * 0, wid, SW)
+    ntx = (2.0 * sx + 2.0).to(tl.int32)  # an upper bound on the taps of any column
+    acc_r = tl.zeros([BX], dtype=tl.float32)
+    acc_g = tl.zeros([BX], dtype=tl.float32)
+    acc_b = tl.zeros([BX], dtype=tl.float32)
+    wx_sum = tl.zeros([BX], dtype=tl.float32)
+    for tx in range(0, ntx):
+        j = x0 + tx
+        ok = x_ok & (j < x1)
+        wx = tl.where(ok, tl.maximum(1.0 - tl.abs((j.to(tl.float32) - cx + 0.5) / sx), 0.0), 0.0)
+        wx_sum += wx
+        col = (left + j).to(tl.int64)
+        row_acc_r = tl.zeros([BX], dtype=tl.float32)
+        row_acc_g = tl.zeros([BX], dtype=tl.float32)
+        row_acc_b = tl.zeros([BX], dtype=tl.float32)
+        wy_sum = 0.0
+        for ty in range(0, y1 - y0):
+            jy = y0 + ty
+            wy = tl.maximum(1.0 - tl.abs((jy.to(tl.float32) - cy + 0.5) / sy), 0.0)
+            wy_sum += wy
+            base = X + (n * 3 * H + (top + jy).to(tl.int64)) * W + col
+            row_acc_r += wy * tl.load(base, mask=ok, other=0.0)
+            row_acc_g += wy * tl.load(base + H * W, mask=ok, other=0.0)
+            row_acc_b += wy * tl.load(base + 2 * H * W, mask=ok, other=0.0)
+        acc_r += wx * row_acc_r / wy_sum
+        acc_g += wx * row_acc_g / wy_sum
+        acc_b += wx * row_acc_b / wy_sum
+    norm = tl.where(wx_sum > 0, wx_sum, 1.0)  # lanes past the row end have no taps
+    out = OUT + (n * 3 * SH + y) * SW + xs
+    tl.store(out, tl.minimum(tl.maximum(acc_r / norm, 0.0), 1.0), mask=x_ok)
+    tl.store(out + SH * SW, tl.minimum(tl.maximum(acc_g / norm, 0.0), 1.0), mask=x_ok)
+    tl.store(out + 2 * SH * SW, tl.minimum(tl.maximum(acc_b / norm, 0.0), 1.0), mask=x_ok)
+
+
+_RESIZE = dict(BX=64, num_warps=2, num_stages=1)
+
+
+def resize(x, top, left, height, width, flip, size):
+    """Crop (top, left, height, width), antialiased bilinear resize to ``size`` and flip,
+    per sample, clamped to [0, 1]. x: float32 (N, 3, H, W) contiguous."""
+    n, _, H, W = x.shape
+    SH, SW = size
+    out = torch.empty(n, 3, SH, SW, device=x.device, dtype=torch.float32)
+    grid = (n, SH, triton.cdiv(SW, _RESIZE["BX"]))
+    _resize_kernel[grid](x.contiguous(), out, top, left, height, width, flip.int(), H, W, SH, SW,
+                         BX=_RESIZE["BX"], **_launch_opts(_RESIZE))
     return out
