@@ -372,28 +372,31 @@ class Normalize:
         return (x - mean) / std
 
 
+def _colour_args(n, device, jitter, gray, solarize):
+    """The colour kernels' per-sample arguments: (order, factors, flags, enabled, threshold)."""
+    zeros = torch.zeros(n, dtype=torch.int32, device=device)
+    flags = torch.stack([item[1]["apply"].int() if item is not None else zeros
+                         for item in (jitter, gray, solarize)], 1).contiguous()
+    if jitter is not None:
+        order = jitter[1]["order"].int().contiguous()
+        factors = jitter[1]["factors"].float().contiguous()
+        enabled = jitter[0].enabled
+    else:
+        order = torch.zeros(n, 4, dtype=torch.int32, device=device)
+        factors = torch.ones(n, 4, device=device)
+        enabled = [False] * 4
+    threshold = solarize[0].threshold if solarize is not None else 0.5
+    return order, factors, flags, enabled, threshold
+
+
 def colour_ops(x, jitter=None, gray=None, solarize=None):
     """ColorJitter, then RandomGrayscale, then RandomSolarize — each an (op, params) pair or
     None — on float32 images (N, 3, H, W): one fused Triton pass where the dispatch picks
     the kernels, the ops one by one otherwise (the same semantics)."""
     from fastssl import _dispatch
     if _dispatch.backend(x) == "triton":
-        n = x.shape[0]
-        zeros = torch.zeros(n, dtype=torch.int32, device=x.device)
-        flags = torch.stack([p["apply"].int() if p is not None else zeros
-                             for p in (jitter and jitter[1], gray and gray[1],
-                                       solarize and solarize[1])], 1).contiguous()
-        if jitter is not None:
-            order = jitter[1]["order"].int().contiguous()
-            factors = jitter[1]["factors"].float().contiguous()
-            enabled = jitter[0].enabled
-        else:
-            order = torch.zeros(n, 4, dtype=torch.int32, device=x.device)
-            factors = torch.ones(n, 4, device=x.device)
-            enabled = [False] * 4
-        threshold = solarize[0].threshold if solarize is not None else 0.5
-        return _dispatch.kernels("augment").colour(x.float(), order, factors, flags, enabled,
-                                                   threshold)
+        return _dispatch.kernels("augment").colour(
+            x.float(), *_colour_args(x.shape[0], x.device, jitter, gray, solarize))
     for item in (jitter, gray, solarize):
         if item is not None:
             x = item[0].apply(x, item[1])
@@ -454,14 +457,38 @@ class Augment:
         self.crop, self.ops = crop, list(ops)
         self.dtype, self.channels_last = dtype, channels_last
 
+    def _colour_run(self, i):
+        """Indices of a ColorJitter, RandomGrayscale, RandomSolarize run starting at op i
+        (None where one is absent), or None when op i starts no such run."""
+        found, j = [], i
+        for kind in (ColorJitter, RandomGrayscale, RandomSolarize):
+            if j < len(self.ops) and isinstance(self.ops[j], kind):
+                found.append(j)
+                j += 1
+            else:
+                found.append(None)
+        return found if j > i else None
+
     def sample(self, sizes, generator=None):
         n, device = sizes.shape[0], sizes.device
         return [self.crop.params(sizes, generator)] + [op.params(n, device, generator)
                                                       for op in self.ops]
 
     def apply(self, batch, params):
-        x = self.crop.apply(batch, params[0]).clamp_(0.0, 1.0)
+        from fastssl import _dispatch
         ops, ps, i = self.ops, params[1:], 0
+        run = self._colour_run(0)
+        if run and _dispatch.backend(batch) == "triton":
+            # Crop + resize + flip and the colour chain in one kernel (plus contrast's pass).
+            pc = params[0]
+            args = _colour_args(batch.shape[0], batch.device, *(
+                (ops[j], ps[j]) if j is not None else None for j in run))
+            x = _dispatch.kernels("augment").resize(
+                batch, pc["top"], pc["left"], pc["height"], pc["width"], pc["flip"],
+                self.crop.size, colour=args)
+            i = max(j for j in run if j is not None) + 1
+        else:
+            x = self.crop.apply(batch, params[0]).clamp_(0.0, 1.0)
         while i < len(ops):
             # ColorJitter, RandomGrayscale, RandomSolarize in a row: one fused pass.
             run = {}

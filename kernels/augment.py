@@ -1,7 +1,8 @@
 """Triton kernels for per-sample augmentation (semantics in fastssl/augment.py):
 
 - ``_resize_kernel``: crop, antialiased bilinear resize (torchvision's triangle filter and
-  bounds, separable weights normalised per axis) and horizontal flip, per output row;
+  bounds, separable weights normalised per axis) and horizontal flip, per output row, and
+  optionally the colour chain below on the resampled pixels (one kernel per view);
 - ``_colour_kernel``: ColorJitter (random op order per sample), RandomGrayscale and
   RandomSolarize in one pass over each image (plus a pass for contrast's mean, below);
 - ``_blur_rows_kernel`` / ``_blur_cols_kernel``: the separable reflect-padded Gaussian
@@ -67,20 +68,13 @@ def _hue(r, g, b, f):
 
 
 @triton.jit
-def _colour_kernel(X, OUT, ORDER, FACTORS, FLAGS, MEAN, PART, HW, threshold,
-                   EN_B: tl.constexpr, EN_C: tl.constexpr, EN_S: tl.constexpr,
-                   EN_H: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    ok = offs < HW
-    base = X + n * 3 * HW
-    r = tl.load(base + offs, mask=ok, other=0.0)
-    g = tl.load(base + HW + offs, mask=ok, other=0.0)
-    b = tl.load(base + 2 * HW + offs, mask=ok, other=0.0)
+def _chain(r, g, b, n, ORDER, FACTORS, FLAGS, mean, threshold,
+           EN_B: tl.constexpr, EN_C: tl.constexpr, EN_S: tl.constexpr, EN_H: tl.constexpr,
+           PHASE: tl.constexpr):
+    """The colour chain of sample n on pixel vectors r, g, b. PHASE 0 stops before contrast
+    (for its mean); PHASE 1 applies everything, grayscale and solarize included."""
     jitter = tl.load(FLAGS + n * 3)
-    mean = tl.load(MEAN + n)
-    seen_contrast = 0  # PHASE 0 applies only the ops before contrast
+    seen_contrast = 0
     for slot in tl.static_range(4):
         op = tl.load(ORDER + n * 4 + slot)
         f = tl.load(FACTORS + n * 4 + op)
@@ -108,10 +102,7 @@ def _colour_kernel(X, OUT, ORDER, FACTORS, FLAGS, MEAN, PART, HW, threshold,
             else:
                 if EN_H:
                     r, g, b = _hue(r, g, b, f)
-    if PHASE == 0:
-        part = tl.sum(tl.where(ok, _gray(r, g, b), 0.0), 0)
-        tl.store(PART + n * tl.num_programs(1) + blk, part)
-    else:
+    if PHASE == 1:
         if tl.load(FLAGS + n * 3 + 1) != 0:
             y = _gray(r, g, b)
             r = y
@@ -121,6 +112,27 @@ def _colour_kernel(X, OUT, ORDER, FACTORS, FLAGS, MEAN, PART, HW, threshold,
             r = tl.where(r >= threshold, 1.0 - r, r)
             g = tl.where(g >= threshold, 1.0 - g, g)
             b = tl.where(b >= threshold, 1.0 - b, b)
+    return r, g, b
+
+
+@triton.jit
+def _colour_kernel(X, OUT, ORDER, FACTORS, FLAGS, MEAN, PART, HW, threshold,
+                   EN_B: tl.constexpr, EN_C: tl.constexpr, EN_S: tl.constexpr,
+                   EN_H: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = offs < HW
+    base = X + n * 3 * HW
+    r = tl.load(base + offs, mask=ok, other=0.0)
+    g = tl.load(base + HW + offs, mask=ok, other=0.0)
+    b = tl.load(base + 2 * HW + offs, mask=ok, other=0.0)
+    r, g, b = _chain(r, g, b, n, ORDER, FACTORS, FLAGS, tl.load(MEAN + n), threshold,
+                     EN_B, EN_C, EN_S, EN_H, PHASE)
+    if PHASE == 0:
+        part = tl.sum(tl.where(ok, _gray(r, g, b), 0.0), 0)
+        tl.store(PART + n * tl.num_programs(1) + blk, part)
+    else:
         out = OUT + n * 3 * HW
         tl.store(out + offs, r, mask=ok)
         tl.store(out + HW + offs, g, mask=ok)
@@ -169,8 +181,13 @@ def shipped_configs():
             out.append((_blur_cols_kernel, sig, dict(K=k, KP=kp, BX=bx, NORMALIZE=True), _BLUR))
     out += _colour_configs()
     sig = {"X": "*fp32", "OUT": "*fp32", "TOP": "*i64", "LEFT": "*i64", "HEIGHT": "*i64",
-           "WIDTH": "*i64", "FLIP": "*i32", "H": "i32", "W": "i32", "SH": "i32", "SW": "i32"}
-    out.append((_resize_kernel, sig, dict(BX=_RESIZE["BX"]), _RESIZE))
+           "WIDTH": "*i64", "FLIP": "*i32", "ORDER": "*i32", "FACTORS": "*fp32",
+           "FLAGS": "*i32", "MEAN": "*fp32", "PART": "*fp32", "H": "i32", "W": "i32",
+           "SH": "i32", "SW": "i32", "threshold": "fp32"}
+    for colour, phase in ((False, 1), (True, 0), (True, 1)):
+        ce = dict(EN_B=colour, EN_C=colour, EN_S=colour, EN_H=colour, COLOUR=colour,
+                  PHASE=phase, BX=_RESIZE["BX"])
+        out.append((_resize_kernel, sig, ce, _RESIZE))
     return out
 
 
@@ -292,14 +309,9 @@ def _window(i, start, length, S):
 
 
 @triton.jit
-def _resize_kernel(X, OUT, TOP, LEFT, HEIGHT, WIDTH, FLIP, H, W, SH, SW,
-                   BX: tl.constexpr):
-    """OUT[n, :, y, x] = sum_{taps} wy * wx * X[n, :, top + ty, left + tx] / (sum wy sum wx):
-    crop, antialiased bilinear resize and flip of one output row block per program."""
-    n = tl.program_id(0).to(tl.int64)
-    y = tl.program_id(1)
-    xs = tl.program_id(2) * BX + tl.arange(0, BX)
-    x_ok = xs < SW
+def _resample(X, n, y, xs, x_ok, TOP, LEFT, HEIGHT, WIDTH, FLIP, H, W, SH, SW):
+    """Output row y, columns xs of sample n: crop, antialiased bilinear resize, flip;
+    clamped to [0, 1]. Returns (r, g, b)."""
     top = tl.load(TOP + n).to(tl.int32)
     left = tl.load(LEFT + n).to(tl.int32)
     hgt = tl.load(HEIGHT + n).to(tl.float32)
@@ -309,48 +321,97 @@ def _resize_kernel(X, OUT, TOP, LEFT, HEIGHT, WIDTH, FLIP, H, W, SH, SW,
     cy, sy, y0, y1 = _window(y.to(tl.float32), top * 0, hgt, SH)
     cx, sx, x0, x1 = _window(src_x, top * 0, wid, SW)
     ntx = (2.0 * sx + 2.0).to(tl.int32)  # an upper bound on the taps of any column
-    acc_r = tl.zeros([BX], dtype=tl.float32)
-    acc_g = tl.zeros([BX], dtype=tl.float32)
-    acc_b = tl.zeros([BX], dtype=tl.float32)
-    wx_sum = tl.zeros([BX], dtype=tl.float32)
+    acc_r = tl.zeros(xs.shape, dtype=tl.float32)
+    acc_g = tl.zeros(xs.shape, dtype=tl.float32)
+    acc_b = tl.zeros(xs.shape, dtype=tl.float32)
+    wx_sum = tl.zeros(xs.shape, dtype=tl.float32)
     for tx in range(0, ntx):
         j = x0 + tx
         ok = x_ok & (j < x1)
         wx = tl.where(ok, tl.maximum(1.0 - tl.abs((j.to(tl.float32) - cx + 0.5) / sx), 0.0), 0.0)
         wx_sum += wx
         col = (left + j).to(tl.int64)
-        row_acc_r = tl.zeros([BX], dtype=tl.float32)
-        row_acc_g = tl.zeros([BX], dtype=tl.float32)
-        row_acc_b = tl.zeros([BX], dtype=tl.float32)
+        row_r = tl.zeros(xs.shape, dtype=tl.float32)
+        row_g = tl.zeros(xs.shape, dtype=tl.float32)
+        row_b = tl.zeros(xs.shape, dtype=tl.float32)
         wy_sum = 0.0
         for ty in range(0, y1 - y0):
             jy = y0 + ty
             wy = tl.maximum(1.0 - tl.abs((jy.to(tl.float32) - cy + 0.5) / sy), 0.0)
             wy_sum += wy
             base = X + (n * 3 * H + (top + jy).to(tl.int64)) * W + col
-            row_acc_r += wy * tl.load(base, mask=ok, other=0.0)
-            row_acc_g += wy * tl.load(base + H * W, mask=ok, other=0.0)
-            row_acc_b += wy * tl.load(base + 2 * H * W, mask=ok, other=0.0)
-        acc_r += wx * row_acc_r / wy_sum
-        acc_g += wx * row_acc_g / wy_sum
-        acc_b += wx * row_acc_b / wy_sum
+            row_r += wy * tl.load(base, mask=ok, other=0.0)
+            row_g += wy * tl.load(base + H * W, mask=ok, other=0.0)
+            row_b += wy * tl.load(base + 2 * H * W, mask=ok, other=0.0)
+        acc_r += wx * row_r / wy_sum
+        acc_g += wx * row_g / wy_sum
+        acc_b += wx * row_b / wy_sum
     norm = tl.where(wx_sum > 0, wx_sum, 1.0)  # lanes past the row end have no taps
-    out = OUT + (n * 3 * SH + y) * SW + xs
-    tl.store(out, tl.minimum(tl.maximum(acc_r / norm, 0.0), 1.0), mask=x_ok)
-    tl.store(out + SH * SW, tl.minimum(tl.maximum(acc_g / norm, 0.0), 1.0), mask=x_ok)
-    tl.store(out + 2 * SH * SW, tl.minimum(tl.maximum(acc_b / norm, 0.0), 1.0), mask=x_ok)
+    return (tl.minimum(tl.maximum(acc_r / norm, 0.0), 1.0),
+            tl.minimum(tl.maximum(acc_g / norm, 0.0), 1.0),
+            tl.minimum(tl.maximum(acc_b / norm, 0.0), 1.0))
+
+
+@triton.jit
+def _resize_kernel(X, OUT, TOP, LEFT, HEIGHT, WIDTH, FLIP, ORDER, FACTORS, FLAGS, MEAN, PART,
+                   H, W, SH, SW, threshold,
+                   EN_B: tl.constexpr, EN_C: tl.constexpr, EN_S: tl.constexpr,
+                   EN_H: tl.constexpr, COLOUR: tl.constexpr, PHASE: tl.constexpr,
+                   BX: tl.constexpr):
+    """One output row block of sample n: resample, then (COLOUR) the colour chain. With
+    COLOUR and PHASE 0 it only writes the row block's partial grayscale sum (contrast's
+    mean); otherwise it writes the pixels."""
+    n = tl.program_id(0).to(tl.int64)
+    y = tl.program_id(1)
+    xb = tl.program_id(2)
+    xs = xb * BX + tl.arange(0, BX)
+    x_ok = xs < SW
+    r, g, b = _resample(X, n, y, xs, x_ok, TOP, LEFT, HEIGHT, WIDTH, FLIP, H, W, SH, SW)
+    if COLOUR:
+        r, g, b = _chain(r, g, b, n, ORDER, FACTORS, FLAGS, tl.load(MEAN + n), threshold,
+                         EN_B, EN_C, EN_S, EN_H, PHASE)
+    if COLOUR and PHASE == 0:
+        part = tl.sum(tl.where(x_ok, _gray(r, g, b), 0.0), 0)
+        tl.store(PART + (n * SH + y) * tl.num_programs(2) + xb, part)
+    else:
+        out = OUT + (n * 3 * SH + y) * SW + xs
+        tl.store(out, r, mask=x_ok)
+        tl.store(out + SH * SW, g, mask=x_ok)
+        tl.store(out + 2 * SH * SW, b, mask=x_ok)
 
 
 _RESIZE = dict(BX=64, num_warps=2, num_stages=1)
 
 
-def resize(x, top, left, height, width, flip, size):
+def resize(x, top, left, height, width, flip, size, colour=None):
     """Crop (top, left, height, width), antialiased bilinear resize to ``size`` and flip,
-    per sample, clamped to [0, 1]. x: float32 (N, 3, H, W) contiguous."""
+    per sample, clamped to [0, 1]; with ``colour`` = (order, factors, flags, enabled,
+    threshold) (see ``colour``) the colour chain runs in the same kernel.
+    x: float32 (N, 3, H, W)."""
     n, _, H, W = x.shape
     SH, SW = size
     out = torch.empty(n, 3, SH, SW, device=x.device, dtype=torch.float32)
     grid = (n, SH, triton.cdiv(SW, _RESIZE["BX"]))
-    _resize_kernel[grid](x.contiguous(), out, top, left, height, width, flip.int(), H, W, SH, SW,
-                         BX=_RESIZE["BX"], **_launch_opts(_RESIZE))
+    x = x.contiguous()
+    geometry = (top, left, height, width, flip.int())
+    if colour is None:
+        dummy_i = torch.zeros(1, dtype=torch.int32, device=x.device)
+        dummy_f = torch.zeros(1, dtype=torch.float32, device=x.device)
+        _resize_kernel[grid](x, out, *geometry, dummy_i, dummy_f, dummy_i, dummy_f, dummy_f,
+                             H, W, SH, SW, 0.5, EN_B=False, EN_C=False, EN_S=False, EN_H=False,
+                             COLOUR=False, PHASE=1, BX=_RESIZE["BX"], **_launch_opts(_RESIZE))
+        return out
+    order, factors, flags, enabled, threshold = colour
+    en = dict(EN_B=bool(enabled[0]), EN_C=bool(enabled[1]), EN_S=bool(enabled[2]),
+              EN_H=bool(enabled[3]))
+    mean = torch.zeros(n, device=x.device, dtype=torch.float32)
+    if enabled[1]:
+        part = torch.empty(n, SH, grid[2], device=x.device, dtype=torch.float32)
+        _resize_kernel[grid](x, out, *geometry, order, factors, flags, mean, part, H, W, SH, SW,
+                             float(threshold), COLOUR=True, PHASE=0, BX=_RESIZE["BX"], **en,
+                             **_launch_opts(_RESIZE))
+        mean = part.sum((1, 2)) / (SH * SW)
+    _resize_kernel[grid](x, out, *geometry, order, factors, flags, mean, mean, H, W, SH, SW,
+                         float(threshold), COLOUR=True, PHASE=1, BX=_RESIZE["BX"], **en,
+                         **_launch_opts(_RESIZE))
     return out
