@@ -247,11 +247,17 @@ def test_augment_returns_replayable_params():
     assert torch.equal(aug.apply(batch, params), out)
 
 
-def test_one_pixel_images_and_border_crops():
+def test_one_pixel_images_and_border_crops(backend):
     x = torch.randint(0, 256, (4, 3, 1, 1), dtype=torch.uint8)
-    out = A.SimCLRAugment(size=8, normalize=False)(x)
+    out = A.SimCLRAugment(size=8, normalize=False)(x, generator=torch.Generator().manual_seed(0))
     for v in out:
         assert v.shape == (4, 3, 8, 8) and torch.isfinite(v).all()
+        assert v.min() >= 0 and v.max() <= 1
+    # A 1x1 image resizes to a constant; the colour ops keep each view constant per channel.
+    crop = A.RandomResizedCrop(5)
+    batch, sizes = A.as_batch(x)
+    resized = crop.apply(batch, crop.params(sizes, torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(resized, batch.expand(-1, -1, 5, 5), rtol=0, atol=1e-6)
 
 
 def test_bad_inputs():
