@@ -555,8 +555,10 @@ def markdown(result):
                   f"{100 * r['fraction_of_copy_bandwidth']:.0f}% |" for r in result["rows"]]
         return "\n".join(lines) + "\n"
     if result["op"] == "maxbatch":
-        lines += ["| impl | D | dtype | largest 2N that completes | stopped by |", "|---|---|---|---|---|"]
-        lines += [f"| {r['impl']} | {r['D']} | {r['dtype']} | {r['max_rows']} | {r['stopped_by']} |"
+        lines += ["| impl | D | dtype | largest 2N that completes | stopped by | memory budget |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['impl']} | {r['D']} | {r['dtype']} | {r['max_rows']} | {r['stopped_by']} | "
+                  + (f"{r['budget_mib']} MiB extra (CPU) |" if "budget_mib" in r else "the GPU |")
                   for r in result["rows"]]
         return "\n".join(lines) + "\n"
     lines += [f"| impl | {size_name} | D | dtype | fwd ms | bwd ms | fwd+bwd ms | peak extra MiB |"
