@@ -148,8 +148,14 @@ def test_colour_ops_each_alone(backend):
     g = torch.Generator().manual_seed(5)
     gray, sol = A.RandomGrayscale(0.5), A.RandomSolarize(0.5, 0.5)
     pg, ps = gray.params(8, x.device, g), sol.params(8, x.device, g)
-    torch.testing.assert_close(A.colour_ops(x, gray=(gray, pg)), gray.apply(x, pg), rtol=0, atol=1e-6)
-    torch.testing.assert_close(A.colour_ops(x, solarize=(sol, ps)), sol.apply(x, ps), rtol=0, atol=0)
+    got_g, got_s = A.colour_ops(x, gray=(gray, pg)), A.colour_ops(x, solarize=(sol, ps))
+    assert 0 < int(pg["apply"].sum()) < 8 and 0 < int(ps["apply"].sum()) < 8
+    for i in range(8):
+        xi = x[i].double()
+        want = ref_gray(xi)[None].expand(3, -1, -1) if pg["apply"][i] else xi
+        torch.testing.assert_close(got_g[i].double(), want, rtol=0, atol=1e-6)
+        want = torch.where(xi >= 0.5, 1 - xi, xi) if ps["apply"][i] else xi
+        torch.testing.assert_close(got_s[i].double(), want, rtol=0, atol=1e-7)
 
 
 def test_grayscale_solarize_normalize():
@@ -169,6 +175,20 @@ def test_grayscale_solarize_normalize():
     torch.testing.assert_close(out_n.double(), (x.double() - mean) / std, rtol=0, atol=1e-6)
 
 
+def ref_blur(img, k, sigma):
+    """float64 Gaussian blur of one image (3, H, W): conv2d with reflect padding, the kernel
+    capped per axis at 2 * side - 1 taps (reflect padding needs pad < side)."""
+    def kernel(side):
+        kk = min(k, 2 * side - 1)
+        half = (kk - 1) / 2
+        t = torch.linspace(-half, half, kk, dtype=torch.float64)
+        kern = torch.exp(-0.5 * (t / sigma) ** 2)
+        return kern / kern.sum()
+    ky, kx = kernel(img.shape[1]), kernel(img.shape[2])
+    xi = tF.pad(img[None].double(), [len(kx) // 2] * 2 + [len(ky) // 2] * 2, mode="reflect")
+    return tF.conv2d(xi, (ky[:, None] * kx[None, :]).expand(3, 1, len(ky), len(kx)), groups=3)[0]
+
+
 @pytest.mark.parametrize("k,size", [(23, 40), (5, 7), (9, 3)])
 def test_blur_matches_reflect_padded_conv(backend, k, size):
     x = float_images(n=4, h=size, w=size + 2, seed=3)
@@ -179,17 +199,8 @@ def test_blur_matches_reflect_padded_conv(backend, k, size):
         if not p["apply"][i]:
             torch.testing.assert_close(got[i], x[i], rtol=0, atol=0)
             continue
-        def kernel(side):  # reflect padding needs pad < side: the kernel is capped per axis
-            kk = min(k, 2 * side - 1)
-            half = (kk - 1) / 2
-            t = torch.linspace(-half, half, kk, dtype=torch.float64)
-            kern = torch.exp(-0.5 * (t / float(p["sigma"][i])) ** 2)
-            return kern / kern.sum()
-        ky, kx = kernel(x.shape[2]), kernel(x.shape[3])
-        xi = tF.pad(x[i:i + 1].double(), [len(kx) // 2] * 2 + [len(ky) // 2] * 2, mode="reflect")
-        want = tF.conv2d(xi, (ky[:, None] * kx[None, :]).expand(3, 1, len(ky), len(kx)),
-                         groups=3)[0]
-        torch.testing.assert_close(got[i].double(), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[i].double(), ref_blur(x[i], k, float(p["sigma"][i])),
+                                   rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- views and presets
@@ -202,6 +213,31 @@ def test_fused_and_portable_views_agree(monkeypatch):
         out[name] = A.BYOLAugment(size=16)(x, generator=torch.Generator().manual_seed(3))
     for a, b in zip(out["torch"], out["triton"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_crop_and_colour_view_against_references(backend):
+    """One view: crop/resize/flip then jitter -> gray -> solarize (one kernel on the Triton
+    path), against torch's antialiased interpolate and the float64 / colorsys colour ops."""
+    x = images(n=6, h=23, w=29, seed=8)
+    aug = A.Augment(A.RandomResizedCrop(9, scale=(0.1, 1.0)),
+                    A.ColorJitter(0.4, 0.4, 0.3, 0.1, p=0.8), A.RandomGrayscale(0.3),
+                    A.RandomSolarize(0.5, 0.4))
+    out, (pc, pj, pg, ps) = aug(x, generator=torch.Generator().manual_seed(9), return_params=True)
+    batch, _ = A.as_batch(x)
+    for i in range(6):
+        t, l, h, w = (int(pc[k][i]) for k in ("top", "left", "height", "width"))
+        want = tF.interpolate(batch[i:i + 1, :, t:t + h, l:l + w].double(), size=(9, 9),
+                              mode="bilinear", antialias=True)[0].clamp(0, 1)
+        if pc["flip"][i]:
+            want = want.flip(-1)
+        if pj["apply"][i]:
+            for op in pj["order"][i].tolist():
+                want = ref_adjust(want, op, float(pj["factors"][i, op]))
+        if pg["apply"][i]:
+            want = ref_gray(want)[None].expand(3, -1, -1)
+        if ps["apply"][i]:
+            want = torch.where(want >= 0.5, 1 - want, want)
+        torch.testing.assert_close(out[i].double(), want, rtol=0, atol=2e-5)
 
 
 def test_generator_makes_views_reproducible_and_views_independent():
@@ -291,6 +327,13 @@ def test_blur_solarize_normalize_cast_fused(backend, dtype):
     pb, ps = blur.params(5, x.device, g), sol.params(5, x.device, g)
     got = A.blur_finish(x, (blur, pb), (sol, ps), (norm, {}), dtype, channels_last=True)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
-    want = norm.apply(sol.apply(blur.apply(x, pb), ps), {}).double()
+    mean = torch.tensor(A.IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(A.IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    want = []
+    for i in range(5):
+        v = ref_blur(x[i], 5, float(pb["sigma"][i])) if pb["apply"][i] else x[i].double()
+        v = torch.where(v >= 0.55, 1 - v, v) if ps["apply"][i] else v
+        want.append((v - mean) / std)
+    want = torch.stack(want)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * want.abs().max().item()
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
