@@ -24,7 +24,9 @@ follows torchvision's tensor semantics per sample:
 - ``RandomSolarize``: x >= threshold -> 1 - x.
 - ``Normalize``: (x - mean) / std, then the output dtype and memory format.
 
-``Augment(ops)`` chains ops (the crop first) into one view; presets return several views.
+``Augment(ops)`` chains ops (the crop first) into one view; presets return several views
+(their keyword arguments ``flip_p``, ``normalize``, ``dtype`` and ``channels_last`` apply to
+every view).
 Images: uint8 (N, C, H, W) or (N, H, W, C) (``channels_last_input=True``), a list of uint8
 (C, H, W) images of different sizes, or float images in [0, 1].
 """
@@ -517,7 +519,7 @@ class Augment:
         return (out, params) if return_params else out
 
 
-def _recipe(size, scale, jitter, blur_p, solarize_p, normalize=True, **kw):
+def _recipe(size, scale, jitter, blur_p, solarize_p, normalize=True, flip_p=0.5, **kw):
     ops = [ColorJitter(*jitter, p=0.8), RandomGrayscale(0.2)]
     if blur_p > 0:
         ops.append(GaussianBlur(p=blur_p))
@@ -525,7 +527,7 @@ def _recipe(size, scale, jitter, blur_p, solarize_p, normalize=True, **kw):
         ops.append(RandomSolarize(p=solarize_p))
     if normalize:
         ops.append(Normalize())
-    return Augment(RandomResizedCrop(size, scale=scale), *ops, **kw)
+    return Augment(RandomResizedCrop(size, scale=scale, flip_p=flip_p), *ops, **kw)
 
 
 class MultiView:

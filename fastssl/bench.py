@@ -354,25 +354,26 @@ def max_batch(fits, start, cap, step, log, name):
     return good, "memory"
 
 
-def bench_maxbatch(quick, log, save=_noop):
+def bench_maxbatch(quick, log, save=_noop, dims=None, dtypes=None):
     rows = []
     if torch.cuda.is_available():
-        D, dtype, cap = 128, torch.bfloat16, (1 << 17) if quick else (1 << 21)
+        D, cap = (dims or [128])[0], (1 << 17) if quick else (1 << 21)
+        dtype = getattr(torch, (dtypes or ["bfloat16"])[0])
         free = torch.cuda.mem_get_info()[1] / 2 ** 30
         log(f"largest NT-Xent 2N whose forward+backward completes on one GPU "
-            f"({free:.0f} GiB), D={D}, bf16; fastssl capped at {cap} rows (time, not memory)")
+            f"({free:.0f} GiB), D={D}, {str(dtype)[6:]}; fastssl capped at {cap} rows (time, not memory)")
         for name, fn in IMPLS["infonce"].items():
             size, why = max_batch(lambda s: _fits_gpu(fn, s, D, dtype), 4096, cap, 1024,
                                   log, name)
-            rows.append({"op": "maxbatch", "impl": name, "D": D, "dtype": "bfloat16",
+            rows.append({"op": "maxbatch", "impl": name, "D": D, "dtype": str(dtype)[6:],
                          "max_rows": size, "stopped_by": why})
             save(rows)
     else:
-        D, dtype = 64, "float32"
+        D, dtype = (dims or [64])[0], (dtypes or ["float32"])[0]
         budget = 512 if quick else 2048
         cap = 8192 if quick else 65536
         log(f"CPU run: largest NT-Xent 2N whose forward+backward stays within {budget} MiB of "
-            f"extra memory (peak RSS of a child process), D={D}, fp32, capped at {cap} rows")
+            f"extra memory (peak RSS of a child process), D={D}, {dtype}, capped at {cap} rows")
         for impl in ("fastssl", "eager"):
             size, why = max_batch(lambda s: _fits_cpu(impl, s, D, dtype, budget), 1024, cap,
                                   512, log, impl)
@@ -489,36 +490,51 @@ def _torchvision_loop(images, size):
     return torch.stack([aug(im) for im in images])
 
 
-def bench_augment(quick, log, save=_noop):
-    """The BYOL recipe: uint8 (N, 3, H, W) -> two views, in views per second."""
+def bench_augment(quick, log, save=_noop, sizes=None, dtypes=None):
+    """The BYOL recipe: uint8 (N, 3, H, W) -> two views, in views per second, for each batch
+    size N in ``sizes``."""
     from fastssl.augment import BYOLAugment
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    n, side, size = (256, 256, 224) if cuda else ((16, 128, 96) if quick else (64, 256, 224))
-    dtype = torch.bfloat16 if cuda else torch.float32
-    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, device=device)
-    aug = BYOLAugment(size=size, dtype=dtype)
-    impls = {"fastssl": lambda: aug(images)}
-    try:
-        import torchvision  # noqa: F401
-        impls["torchvision v2, per-sample loop"] = lambda: _torchvision_loop(images, size)
-    except Exception as e:
-        log(f"note: torchvision not benchmarked ({type(e).__name__}: {e})")
-    try:
-        import kornia  # noqa: F401
-    except Exception as e:
-        log(f"note: kornia not benchmarked ({type(e).__name__}: {e})")
-    log(f"BYOL recipe: {n} uint8 images {side}x{side} -> 2 views {size}x{size} "
-        f"{str(dtype).replace('torch.', '')} on {device}")
+    side, size = (128, 96) if quick and not cuda else (256, 224)
+    if not sizes:
+        sizes = ([256] if quick else [64, 256, 1024]) if cuda else ([16] if quick else [16, 64])
+    dtype = getattr(torch, (dtypes or ["bfloat16" if cuda else "float32"])[0])
     rows = []
-    for impl, fn in impls.items():
-        views = 2 if impl == "fastssl" else 1
-        ms = _time(fn, cuda, 5 if not cuda else 20)
-        row = {"op": "augment", "impl": impl, "batch": n, "side": side, "size": size,
-               "views_per_call": views * n, "ms": ms, "views_per_s": views * n / ms * 1e3}
-        rows.append(row)
-        log(f"  {impl:>32}: {ms:9.2f} ms per call, {row['views_per_s']:10.0f} views/s")
-        save(rows)
+    for n in sizes:
+        images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, device=device)
+        aug = BYOLAugment(size=size, dtype=dtype)
+        impls = {"fastssl": lambda: aug(images)}
+        try:
+            import torchvision  # noqa: F401
+            impls["torchvision v2, per-sample loop"] = lambda: _torchvision_loop(images, size)
+        except Exception as e:
+            if n == sizes[0]:
+                log(f"note: torchvision not benchmarked ({type(e).__name__}: {e})")
+        if n == sizes[0]:
+            try:
+                import kornia  # noqa: F401
+            except Exception as e:
+                log(f"note: kornia not benchmarked ({type(e).__name__}: {e})")
+        log(f"BYOL recipe: {n} uint8 images {side}x{side} -> 2 views {size}x{size} "
+            f"{str(dtype).replace('torch.', '')} on {device}")
+        for impl, fn in impls.items():
+            views = 2 if impl == "fastssl" else 1
+            ms = _time(fn, cuda, 5 if not cuda else 20)
+            row = {"op": "augment", "impl": impl, "batch": n, "side": side, "size": size,
+                   "dtype": str(dtype).replace("torch.", ""), "views_per_call": views * n,
+                   "ms": ms, "views_per_s": views * n / ms * 1e3}
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn()
+                torch.cuda.synchronize()
+                row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            rows.append(row)
+            log(f"  {impl:>32}: {ms:9.2f} ms per call, {row['views_per_s']:10.0f} views/s")
+            save(rows)
+        del images
     return rows, {}
 
 
@@ -543,9 +559,10 @@ def markdown(result):
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
              f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]
     if result["op"] == "augment":
-        lines += ["| impl | batch | input | view | views per call | ms | views/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| impl | batch | input | view | dtype | views per call | ms | views/s |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['impl']} | {r['batch']} | {r['side']}² | {r['size']}² | "
+                  f"{r.get('dtype', 'float32')} | "
                   f"{r['views_per_call']} | {r['ms']:.2f} | {r['views_per_s']:.0f} |"
                   for r in result["rows"]]
         return "\n".join(lines) + "\n"
@@ -583,15 +600,22 @@ def _slug(device):
 
 def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
     """Run one benchmark; the JSON and markdown files are rewritten after every measured row,
-    so a run stopped early still leaves what it measured."""
+    so a run stopped early still leaves what it measured. A PNG plot goes beside them."""
+    if op == "all":
+        return run_all(sizes, dims, dtypes, quick, out_dir, log)
     if op not in OPS:
-        raise ValueError(f"unknown benchmark {op!r}; available: {', '.join(OPS)}")
+        raise ValueError(f"unknown benchmark {op!r}; available: {', '.join(OPS)}, all")
     cuda = torch.cuda.is_available()
     env = environment()
     out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{_slug(env['device'] if cuda else 'cpu')}-{env['date']}-{op}")
     extra = {}
+    ignored = [name for name, v, used in (("--sizes", sizes, op not in ("maxbatch", "ema")),
+                                           ("--dims", dims, op not in ("augment", "ema")),
+                                           ("--dtypes", dtypes, op != "ema")) if v and not used]
+    if ignored:
+        log(f"note: {op} does not take {', '.join(ignored)} (ignored)")
 
     def save(rows):
         result = {"op": op, "cpu": not cuda, "environment": env, "rows": rows, **extra}
@@ -604,11 +628,11 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
     if op == "maxbatch":
         if not cuda:
             log("CPU run: the portable path against eager PyTorch.")
-        rows, extra = bench_maxbatch(quick, log, save)
+        rows, extra = bench_maxbatch(quick, log, save, dims, dtypes)
     elif op == "augment":
         if not cuda:
             log("CPU run: the portable path (batched per-sample matrices and torch ops).")
-        rows, extra = bench_augment(quick, log, save)
+        rows, extra = bench_augment(quick, log, save, sizes, dtypes)
     elif op == "ema":
         if not cuda:
             log("CPU run: fastssl takes torch._foreach_lerp_ on CPU tensors; the CUDA kernel "
@@ -629,10 +653,10 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save)
     else:
         if op in ("barlow", "vicreg"):
-            sizes = sizes or ([256] if quick else [256, 2048])
+            sizes = sizes or ([256] if quick else [256, 1024, 2048])
             dims = dims or ([1024] if quick else [4096])
         else:
-            sizes = sizes or ([2048, 4096] if quick else [4096, 16384])
+            sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
             dims = dims or ([64] if op == "infonce" else [256])
         dtypes = dtypes or ["float32"]
         log("CPU run: the portable path (chunked PyTorch) against eager PyTorch; the Triton "
@@ -641,5 +665,135 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
             "forward+backward above its RSS before it.")
         rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
     result = save(rows)
-    log(f"wrote {stem}.json and {stem}.md")
+    written = [stem + ".json", stem + ".md"]
+    try:
+        plot(result, stem + ".png")
+        written.append(stem + ".png")
+    except ImportError:
+        log("note: matplotlib is not installed; no plot written")
+    log(f"wrote {', '.join(written)}")
+    result["files"] = written
     return result
+
+
+def run_all(sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
+    """Every benchmark in turn with the same flags; one markdown summary of all of them."""
+    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
+    results = []
+    for op in OPS:
+        log(f"== {op}")
+        results.append(run(op, sizes, dims, dtypes, quick, out_dir, log))
+    env = results[0]["environment"]
+    cuda = not results[0]["cpu"]
+    path = os.path.join(out_dir, f"{_slug(env['device'] if cuda else 'cpu')}-{env['date']}-all.md")
+    with open(path, "w") as f:
+        f.write(summary(results))
+    log(f"wrote {path}")
+    return results
+
+
+def headline(result):
+    """One line: fastssl against the strongest baseline at the largest size both finished."""
+    rows = [r for r in result["rows"] if "error" not in r]
+    op = result["op"]
+    if op == "maxbatch":
+        return "; ".join(f"{r['impl']}: 2N = {r['max_rows']}" for r in rows)
+    if op == "ema":
+        parts = []
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == model and r["impl"] == "fastssl"]
+            others = [r for r in rows if r["model"] == model and r["impl"] != "fastssl"]
+            if mine and others:
+                best = min(others, key=lambda r: r["ms"])
+                parts.append(f"{model}: {mine[0]['ms']:.2f} ms vs {best['impl']} {best['ms']:.2f} ms")
+        return "; ".join(parts)
+    if op == "augment":
+        return "; ".join(f"{r['impl']}, batch {r['batch']}: {r['views_per_s']:.0f} views/s" for r in rows)
+    key = lambda r: (r["D"], r["dtype"])  # noqa: E731
+    best_line = ""
+    for group in dict.fromkeys(map(key, rows)):
+        mine = {r["rows"]: r for r in rows if key(r) == group and r["impl"].startswith("fastssl")}
+        others = [r for r in rows if key(r) == group and not r["impl"].startswith("fastssl")
+                  and r["rows"] in mine]
+        if not others:
+            continue
+        size = max(r["rows"] for r in others)
+        best = min((r for r in others if r["rows"] == size), key=lambda r: r["fwd_bwd_ms"])
+        m = mine[size]
+        best_line = (f"size {size}, D {group[0]}, {group[1]}: {m['fwd_bwd_ms']:.1f} ms / "
+                     f"{m['peak_extra_mib']:.0f} MiB vs {best['impl']} {best['fwd_bwd_ms']:.1f} ms / "
+                     f"{best['peak_extra_mib']:.0f} MiB")
+    return best_line
+
+
+def summary(results, image_dir=None):
+    """Markdown: a table of every result (device, date, versions, headline), then each table
+    and its plot."""
+    lines = ["| op | device | date | versions | fastssl vs the strongest baseline (fwd+bwd, peak extra memory) |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        env = r["environment"]
+        device = env["device"] + (" — **CPU run**" if r["cpu"] else "")
+        versions = (f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}"
+                    + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
+        lines.append(f"| {r['op']} | {device} | {env['date']} | {versions} | {headline(r)} |")
+    parts = ["\n".join(lines) + "\n"]
+    for r in results:
+        parts.append(markdown(r))
+        png = r.get("plot")
+        if png:
+            parts.append(f"![{r['op']}]({os.path.join(image_dir, png) if image_dir else png})\n")
+    return "\n".join(parts)
+
+
+def _label(r):
+    return f"{r['impl']}" + (f", D={r['D']}, {r['dtype']}" if "D" in r else "")
+
+
+def plot(result, path):
+    """A PNG beside the JSON: time and memory against batch size, one line per implementation
+    (and D, dtype); bars for ``maxbatch`` and ``ema``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    env, op = result["environment"], result["op"]
+    rows = [r for r in result["rows"] if "error" not in r]
+    title = f"{op} on {env['device']}{' (CPU run)' if result['cpu'] else ''}, {env['date']}"
+    if op in ("maxbatch", "ema"):
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        if op == "maxbatch":
+            labels, values = [_label(r) for r in rows], [r["max_rows"] for r in rows]
+            ax.set_xlabel("largest 2N whose forward+backward completes")
+        else:
+            labels, values = [f"{r['model']}: {r['impl']}" for r in rows], [r["ms"] for r in rows]
+            ax.set_xlabel("ms per update")
+        ax.barh(labels, values, color=["C0" if "fastssl" in lab else "C7" for lab in labels])
+        ax.invert_yaxis()
+    else:
+        size_key, time_key = ("batch", "ms") if op == "augment" else ("rows", "fwd_bwd_ms")
+        has_mem = any("peak_extra_mib" in r for r in rows)
+        fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4),
+                                 squeeze=False)
+        lines = {}
+        for r in rows:
+            label = _label(r) if op != "augment" else r["impl"]
+            lines.setdefault(label, []).append(r)
+        panels = [(time_key, "ms per call" if op == "augment" else "forward+backward ms")]
+        if has_mem:
+            panels.append(("peak_extra_mib", "peak extra memory (MiB)"))
+        for ax, (key, ylabel) in zip(axes[0], panels):
+            for label, rs in lines.items():
+                rs = sorted((r for r in rs if key in r), key=lambda r: r[size_key])
+                ax.plot([r[size_key] for r in rs], [r[key] for r in rs], marker="o", label=label,
+                        linestyle="-" if "fastssl" in label else "--")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel({"infonce": "2N (rows)", "siglip": "n (pairs)", "augment": "batch"}.get(op, "N (batch)"))
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    result["plot"] = os.path.basename(path)

@@ -39,6 +39,8 @@ def test_bench_quick_writes_valid_json(tmp_path):
         assert "error" not in row, row
         assert row["fwd_bwd_ms"] > 0 and row["peak_extra_mib"] >= 0
     assert (tmp_path / path.name.replace(".json", ".md")).read_text().count("|") > 10
+    with open(tmp_path / path.name.replace(".json", ".png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_arguments_give_usage_not_traceback():
@@ -73,3 +75,24 @@ def test_bench_siglip_quick_on_cpu(tmp_path):
     (path,) = tmp_path.glob("*-siglip.json")
     rows = json.loads(path.read_text())["rows"]
     assert rows and all("error" not in r and r["fwd_bwd_ms"] > 0 for r in rows)
+
+
+def test_bench_all_runs_every_op_into_one_summary(tmp_path, monkeypatch):
+    from fastssl import bench
+    monkeypatch.setattr(bench, "OPS", ("ema", "augment"))  # the two quickest on CPU
+    logged = []
+    results = bench.run("all", quick=True, dtypes=["float32"], out_dir=str(tmp_path),
+                        log=logged.append)
+    assert [r["op"] for r in results] == ["ema", "augment"]
+    assert any("ema does not take --dtypes" in line for line in logged)
+    for op in ("ema", "augment"):
+        (path,) = tmp_path.glob(f"*-{op}.json")
+        result = json.loads(path.read_text())
+        assert set(result) >= {"op", "cpu", "environment", "rows"} and result["rows"]
+        with open(str(path).replace(".json", ".png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    (summary,) = tmp_path.glob("*-all.md")
+    text = summary.read_text()
+    assert "| ema |" in text and "| augment |" in text and "### augment" in text
+    if not torch.cuda.is_available():
+        assert "**CPU run**" in text

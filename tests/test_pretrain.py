@@ -1,0 +1,149 @@
+"""``fastssl pretrain``: every method trains (loss falls, report written), the evaluation
+matches scikit-learn, the default SimCLR run clears the quality bar, the CLI reports bad
+arguments with a usage message."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastssl import pretrain as P
+
+SHORT = dict(epochs=2, max_steps=12, batch_size=64, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("method", P.METHODS)
+def test_short_run_lowers_the_loss_and_writes_the_report(method, tmp_path):
+    # MoCo's loss first rises while real keys replace the queue's random start (1024 keys,
+    # 128 per step of 64 pairs: 8 steps); it must fall after that.
+    steps, start = (24, 8) if method == "moco" else (12, 0)
+    report = P.pretrain(method, out_dir=str(tmp_path), device="cpu", **dict(SHORT, max_steps=steps))
+    losses = report["step_loss"]
+    assert len(losses) == steps and all(map(lambda v: v == v, losses))
+    assert sum(losses[-3:]) / 3 < sum(losses[start:start + 3]) / 3, losses
+    run_dir = report["run_dir"]
+    assert os.path.basename(run_dir).startswith(method + "-")
+    with open(os.path.join(run_dir, "report.json")) as f:
+        saved = json.load(f)
+    assert saved["method"] == method and saved["step_loss"] == losses
+    assert saved["config"]["seed"] == 0 and saved["config"]["max_steps"] == steps
+    for name in (method, "random init", "raw pixels"):
+        assert 0 <= saved["accuracy"][name]["knn"] <= 100
+        assert 0 <= saved["accuracy"][name]["linear"] <= 100
+    assert saved["dataset"]["train"] + saved["dataset"]["test"] == 1797
+    assert saved["environment"]["torch"] == torch.__version__
+    assert saved["timings"]["train_s"] > 0
+    with open(os.path.join(run_dir, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_seed_repeats_a_run():
+    a = P.pretrain("byol", out_dir=None, seed=3, **dict(SHORT, max_steps=4))
+    b = P.pretrain("byol", out_dir=None, seed=3, **dict(SHORT, max_steps=4))
+    c = P.pretrain("byol", out_dir=None, seed=4, **dict(SHORT, max_steps=4))
+    assert a["step_loss"] == b["step_loss"] and a["accuracy"] == b["accuracy"]
+    assert a["step_loss"] != c["step_loss"]
+
+
+def test_split_is_stratified_and_disjoint():
+    labels = torch.arange(10).repeat_interleave(torch.arange(2, 12))
+    train, test = P.split(labels, 0.25, seed=0)
+    assert len(set(train.tolist()) & set(test.tolist())) == 0
+    assert len(train) + len(test) == len(labels)
+    for c in range(10):
+        n = int((labels == c).sum())
+        assert int((labels[test] == c).sum()) == min(max(round(n * 0.25), 1), n - 1)
+
+
+def test_knn_and_linear_probe_agree_with_scikit_learn():
+    sk = pytest.importorskip("sklearn")  # noqa: F841  (a dependency; skips only if removed)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    ds = P.load_digits()
+    x = ds.images[:, 0].flatten(1).float()
+    train, test = P.split(ds.labels, 0.3, seed=1)
+    y = ds.labels
+    knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(x[train], y[train])
+    expected = 100 * (knn.predict(x[test]) == y[test].numpy()).mean()
+    assert P.knn_accuracy(x[train], y[train], x[test], y[test], k=1) == pytest.approx(expected)
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
+    lr = LogisticRegression(max_iter=2000).fit(((x[train] - mean) / std).numpy(), y[train].numpy())
+    expected = 100 * (lr.predict(((x[test] - mean) / std).numpy()) == y[test].numpy()).mean()
+    assert abs(P.linear_probe_accuracy(x[train], y[train], x[test], y[test]) - expected) < 2.5
+    # Chance-level on shuffled labels: the probe does not leak test labels.
+    g = torch.Generator().manual_seed(0)
+    shuffled = y[torch.randperm(len(y), generator=g)]
+    assert P.linear_probe_accuracy(x[train], shuffled[train], x[test], shuffled[test]) < 25
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c, colour in enumerate(((200, 30, 30), (30, 30, 200), (30, 200, 30))):
+        os.makedirs(tmp_path / "data" / f"class{c}")
+        for i in range(12):
+            size = (20 + 3 * i, 16 + 2 * i)
+            noise = torch.randint(0, 40, (size[1], size[0], 3), generator=g)
+            arr = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(arr.numpy()).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
+    (tmp_path / "data" / "class0" / "notes.txt").write_text("not an image")
+    report = P.pretrain("simclr", data=str(tmp_path / "data"), size=16, out_dir=str(tmp_path / "runs"),
+                        **dict(SHORT, max_steps=3, batch_size=16))
+    assert report["dataset"]["classes"] == ["class0", "class1", "class2"]
+    assert report["dataset"]["train"] + report["dataset"]["test"] == 36
+    assert report["dataset"]["image"] == [3, 18, 18]
+    assert report["config"]["flip_p"] == 0.5
+    # Three solid colours: raw pixels separate them perfectly.
+    assert report["accuracy"]["raw pixels"]["knn"] == 100.0
+
+
+def test_bad_folders_are_reported(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        P.load_folder(str(tmp_path / "missing"), 16)
+    os.makedirs(tmp_path / "one" / "a")
+    with pytest.raises(ValueError, match="at least two class"):
+        P.load_folder(str(tmp_path / "one"), 16)
+
+
+def test_default_simclr_run_beats_random_init_by_ten_points(tmp_path):
+    """The quality bar, with the default settings (the longest test: about four minutes on
+    two cores)."""
+    report = P.pretrain("simclr", out_dir=str(tmp_path), progress=False, log=lambda *a: None)
+    acc = report["accuracy"]
+    assert report["config"]["seed"] == 0
+    assert acc["simclr"]["knn"] - acc["random init"]["knn"] >= 10.0, acc
+    assert report["epoch_loss"][-1] < report["epoch_loss"][0]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastssl.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "the following arguments are required: --method"),
+    (("--method", "dino"), "invalid choice"),
+    (("--method", "simclr", "--epochs", "0"), "must be positive"),
+    (("--method", "simclr", "--batch-size", "x"), "expected a int"),
+    (("--method", "simclr", "--test-fraction", "1.5"), "must be in [0, 1]"),
+    (("--method", "simclr", "--test-fraction", "1"), "test_fraction must be in (0, 1)"),
+    (("--method", "simclr", "--scale", "0.5", "0.2"), "--scale takes two numbers"),
+    (("--method", "simclr", "--data", "/no/such/folder"), "is not a folder"),
+])
+def test_cli_errors_give_usage(args, message):
+    out = _cli("pretrain", *args)
+    assert out.returncode == 2, out.stderr
+    assert "usage:" in out.stderr and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_pretrain_prints_the_table(tmp_path):
+    out = _cli("pretrain", "--method", "vicreg", "--epochs", "1", "--batch-size", "128",
+               "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "| vicreg |" in out.stdout and "| random init |" in out.stdout
+    assert "| raw pixels |" in out.stdout
+    assert "epoch   1/1" in out.stderr  # the progress line
+    (run_dir,) = tmp_path.glob("vicreg-*")
+    assert json.loads((run_dir / "report.json").read_text())["command"].startswith("fastssl pretrain")
