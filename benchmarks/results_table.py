@@ -40,7 +40,7 @@ def pretrain_section(path, result):
         "",
         f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}; "
         f"{ds['name']}, {ds['train']} train / {ds['test']} held-out images; "
-        f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, views {cfg['size']}², seed {cfg['seed']}",
+        f"batch {cfg['batch_size']}, views {cfg['size']}², seed {cfg['seed']}",
         "", table(result["reports"]), "",
         f"(from `benchmarks/results/{os.path.basename(path)}`; command: `{result.get('command')}`)",
         ""])

@@ -572,16 +572,17 @@ def plot_losses(curves, path):
 
 def table(reports):
     """A markdown table: kNN and linear-probe accuracy of each method, random init, pixels."""
-    lines = ["| encoder | kNN % | linear probe % | kNN - random init | train s | final loss |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| encoder | kNN % | linear probe % | kNN - random init | epochs | train s | final loss |",
+             "|---|---|---|---|---|---|---|"]
     for r in reports:
         a = r["accuracy"][r["method"]]
         lines.append(f"| {r['method']} | {a['knn']:.1f} | {a['linear']:.1f} | "
-                     f"{r['knn_margin_over_random_init']:+.1f} | {r['timings']['train_s']:.0f} | "
+                     f"{r['knn_margin_over_random_init']:+.1f} | {r['config']['epochs']} | "
+                     f"{r['timings']['train_s']:.0f} | "
                      f"{r['epoch_loss'][-1]:.4f} |")
     base = reports[0]["accuracy"]
     for name in ("random init", "raw pixels"):
-        lines.append(f"| {name} | {base[name]['knn']:.1f} | {base[name]['linear']:.1f} | | | |")
+        lines.append(f"| {name} | {base[name]['knn']:.1f} | {base[name]['linear']:.1f} | | | | |")
     return "\n".join(lines)
 
 
