@@ -35,13 +35,16 @@ def pretrain_section(path, result):
     from fastssl.pretrain import table
     env, cfg = result["environment"], result["reports"][0]["config"]
     ds = result["reports"][0]["dataset"]
+    png = path[:-len(".json")] + ".png"
+    plot = [f"![pretrain loss](benchmarks/results/{os.path.basename(png)})", ""] \
+        if os.path.exists(png) else []
     return "\n".join([
         f"### pretrain on {env['device']} ({env['date']})" + (" — **CPU run**" if result["cpu"] else ""),
         "",
         f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}; "
         f"{ds['name']}, {ds['train']} train / {ds['test']} held-out images; "
         f"batch {cfg['batch_size']}, views {cfg['size']}², seed {cfg['seed']}",
-        "", table(result["reports"]), "",
+        "", table(result["reports"]), "", *plot,
         f"(from `benchmarks/results/{os.path.basename(path)}`; command: `{result.get('command')}`)",
         ""])
 

@@ -83,9 +83,10 @@ def _positive(kind):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+            name = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        if not v > 0 or v == float("inf"):  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
         return v
     return parse
 

@@ -125,8 +125,9 @@ def _cli(*args):
 @pytest.mark.parametrize("args,message", [
     ((), "the following arguments are required: --method"),
     (("--method", "dino"), "invalid choice"),
-    (("--method", "simclr", "--epochs", "0"), "must be positive"),
-    (("--method", "simclr", "--batch-size", "x"), "expected a int"),
+    (("--method", "simclr", "--epochs", "0"), "must be a positive finite number"),
+    (("--method", "simclr", "--batch-size", "x"), "expected an integer"),
+    (("--method", "simclr", "--lr", "nan"), "must be a positive finite number"),
     (("--method", "simclr", "--test-fraction", "1.5"), "must be in [0, 1]"),
     (("--method", "simclr", "--test-fraction", "1"), "test_fraction must be in (0, 1)"),
     (("--method", "simclr", "--scale", "0.5", "0.2"), "--scale takes two numbers"),
