@@ -2,6 +2,9 @@
 # On a CUDA machine (no network needed): install fastssl offline, run the CUDA tests and
 # every benchmark, write JSON results, print a short table last. Under ten minutes.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default: $OUT, else benchmarks/results)
+# The pretraining comparison runs as a second command (its own ten minutes):
+#   fastssl pretrain --method all --no-progress --out "$OUT/runs"
+# then copy runs/all-*/summary.json to benchmarks/results/<device>-<date>-pretrain.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"

@@ -28,7 +28,7 @@ def newest(paths):
         if key not in keep or result["environment"]["date"] >= keep[key][1]["environment"]["date"]:
             keep[key] = (path, result)
     return sorted(keep.values(), key=lambda pr: (pr[1]["cpu"], pr[1]["environment"]["device"],
-                                                 pr[0]))
+                                                 pr[1]["op"]))
 
 
 def pretrain_section(path, result):

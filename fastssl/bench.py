@@ -431,18 +431,29 @@ def _ema_methods(ema, online, m):
 
 
 def _time(fn, cuda, repeats=20):
+    return _time_each({"fn": fn}, cuda, repeats)["fn"]
+
+
+def _time_each(fns, cuda, repeats=20):
+    """Median milliseconds per call of each function. On the GPU: CUDA-event timings
+    (``triton.testing.do_bench``). On the CPU the functions are timed in turns (each round
+    times every function once, starting one further along), so a drift of the machine's
+    speed during the run falls on all of them alike instead of on whichever ran first."""
     import statistics
     import time
     if cuda:
         import triton.testing
-        return triton.testing.do_bench(fn, return_mode="median")
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        return {k: triton.testing.do_bench(f, return_mode="median") for k, f in fns.items()}
+    names = list(fns)
+    for k in names:
+        fns[k]()
+    times = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def bench_ema(quick, log, save=_noop):
@@ -464,8 +475,7 @@ def bench_ema(quick, log, save=_noop):
         online = [torch.randn(sh, generator=g).to(device) for sh in shapes]
         params = sum(t.numel() for t in ema)
         log(f"{name}: {len(shapes)} tensors, {params / 1e6:.1f} M parameters (fp32)")
-        for impl, fn in _ema_methods(ema, online, 0.996).items():
-            ms = _time(fn, cuda, 5 if (impl == "python loop" and not cuda) else 20)
+        for impl, ms in _time_each(_ema_methods(ema, online, 0.996), cuda).items():
             gbs = 12 * params / ms / 1e6
             row = {"op": "ema", "impl": impl, "model": name, "tensors": len(shapes),
                    "params": params, "ms": ms, "gb_per_s": gbs,

@@ -465,8 +465,8 @@ def pretrain(method, data=None, epochs=None, batch_size=None, lr=None, weight_de
     warmup = min(total // 2, steps * cfg["warmup_epochs"])
     params = sum(p.numel() for p in encoder.parameters())
     log(f"{method}: {ds.name}, {n_train} train / {len(test)} test images, encoder "
-        f"{params / 1e3:.0f}k parameters, {cfg['epochs']} epochs x {steps} steps of "
-        f"{cfg['batch_size']}, device {device}")
+        f"{params / 1e3:.0f}k parameters, {cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)} x "
+        f"{steps} steps of {cfg['batch_size']}, device {device}")
     bar = Progress(method, cfg["epochs"], total) if progress else None
     epoch_loss, epoch_time, step_loss = [], [], []
     t_train = time.perf_counter()
