@@ -1,6 +1,7 @@
 """``fastssl pretrain``: every method trains (loss falls, report written), the evaluation
 matches scikit-learn, the default SimCLR run clears the quality bar, the CLI reports bad
 arguments with a usage message."""
+import copy
 import json
 import os
 import subprocess
@@ -39,40 +40,59 @@ def test_short_run_lowers_the_loss_and_writes_the_report(method, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _float64_criterion(method, criterion):
+    """The method's loss as the textbook float64 formula (the per-op tests' references)."""
+    from test_barlow import ref_barlow, ref_vicreg
+    from test_infonce import ref_info_nce, ref_nt_xent
+    if method == "simclr":
+        return lambda z0, z1: ref_nt_xent(z0, z1, criterion.temperature)
+    if method == "moco":  # the batch's keys and the queue are the negatives
+        return lambda q, k, negatives: ref_info_nce(q, k, criterion.temperature, negatives)
+    if method == "barlow":
+        return lambda z0, z1: ref_barlow(z0, z1, criterion.lambda_param)
+    return lambda z0, z1: ref_vicreg(z0, z1, criterion.lambda_param, criterion.mu_param,
+                                     criterion.nu_param, criterion.eps)
+
+
 @pytest.mark.parametrize("method,family", [("simclr", "infonce"), ("moco", "infonce"),
                                             ("barlow", "barlow"), ("vicreg", "barlow")])
-def test_a_training_step_takes_the_kernels_where_cuda_would(method, family, monkeypatch, device):
-    """Each method's loss on the Triton kernels (interpreted on CPU: the path CUDA tensors
-    take; compiled on a GPU): one step's loss and encoder gradient agree with the portable
-    path's on the same views and weights (tf32 tolerances on a GPU). The kernels' own accuracy is tested against float64 references in
-    the per-op tests; this checks that every method reaches them intact. (BYOL and SimSiam
-    use the negative cosine similarity, plain PyTorch on every device.)"""
+def test_a_training_step_on_the_kernels_matches_float64(method, family, monkeypatch, device):
+    """Each method's training step on the Triton kernels (interpreted on CPU: the path CUDA
+    tensors take; compiled on a GPU, with TF32 off): the loss and the encoder's gradient
+    match a float64 copy of the same model, views and weights whose loss is the textbook
+    formula. The dispatch point is watched, so the step must have taken the kernels.
+    (BYOL and SimSiam use the negative cosine similarity, plain PyTorch on every device.)"""
     from fastssl import _dispatch
-    taken = []
-    dispatch = _dispatch.implementation
-    monkeypatch.setattr(_dispatch, "implementation",
-                        lambda fam, *t: taken.append((fam, dispatch(fam, *t)[0])) or dispatch(fam, *t))
-    ds = P.load_digits()
+    monkeypatch.setenv("FASTSSL_FP32_PRECISION", "ieee")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (cuBLAS: off by default)
+    taken, dispatch = [], _dispatch.implementation
+
+    def watched(op_family, *tensors):
+        chosen = dispatch(op_family, *tensors)
+        taken.append((op_family, chosen[0]))
+        return chosen
+    monkeypatch.setattr(_dispatch, "implementation", watched)
     g = torch.Generator().manual_seed(1)
-    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")  # the views: portable augmentation
     views = [v.to(device) for v in
-             P.views_for(method, 16, (0.3, 1.0), 0.0)(ds.images[:16], generator=g)]
+             P.views_for(method, 16, (0.3, 1.0), 0.0)(P.load_digits().images[:16], generator=g)]
     torch.manual_seed(0)
     model = P.build(method, P.SmallResNet(8)).to(device)
-    results = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("FASTSSL_BACKEND", backend)
-        taken.clear()
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(views)
-        loss.backward()
-        assert taken and set(taken) == {(family, backend)}, taken
-        results[backend] = (loss.detach(), model.encoder.stem[0].weight.grad.clone())
-    (l0, g0), (l1, g1) = results["torch"], results["triton"]
-    assert torch.isfinite(l1) and torch.isfinite(g1).all()
-    rtol, gtol = (2e-3, 1e-2) if device.type == "cuda" else (1e-5, 1e-4)
-    assert torch.allclose(l1, l0, rtol=rtol, atol=rtol / 10), (l0, l1)
-    assert (g1 - g0).norm() <= gtol * g0.norm(), ((g1 - g0).norm(), g0.norm())
+    ref = copy.deepcopy(model).double()
+    del ref.criterion  # a module; the float64 formula is a plain function
+    ref.criterion = _float64_criterion(method, model.criterion)
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    loss = model.loss(views)
+    loss.backward()
+    assert taken and set(taken) == {(family, "triton")}, taken
+    ref_loss = ref.loss([v.double() for v in views])
+    ref_loss.backward()
+    grad, ref_grad = model.encoder.stem[0].weight.grad, ref.encoder.stem[0].weight.grad
+    assert loss.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), (loss, ref_loss)
+    assert (grad.double() - ref_grad).norm() <= 1e-4 * ref_grad.norm(), \
+        ((grad.double() - ref_grad).norm(), ref_grad.norm())
 
 
 def test_a_seed_repeats_a_run():
