@@ -36,18 +36,29 @@ def requested():
 
 
 def backend(*tensors):
-    """'triton' or 'torch' for a call on these tensors (None entries are ignored)."""
+    """'triton' or 'torch' for a call on these tensors (None entries are ignored).
+
+    float64 always takes the portable path, in float64 on the tensors' device: the kernels
+    accumulate in float32 and take fp32/fp16/bf16 operands.
+    """
     want = requested()
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    if want == "torch":
+    present = [t for t in tensors if t is not None]
+    if want == "torch" or any(t.dtype == torch.float64 for t in present):
         return "torch"
+    on_cuda = all(t.is_cuda for t in present)
     if want == "triton":
         if not triton_available():
             raise RuntimeError("FASTSSL_BACKEND=triton but triton cannot be imported")
-        if not on_cuda and not interpreting() and (_modules or torch.cuda.is_available()):
-            raise RuntimeError(
-                "FASTSSL_BACKEND=triton with CPU tensors needs the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before fastssl's kernels are imported")
+        if not on_cuda and not interpreting():
+            cuda = torch.cuda.is_available()
+            if _modules or cuda or "TRITON_INTERPRET" in os.environ:
+                raise RuntimeError(
+                    "FASTSSL_BACKEND=triton with CPU tensors runs the kernels in the Triton "
+                    "interpreter: set TRITON_INTERPRET=1 before fastssl's kernels are first "
+                    "imported (TRITON_INTERPRET is "
+                    f"{os.environ.get('TRITON_INTERPRET', 'unset')}"
+                    + (", and no CUDA device is present)" if not cuda else
+                       "), or pass CUDA tensors, or set FASTSSL_BACKEND=torch"))
         return "triton"
     return "triton" if on_cuda and triton_available() and not interpreting() else "torch"
 

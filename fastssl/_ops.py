@@ -1,11 +1,13 @@
 """torch.library custom ops over the kernels: schema, fake (meta) and autograd registrations.
 
 ``fastssl::infonce`` returns the per-row loss (differentiable) and per-row statistics
-(lse2, ex, px; not differentiable). With ``normalize=True`` rows, columns and negatives
-are L2-normalised first (x / max(||x||, 1e-12), norm in float32). Its autograd formula
-calls ``fastssl::infonce_backward`` for the embeddings (gradients accumulate in float32
-and pass through the normalisation's Jacobian in float32 before the final cast) and takes
-the scale gradient from the saved statistics: d loss_i / d s = ex_i - px_i.
+(mx, ll, ex, px; not differentiable; see ``fastssl.kernels.infonce``). With
+``normalize=True`` rows, columns and negatives are L2-normalised first
+(x / max(||x||, 1e-12), the norm scale-safe in float32). Its autograd formula calls
+``fastssl::infonce_backward`` for the embeddings (gradients accumulate in float32 and pass
+through the normalisation's Jacobian in float32 before the final cast) and takes the scale
+gradient from the saved statistics: d loss_i / d s = ex_i - px_i. float64 inputs compute
+in float64 throughout (the portable path).
 """
 from typing import Optional
 
@@ -17,25 +19,79 @@ from fastssl import _dispatch
 NORM_EPS = 1e-12  # applied to a float32 norm, so it survives fp16/bf16 inputs
 
 
-def unit_rows(x: Tensor) -> Tensor:
-    """x / max(||x||, 1e-12) per row, with the norm in float32; zero rows stay zero."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-    return (x.float() / norm.clamp_min(NORM_EPS)).to(x.dtype)
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The arithmetic dtype for an input: float64 stays float64, the rest computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def pow2_bound(x: Tensor, dim=None) -> Tensor:
+    """The smallest power of two above max |x| (over ``dim``, kept), 1 where x is all zero;
+    detached, in the arithmetic dtype. Dividing by it is exact (no rounding) and brings
+    every value into (-1, 1), so later squares and products cannot overflow."""
+    xa = x.detach().to(acc_dtype(x)).abs()
+    if xa.numel() == 0:
+        shape = () if dim is None else tuple(1 if d == dim % x.dim() else s
+                                             for d, s in enumerate(x.shape))
+        return xa.new_ones(shape)
+    m = xa.amax() if dim is None else xa.amax(dim, keepdim=True)
+    _, e = torch.frexp(m)  # m = f * 2^e, 0.5 <= f < 1
+    one = torch.ones_like(m)
+    return torch.where((m > 0) & torch.isfinite(m), torch.ldexp(one, e), one)
+
+
+def _row_scaled(x: Tensor):
+    """(x / m, m, ||x / m||) per row in the arithmetic dtype, m = ``pow2_bound`` of the row.
+    ||x|| = m * ||x / m|| never overflows in the squares, whatever x's scale."""
+    m = pow2_bound(x, 1)
+    y = x.to(m.dtype) / m
+    return y, m, torch.linalg.vector_norm(y, dim=1, keepdim=True)
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """||x_i|| per row (n, 1), scale-safe; inf only where the norm exceeds the dtype's range."""
+    _, m, ny = _row_scaled(x)
+    return m * ny
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    y, m, ny = _row_scaled(x)
+    alive = m * ny >= NORM_EPS  # ||x|| >= eps: the exact direction y / ||y||
+    u = torch.where(alive, y / torch.where(ny > 0, ny, torch.ones_like(ny)), y * (m / NORM_EPS))
+    return u.to(x.dtype)
 
 
 def unit_rows_backward(x: Tensor, d_unit: Tensor) -> Tensor:
-    """Gradient through ``unit_rows`` in float32: (I - u u^T) d / ||x||.
+    """Gradient through ``unit_rows`` in the arithmetic dtype: (I - u u^T) d / ||x||.
 
     A row whose norm is at most 1e-12 (a zero embedding) gets a zero gradient instead of
     d / 1e-12, which would overflow 16-bit gradients and wreck the step.
     """
-    xf = x.float()
-    norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+    y, m, ny = _row_scaled(x)
+    norm = m * ny
     alive = norm > NORM_EPS
-    safe = torch.where(alive, norm, 1.0)
-    u = xf / safe
-    grad = (d_unit - u * (u * d_unit).sum(1, keepdim=True)) / safe
-    return torch.where(alive, grad, 0.0)
+    u = y / torch.where(ny > 0, ny, torch.ones_like(ny))
+    d = d_unit.to(y.dtype)
+    grad = (d - u * (u * d).sum(1, keepdim=True)) / torch.where(alive, norm, torch.ones_like(norm))
+    return torch.where(alive, grad, torch.zeros_like(grad))
+
+
+class _UnitRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _unit_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return unit_rows_backward(x, grad).to(x.dtype)
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """x / max(||x||, 1e-12) per row: the norm in float32 (float64 for float64 input) and
+    scale-safe (rows are divided by their max |x| first, so |x| near the dtype's largest
+    value still gives the exact direction); zero rows stay zero and get a zero gradient."""
+    return _UnitRows.apply(x)
 
 
 def _inputs(rows, cols, negatives, normalize):
@@ -43,9 +99,12 @@ def _inputs(rows, cols, negatives, normalize):
         return rows, cols, None
     w = None
     if negatives is not None:
-        norm = torch.linalg.vector_norm(negatives, dim=1, dtype=torch.float32)
-        w = 1.0 / norm.clamp_min(NORM_EPS)
-    return unit_rows(rows), unit_rows(cols), w
+        w = 1.0 / row_norms(negatives)[:, 0].clamp_min(NORM_EPS)
+    return _unit_rows(rows), _unit_rows(cols), w
+
+
+def _stats_like(rows, k):
+    return rows.new_empty((k, rows.shape[0]) if k else rows.shape[0], dtype=acc_dtype(rows))
 
 
 @torch.library.custom_op("fastssl::infonce", mutates_args=())
@@ -58,17 +117,16 @@ def infonce(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Te
 
 @infonce.register_fake
 def _(rows, cols, negatives, pos_idx, mask_idx, scale, normalize):
-    n = rows.shape[0]
-    return rows.new_empty(n, dtype=torch.float32), rows.new_empty(3, n, dtype=torch.float32)
+    return _stats_like(rows, 0), _stats_like(rows, 4)
 
 
 @torch.library.custom_op("fastssl::infonce_backward", mutates_args=())
 def infonce_backward(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Tensor,
-                     mask_idx: Optional[Tensor], scale: Tensor, lse2: Tensor, grad: Tensor,
+                     mask_idx: Optional[Tensor], scale: Tensor, stats: Tensor, grad: Tensor,
                      normalize: bool, need_rows: bool, need_cols: bool) -> tuple[Tensor, Tensor]:
     _, impl = _dispatch.implementation("infonce", rows, cols, negatives)
     r, c, w = _inputs(rows, cols, negatives, normalize)
-    d_r, d_c = impl.backward(r, c, negatives, w, pos_idx, mask_idx, scale, lse2, grad,
+    d_r, d_c = impl.backward(r, c, negatives, w, pos_idx, mask_idx, scale, stats, grad,
                              need_rows, need_cols)
     # custom ops return tensors, not None: an empty tensor stands for "not requested".
     out = []
@@ -86,7 +144,7 @@ def _grad_like(x, need):
 
 
 @infonce_backward.register_fake
-def _(rows, cols, negatives, pos_idx, mask_idx, scale, lse2, grad, normalize, need_rows,
+def _(rows, cols, negatives, pos_idx, mask_idx, scale, stats, grad, normalize, need_rows,
       need_cols):
     return _grad_like(rows, need_rows), _grad_like(cols, need_cols)
 
@@ -109,15 +167,14 @@ def _backward(ctx, grad_loss, grad_stats):
     negatives = rest.pop(0) if ctx.has_neg else None
     mask_idx = rest.pop(0) if ctx.has_mask else None
     need_rows, need_cols = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    g = grad_loss.float().contiguous()
+    g = grad_loss.to(stats.dtype).contiguous()
     d_rows = d_cols = d_scale = None
     if need_rows or need_cols:
         d_rows, d_cols = infonce_backward(rows, cols, negatives, pos_idx, mask_idx, scale,
-                                          stats[0].contiguous(), g, ctx.normalize,
-                                          need_rows, need_cols)
+                                          stats, g, ctx.normalize, need_rows, need_cols)
     if ctx.needs_input_grad[5]:
-        px = torch.where(pos_idx >= 0, stats[2], 0.0)
-        d_scale = (g * (stats[1] - px)).sum().reshape(scale.shape).to(scale.dtype)
+        px = torch.where(pos_idx >= 0, stats[3], 0.0)
+        d_scale = (g * (stats[2] - px)).sum().reshape(scale.shape).to(scale.dtype)
     return (d_rows if need_rows else None, d_cols if need_cols else None, None, None, None,
             d_scale, None)
 
@@ -137,8 +194,7 @@ def siglip(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor,
 
 @siglip.register_fake
 def _(rows, cols, pos_idx, scale, bias):
-    n = rows.shape[0]
-    return rows.new_empty(n, dtype=torch.float32), rows.new_empty(2, n, dtype=torch.float32)
+    return _stats_like(rows, 0), _stats_like(rows, 2)
 
 
 @torch.library.custom_op("fastssl::siglip_backward", mutates_args=())
@@ -164,7 +220,7 @@ def _siglip_setup(ctx, inputs, output):
 def _siglip_backward(ctx, grad_loss, grad_stats):
     rows, cols, pos_idx, scale, bias, stats = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g = grad_loss.float().contiguous()
+    g = grad_loss.to(stats.dtype).contiguous()
     d_rows = d_cols = None
     if need[0] or need[1]:
         d_rows, d_cols = siglip_backward(rows, cols, pos_idx, scale, bias, g, need[0], need[1])
@@ -180,26 +236,27 @@ siglip.register_autograd(_siglip_backward, setup_context=_siglip_setup)
 
 @torch.library.custom_op("fastssl::gram_inner", mutates_args=())
 def gram_inner(a: Tensor, b: Tensor) -> Tensor:
-    """<a a^T, b b^T> = ||a^T b||_F^2 as a 0-d float32 tensor (kernels/barlow.py)."""
+    """<a a^T, b b^T> = ||a^T b||_F^2 as a 0-d float32 (float64 for float64) tensor
+    (kernels/barlow.py)."""
     _, impl = _dispatch.implementation("barlow", a, b)
     return impl.gram_inner(a, b)
 
 
 @gram_inner.register_fake
 def _(a, b):
-    return a.new_empty((), dtype=torch.float32)
+    return a.new_empty((), dtype=acc_dtype(a))
 
 
 @torch.library.custom_op("fastssl::gram_apply", mutates_args=())
 def gram_apply(w: Tensor, x: Tensor) -> Tensor:
-    """(w w^T) x in float32."""
+    """(w w^T) x in float32 (float64 for float64 inputs)."""
     _, impl = _dispatch.implementation("barlow", w, x)
     return impl.gram_apply(w, x)
 
 
 @gram_apply.register_fake
 def _(w, x):
-    return torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    return torch.empty(x.shape, device=x.device, dtype=acc_dtype(x))
 
 
 def _gram_setup(ctx, inputs, output):
@@ -208,7 +265,7 @@ def _gram_setup(ctx, inputs, output):
 
 def _gram_backward(ctx, grad):
     a, b = ctx.saved_tensors
-    g = 2.0 * grad.float()
+    g = 2.0 * grad.to(acc_dtype(a))
     d_a = (g * gram_apply(b, a)).to(a.dtype) if ctx.needs_input_grad[0] else None
     d_b = (g * gram_apply(a, b)).to(b.dtype) if ctx.needs_input_grad[1] else None
     return d_a, d_b
@@ -221,15 +278,16 @@ gram_inner.register_autograd(_gram_backward, setup_context=_gram_setup)
 
 @torch.library.custom_op("fastssl::standardize", mutates_args=())
 def standardize(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-feature (z - mean) * rstd in float32 and stats [mean, rstd] (kernels/barlow.py)."""
+    """Per-feature (z - mean) * rstd and stats [mean, rstd] in float32 (float64 for float64
+    input), scale-safe (kernels/barlow.py)."""
     _, impl = _dispatch.implementation("barlow", z)
     return impl.standardize(z, eps)
 
 
 @standardize.register_fake
 def _(z, eps):
-    return (torch.empty(z.shape, device=z.device, dtype=torch.float32),
-            z.new_empty((2, z.shape[1]), dtype=torch.float32))
+    return (torch.empty(z.shape, device=z.device, dtype=acc_dtype(z)),
+            z.new_empty((2, z.shape[1]), dtype=acc_dtype(z)))
 
 
 @torch.library.custom_op("fastssl::standardize_backward", mutates_args=())
@@ -250,7 +308,7 @@ def _standardize_setup(ctx, inputs, output):
 
 def _standardize_bwd(ctx, grad_a, grad_stats):
     z, stats = ctx.saved_tensors
-    return standardize_backward(z, grad_a.float().contiguous(), stats), None
+    return standardize_backward(z, grad_a.to(stats.dtype).contiguous(), stats), None
 
 
 standardize.register_autograd(_standardize_bwd, setup_context=_standardize_setup)

@@ -19,17 +19,23 @@ def _block_width(n):
     return int(min(4096, max(64, (2 ** 21 // max(n, 1)) // 64 * 64)))
 
 
+def _acc(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _blocks(rows, cols, negatives, neg_scale, block):
-    """Yield (start, x, is_negative) for each column block: x = rows @ block^T in fp32."""
+    """Yield (start, x, is_negative) for each column block: x = rows @ block^T in float32
+    (float64 for float64 inputs)."""
     block = block or BLOCK or _block_width(rows.shape[0])
-    r = rows.float()
+    acc = _acc(rows)
+    r = rows.to(acc)
     for c0 in range(0, cols.shape[0], block):
-        yield c0, r @ cols[c0:c0 + block].float().T, False
+        yield c0, r @ cols[c0:c0 + block].to(acc).T, False
     if negatives is not None:
         for c0 in range(0, negatives.shape[0], block):
-            x = r @ negatives[c0:c0 + block].float().T
+            x = r @ negatives[c0:c0 + block].to(acc).T
             if neg_scale is not None:
-                x = x * neg_scale[c0:c0 + block].float()
+                x = x * neg_scale[c0:c0 + block].to(acc)
             yield c0, x, True
 
 
@@ -48,58 +54,73 @@ def _mask_out(t, mask_idx, c0, value):
     return t.scatter_(1, loc, torch.where(hit, value, t.gather(1, loc)))
 
 
+def _rate(scale, dtype):
+    """(sign(s), a = |s| log2 e, a clamped to the dtype's normal range) (kernels/infonce.py)."""
+    s = scale.to(dtype)
+    info = torch.finfo(dtype)
+    a = s.abs() * LOG2E
+    return torch.where(s < 0, -1.0, 1.0).to(dtype), a, a.clamp(info.tiny, info.max)
+
+
 def infonce_forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=None):
-    """Per-row loss and statistics; returns (loss, stack([lse2, ex, px]))."""
+    """Per-row loss and statistics; returns (loss, stack([mx, ll, ex, px]))."""
     n = rows.shape[0]
-    s2 = scale.float() * LOG2E
+    acc = _acc(rows)
+    sign, a, a_p = _rate(scale, acc)
     dev = rows.device
-    m_i = torch.full((n,), float("-inf"), device=dev)
-    l_i = torch.zeros(n, device=dev)
-    e_i = torch.zeros(n, device=dev)
-    px = torch.zeros(n, device=dev)
+    m_i = torch.full((n,), float("-inf"), device=dev, dtype=acc)
+    l_i = torch.zeros(n, device=dev, dtype=acc)
+    e_i = torch.zeros(n, device=dev, dtype=acc)
+    px = torch.zeros(n, device=dev, dtype=acc)
     has_pos = pos_idx >= 0
     for c0, x, is_neg in _blocks(rows, cols, negatives, neg_scale, block):
-        t = x * s2
+        y = x * sign
         if not is_neg:
             loc, hit = _local(pos_idx, c0, x.shape[1])
             px += torch.where(hit[:, 0] & has_pos, x.gather(1, loc)[:, 0], 0.0)
-            _mask_out(t, mask_idx, c0, float("-inf"))
-        m_new = torch.maximum(m_i, t.amax(1))
+            _mask_out(y, mask_idx, c0, float("-inf"))
+        m_new = torch.maximum(m_i, y.amax(1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = torch.exp2(m_i - m_use)
-        p = t.sub_(m_use[:, None]).exp2_()
+        alpha = torch.exp2(a_p * (m_i - m_use))
+        p = y.sub_(m_use[:, None]).mul_(a_p).exp2_()
         l_i = l_i * alpha + p.sum(1)
         e_i = e_i * alpha + p.mul_(x).sum(1)
         m_i = m_new
-    lse2 = m_i + torch.log2(l_i)
-    loss = torch.where(has_pos, (m_i - px * s2) + torch.log2(l_i), lse2) * LN2
-    return loss, torch.stack([lse2, e_i / l_i, px])
+    m_i = torch.where(m_i == float("-inf"), 0.0, m_i)
+    ll = torch.log2(l_i)
+    gap = m_i - sign * px
+    head = torch.where(has_pos, torch.where(gap > 0, a * gap, 0.0),
+                       torch.where(m_i != 0, a * m_i, 0.0))
+    return (head + ll) * LN2, torch.stack([m_i, ll, e_i / l_i, px])
 
 
-def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, grad,
+def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, stats, grad,
                      need_rows, need_cols, block=None):
-    """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
-    s = scale.float()
-    s2 = s * LOG2E
-    r = rows.float()
-    g = grad.float()
+    """Gradients of sum_i grad_i * loss_i for rows and cols (None where not needed), in the
+    arithmetic dtype; ``stats`` as returned by ``infonce_forward``."""
+    acc = _acc(rows)
+    s = scale.to(acc)
+    sign, _, a_p = _rate(scale, acc)
+    mx, ll = stats[0].to(acc), stats[1].to(acc)
+    r = rows.to(acc)
+    g = grad.to(acc)
     d_rows = torch.zeros_like(r) if need_rows else None
-    d_cols = torch.zeros(cols.shape, device=cols.device) if need_cols else None
+    d_cols = torch.zeros(cols.shape, device=cols.device, dtype=acc) if need_cols else None
     for c0, x, is_neg in _blocks(rows, cols, negatives, neg_scale, block):
         width = x.shape[1]
         # G = g_i (P_ij - [j = p_i]), built in place in the block of products.
-        gm = x.mul_(s2).sub_(lse2[:, None]).exp2_().mul_(g[:, None])
+        gm = x.mul_(sign).sub_(mx[:, None]).mul_(a_p).sub_(ll[:, None]).exp2_().mul_(g[:, None])
         if is_neg:
             if neg_scale is not None:
-                gm.mul_(neg_scale[c0:c0 + width].float())
+                gm.mul_(neg_scale[c0:c0 + width].to(acc))
             if need_rows:
-                d_rows += gm @ negatives[c0:c0 + width].float()
+                d_rows += gm @ negatives[c0:c0 + width].to(acc)
             continue
         _mask_out(gm, mask_idx, c0, 0.0)
         loc, hit = _local(pos_idx, c0, width)
         gm.scatter_add_(1, loc, torch.where(hit & (pos_idx >= 0)[:, None], -g[:, None], 0.0))
         if need_rows:
-            d_rows += gm @ cols[c0:c0 + width].float()
+            d_rows += gm @ cols[c0:c0 + width].to(acc)
         if need_cols:
             d_cols[c0:c0 + width] = gm.T @ r
     d_rows = d_rows * s if need_rows else None
@@ -124,9 +145,10 @@ def _positives(pos_idx, c0, width, device):
 
 def siglip_forward(rows, cols, pos_idx, scale, bias, block=None):
     """Per-row sigmoid loss and statistics; returns (loss, stack([a, c])) (kernels/siglip.py)."""
-    s, b = scale.float(), bias.float()
+    acc = _acc(rows)
+    s, b = scale.to(acc), bias.to(acc)
     n = rows.shape[0]
-    loss, a, c = (torch.zeros(n, device=rows.device) for _ in range(3))
+    loss, a, c = (torch.zeros(n, device=rows.device, dtype=acc) for _ in range(3))
     for c0, x, _ in _blocks(rows, cols, None, None, block):
         xc = x.clone()
         sp, d = _pair_terms(x, s, b, _positives(pos_idx, c0, x.shape[1], x.device))
@@ -137,17 +159,18 @@ def siglip_forward(rows, cols, pos_idx, scale, bias, block=None):
 
 
 def siglip_backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols, block=None):
-    """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
-    s, b = scale.float(), bias.float()
-    r = rows.float()
+    """Gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
+    acc = _acc(rows)
+    s, b = scale.to(acc), bias.to(acc)
+    r = rows.to(acc)
     d_rows = torch.zeros_like(r) if need_rows else None
-    d_cols = torch.zeros(cols.shape, device=cols.device) if need_cols else None
+    d_cols = torch.zeros(cols.shape, device=cols.device, dtype=acc) if need_cols else None
     for c0, x, _ in _blocks(rows, cols, None, None, block):
         width = x.shape[1]
         _, d = _pair_terms(x, s, b, _positives(pos_idx, c0, width, x.device), with_loss=False)
-        gd = d.mul_(grad.float()[:, None])
+        gd = d.mul_(grad.to(acc)[:, None])
         if need_rows:
-            d_rows += gd @ cols[c0:c0 + width].float()
+            d_rows += gd @ cols[c0:c0 + width].to(acc)
         if need_cols:
             d_cols[c0:c0 + width] = gd.T @ r
     return (d_rows * s if need_rows else None), (d_cols * s if need_cols else None)
@@ -155,7 +178,8 @@ def siglip_backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols
 
 def gram_inner(a, b, block=None):
     """sum_ij (a_i . a_j)(b_i . b_j) (kernels/barlow.py), in row blocks of the Gram matrices."""
-    a32, b32 = a.float(), b.float()
+    acc = _acc(a)
+    a32, b32 = a.to(acc), b.to(acc)
     block = block or BLOCK or _block_width(a.shape[0])
     total = a32.new_zeros(())
     for r0 in range(0, a.shape[0], block):
@@ -164,28 +188,50 @@ def gram_inner(a, b, block=None):
 
 
 def gram_apply(w, x, block=None):
-    """(w w^T) x in float32, in row blocks of the Gram matrix."""
-    w32, x32 = w.float(), x.float()
+    """(w w^T) x in the arithmetic dtype, in row blocks of the Gram matrix."""
+    acc = _acc(w)
+    w32, x32 = w.to(acc), x.to(acc)
     block = block or BLOCK or _block_width(w.shape[0])
-    out = torch.empty(x.shape, device=x.device)
+    out = torch.empty(x.shape, device=x.device, dtype=acc)
     for r0 in range(0, w.shape[0], block):
         out[r0:r0 + block] = (w32[r0:r0 + block] @ w32.T) @ x32
     return out
 
 
+def scaled_std(var_y, m, eps):
+    """sqrt(m^2 var_y + eps) without overflow or underflow in the intermediate terms:
+    m sqrt(var_y + eps / m^2) for m >= 1, sqrt(m^2 var_y + eps) below (var_y is the
+    variance of z / m). kernels/barlow.py computes its rstd = 1 / this the same way."""
+    big = m >= 1
+    one = torch.ones_like(m)
+    mb, ms = torch.where(big, m, one), torch.where(big, one, m)
+    return torch.where(big, mb * torch.sqrt(var_y + eps / (mb * mb)),
+                       torch.sqrt(ms * ms * var_y + eps))
+
+
+def feature_stats(z, eps):
+    """Per-feature (mean, rstd = 1 / sqrt(biased var + eps)), scale-safe: each feature is
+    divided by its max |z| (m) before the sums, so no square overflows (kernels/barlow.py)."""
+    zf = z.to(_acc(z))
+    m = zf.abs().amax(0)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    y = zf / m
+    mean_y = y.mean(0)
+    var_y = (y - mean_y).square().mean(0)
+    return mean_y * m, 1.0 / scaled_std(var_y, m, eps)
+
+
 def standardize(z, eps):
-    """(a, [mean, rstd]) with a = (z - mean) * rstd per feature, float32 (kernels/barlow.py)."""
-    zf = z.float()
-    mean = zf.mean(0)
-    rstd = torch.rsqrt((zf - mean).square().mean(0) + eps)
-    return (zf - mean) * rstd, torch.stack([mean, rstd])
+    """(a, [mean, rstd]) with a = (z - mean) * rstd per feature (kernels/barlow.py)."""
+    mean, rstd = feature_stats(z, eps)
+    return (z.to(mean.dtype) - mean) * rstd, torch.stack([mean, rstd])
 
 
 def standardize_backward(z, grad_a, stats):
-    """dz = rstd * (da - mean(da) - a * mean(da * a)), float32."""
+    """dz = rstd * (da - mean(da) - a * mean(da * a))."""
     mean, rstd = stats[0], stats[1]
-    a = (z.float() - mean) * rstd
-    g = grad_a.float()
+    a = (z.to(stats.dtype) - mean) * rstd
+    g = grad_a.to(stats.dtype)
     return rstd * (g - g.mean(0) - a * (g * a).mean(0))
 
 

@@ -7,9 +7,25 @@ its slice, so a rank's input gradient is world_size * dL/dx_local, and DDP's gra
 averaging then yields exactly dL/dθ: training matches one process on the global batch.
 (A gather without gradient, or a raw all_reduce, would leave the parameters' gradient too
 small by a factor of world_size.)
+
+Agreement before the first collective. Every distributed entry point runs its argument
+checks inside ``agree(...)``: one small all_gather then exchanges each rank's outcome (an
+error and its message, or success) with the shapes, dtypes and settings it was called
+with, and every rank evaluates the same cross-rank rules on the same data. A bad input on
+one rank therefore raises the same exception, with a message naming that rank, on every
+rank, instead of leaving the others blocked in a collective. A rank may hold zero rows: it
+contributes none to the global batch (see the README, "Errors and edge cases").
 """
+from collections import Counter
+
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_KINDS = [None, ValueError, TypeError]
+_MSG_BYTES = 512
+_DIMS = 4
 
 
 def is_distributed():
@@ -29,23 +45,153 @@ def require_distributed(what):
         raise ValueError(f"{what}: torch.distributed is not available in this build of torch")
 
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+def _device(group):
+    """Where the agreement tensor lives: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def _sizes(x, group):
-    """Every rank's row count, from one small all_gather that also checks that all ranks
-    agree on the width and dtype (a mismatch would otherwise hang or corrupt the gather)."""
-    if x.dim() != 2 or x.dtype not in _DTYPES:
-        raise ValueError(f"gather takes 2-D floating tensors, got {x.dim()}-D {x.dtype}")
-    meta = torch.tensor([x.shape[0], x.shape[1], _DTYPES.index(x.dtype)], device=x.device,
-                        dtype=torch.long)
-    metas = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(metas, meta, group=group)
-    widths = {tuple(m[1:].tolist()) for m in metas}
-    if len(widths) != 1:
-        raise ValueError("gather: ranks passed embeddings of different widths or dtypes "
-                         f"(width, dtype index per rank: {[m[1:].tolist() for m in metas]})")
-    return [int(m[0]) for m in metas]
+def _meta(t):
+    """[is a tensor, dtype code (-1: not floating), ndim, shape (up to 4 dims)]."""
+    if not isinstance(t, Tensor):
+        return [0, -1, 0] + [0] * _DIMS
+    code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
+    shape = list(t.shape[:_DIMS]) + [0] * (_DIMS - min(t.dim(), _DIMS))
+    return [1, code, t.dim()] + shape
+
+
+def _describe(meta):
+    if not meta[0]:
+        return "no tensor"
+    shape = tuple(meta[3:3 + min(meta[2], _DIMS)])
+    dtype = str(_DTYPES[meta[1]]).replace("torch.", "") if meta[1] >= 0 else "a non-float dtype"
+    return f"{shape} {dtype}"
+
+
+class Agreement:
+    """What ``agree`` learnt: per-rank row counts of each named tensor (``sizes[name]``),
+    the global row count of the first one (``total``), this rank and the world size."""
+
+    def __init__(self, names, world, rank_):
+        self.names, self.world, self.rank = names, world, rank_
+        self.sizes = {name: [0] for name in names}
+        self.total = 0
+
+    def offset(self, name):
+        return sum(self.sizes[name][:self.rank])
+
+
+class agree:
+    """Context manager around an entry point's argument checks.
+
+    ``with agree("nt_xent", active, z0=z0, z1=z1) as world: <checks>``. Outside a process
+    group (``active`` false) it does nothing and local errors propagate as raised. Inside,
+    ValueError/TypeError raised by the checks are held back; every rank then exchanges its
+    outcome and metadata in one all_gather and raises the same error, naming the rank:
+
+    - a check failed on some rank -> that exception type with that rank's message;
+    - the named tensors differ between ranks in dtype, dimensions or width (every dim but
+      the first) -> ValueError;
+    - ``settings`` (ints that decide which collectives run) differ -> ValueError;
+    - a rank holds fewer than ``min_each`` rows, or all ranks together fewer than
+      ``min_total``, of the first named tensor -> ValueError.
+    """
+
+    def __init__(self, what, active, min_total=1, min_each=0, settings=None, group=None,
+                 **tensors):
+        self.what, self.active, self.group = what, active, group
+        self.min_total, self.min_each = min_total, min_each
+        self.settings = dict(settings or {})
+        self.tensors = tensors
+        world, me = (world_size(), rank()) if active else (1, 0)
+        self.result = Agreement(list(tensors), world, me)
+
+    def __enter__(self):
+        return self.result
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.active:
+            return False
+        if exc_type is not None and exc_type not in (ValueError, TypeError):
+            return False  # not an argument error: nothing to agree on
+        kind, message = self._exchange(exc)
+        if kind is not None:
+            raise kind(message) from exc
+        return False
+
+    def _exchange(self, exc):
+        kind = _KINDS.index(type(exc)) if exc is not None else 0
+        text = str(exc).encode("utf-8")[:_MSG_BYTES] if exc is not None else b""
+        head = [kind, len(text)] + list(self.settings.values())
+        for t in self.tensors.values():
+            head += _meta(t)
+        body = bytearray(_MSG_BYTES)
+        body[:len(text)] = text
+        local = torch.cat([torch.tensor(head, dtype=torch.int64),
+                           torch.frombuffer(body, dtype=torch.int64)]).to(_device(self.group))
+        parts = [torch.empty_like(local) for _ in range(self.result.world)]
+        dist.all_gather(parts, local, group=self.group)
+        rows = [p.cpu() for p in parts]
+        return self._verdict([r[:len(head)].tolist() for r in rows],
+                             [bytes(r[len(head):].numpy().view("uint8")) for r in rows])
+
+    def _verdict(self, heads, bodies):
+        """The same (exception type, message) on every rank, or (None, None)."""
+        what = self.what
+        failed = [r for r, h in enumerate(heads) if h[0]]
+        if failed:
+            r = failed[0]
+            text = bodies[r][:heads[r][1]].decode("utf-8", "replace")
+            also = f" (the check failed on ranks {failed} in all)" if len(failed) > 1 else ""
+            return _KINDS[heads[r][0]], f"{what}: on rank {r}: {text}{also}"
+        n_set = len(self.settings)
+        for i, name in enumerate(self.settings):
+            values = [h[2 + i] for h in heads]
+            r, want = _odd_one(values)
+            if r is not None:
+                return ValueError, (f"{what}: rank {r} has {name}={values[r]} but other ranks "
+                                    f"{want}; every rank must use the same {name} "
+                                    f"(per rank: {values})")
+        width = 3 + _DIMS
+        metas = {name: [h[2 + n_set + i * width:2 + n_set + (i + 1) * width] for h in heads]
+                 for i, name in enumerate(self.tensors)}
+        for name, per_rank in metas.items():
+            shapes = [(m[1], m[2], tuple(m[4:3 + min(m[2], _DIMS)])) for m in per_rank]
+            r, _ = _odd_one(shapes)
+            if r is not None:
+                return ValueError, (
+                    f"{what}: rank {r} passed {name} of {_describe(per_rank[r])}, unlike the "
+                    f"other ranks; every rank needs the same dtype and the same size in "
+                    f"every dimension but the first (per rank: "
+                    f"{[_describe(m) for m in per_rank]})")
+            self.result.sizes[name] = [m[3] for m in per_rank]
+        if self.tensors:
+            first = next(iter(self.tensors))
+            sizes = self.result.sizes[first]
+            self.result.total = sum(sizes)
+            small = [r for r, n in enumerate(sizes) if n < self.min_each]
+            if small:
+                return ValueError, (f"{what}: rank {small[0]} has {sizes[small[0]]} rows of "
+                                    f"{first}; every rank needs at least {self.min_each} "
+                                    f"(rows per rank: {sizes})")
+            if self.result.total < self.min_total:
+                return ValueError, (f"{what}: the ranks hold {self.result.total} rows of "
+                                    f"{first} in all; at least {self.min_total} needed "
+                                    f"(rows per rank: {sizes})")
+        return None, None
+
+
+def _odd_one(values):
+    """(first rank whose value differs from the most common one, that value), or (None, None).
+    Ties go to rank 0's value."""
+    counts = Counter(values)
+    top = max(counts.values())
+    want = next(v for v in values if counts[v] == top)
+    for r, v in enumerate(values):
+        if v != want:
+            return r, want
+    return None, None
 
 
 def _gather_padded(x, sizes, group):
@@ -72,17 +218,59 @@ class _Gather(torch.autograd.Function):
         return grad[start:start + ctx.sizes[r]], None, None
 
 
-def gather(x, group=None, with_grad=True):
-    """Concatenate ``x`` (rows may differ per rank) from every rank in rank order.
+class _AllReduce(torch.autograd.Function):
+    """Sum over ranks; every rank's output depends on every rank's input, so the gradient
+    is the sum over ranks of the output gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone().contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone().contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x, group=None):
+    """Differentiable sum of ``x`` over the ranks (``x`` itself outside a process group)."""
+    return _AllReduce.apply(x, group) if is_distributed() else x
+
+
+def all_reduce_max(x, group=None):
+    """Elementwise max over the ranks, without gradient."""
+    if not is_distributed():
+        return x
+    out = x.detach().clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def gather(x, group=None, with_grad=True, sizes=None):
+    """Concatenate ``x`` (rows may differ per rank, zero included) from every rank in rank
+    order.
 
     Returns (global tensor, offsets) where offsets[r] is the first row of rank r. With
     ``with_grad`` the result is differentiable (sum convention above); without, the other
     ranks' rows are constants and the local slice is ``x`` itself (keeps its gradient).
+    ``sizes`` (every rank's row count, from an ``agree`` already run) skips the agreement;
+    without it ``gather`` checks first that every rank passed a 2-D floating tensor of the
+    same width and dtype, and raises the same ValueError on every rank otherwise.
     Outside an initialised process group it returns ``x`` and [0].
     """
     if not is_distributed():
         return x, [0]
-    sizes = _sizes(x, group)
+    if sizes is None:
+        with agree("gather", True, min_total=0, group=group, x=x) as world:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 2 or x.dtype not in _DTYPES:
+                raise ValueError(f"x must be a 2-D floating tensor, got {x.dim()}-D {x.dtype}")
+        sizes = world.sizes["x"]
     offsets = [sum(sizes[:r]) for r in range(len(sizes))]
     if with_grad:
         return _Gather.apply(x, sizes, group), offsets

@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch import nn
 
+from fastssl import _checks
+
 _EXT = None
 _EXT_ERROR = None
 _LOCK = threading.Lock()
@@ -69,6 +71,21 @@ def _self_check(ext):
                 raise RuntimeError("the EMA kernel disagrees with fp32 arithmetic")
 
 
+def _tensor_list(value, name):
+    if isinstance(value, torch.Tensor) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+    items = list(value)
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return items
+
+
+def _momentum(m, name="momentum"):
+    """A number or one-element tensor in [0, 1]; a CUDA tensor's value is not read."""
+    return _checks.scalar(m, name, lo=0.0, hi=1.0)
+
+
 def _check(ema, online, m):
     if len(ema) != len(online):
         raise ValueError(f"the teacher has {len(ema)} tensors but the student has {len(online)}")
@@ -79,20 +96,18 @@ def _check(ema, online, m):
             raise ValueError(f"tensor {i}: teacher on {e.device}, student on {o.device}")
         if not (e.is_floating_point() and o.is_floating_point()):
             raise ValueError(f"tensor {i}: EMA needs floating tensors, got {e.dtype} / {o.dtype}")
-    if isinstance(m, torch.Tensor):
-        if m.numel() != 1 or not m.is_floating_point():
-            raise ValueError("the momentum tensor must hold one floating value")
-    elif not isinstance(m, (int, float)) or not 0.0 <= float(m) <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {m!r}")
+    _momentum(m)
 
 
 @torch.no_grad()
 def ema_(ema, online, m):
     """In place: ema[i] <- m * ema[i] + (1 - m) * online[i] for two lists of tensors.
 
-    Every check runs before any tensor is written, so a failing call changes nothing.
+    ``m`` is a number or a one-element tensor in [0, 1] (a CUDA tensor is not read on the
+    host: its value is used as it is). Every check runs before any tensor is written, so a
+    failing call changes nothing.
     """
-    ema, online = list(ema), list(online)
+    ema, online = _tensor_list(ema, "ema"), _tensor_list(online, "online")
     _check(ema, online, m)
     if not ema:
         return
@@ -141,6 +156,9 @@ def update_momentum(model: nn.Module, model_ema: nn.Module, m) -> None:
 
     Parameters only (buffers are left alone), matched in ``parameters()`` order.
     """
+    for name, v in (("model", model), ("model_ema", model_ema)):
+        if not isinstance(v, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(v).__name__}")
     ema_([p.data for p in _unwrap(model_ema).parameters()],
          [p.data for p in _unwrap(model).parameters()], m)
 
@@ -151,9 +169,13 @@ def cosine_schedule(step: int, max_steps: int, start_value: float, end_value: fl
 
     end - (end - start) * (cos(pi * step / (max_steps - 1)) + 1) / 2; end_value once
     max_steps <= 1 or step >= max_steps - 1. With ``period``: the cosine has that period
-    and repeats. ValueError for a negative step or max_steps or a period <= 0; a
+    and repeats. ValueError for a negative step or max_steps, a period <= 0, or any
+    argument that is NaN or infinite; TypeError for one that is not a number; a
     RuntimeWarning when step > max_steps without a period.
     """
+    for name, v in (("step", step), ("max_steps", max_steps), ("start_value", start_value),
+                    ("end_value", end_value)) + ((("period", period),) if period is not None else ()):
+        _checks.number(v, name)
     if step < 0:
         raise ValueError(f"Current step number {step} can't be negative")
     if max_steps < 0:
@@ -163,6 +185,8 @@ def cosine_schedule(step: int, max_steps: int, start_value: float, end_value: fl
     if period is None and step > max_steps:
         warnings.warn(f"Current step number {step} exceeds max_steps {max_steps}.",
                       category=RuntimeWarning)
+    step, max_steps = float(step), float(max_steps)
+    start_value, end_value = float(start_value), float(end_value)
     if period is not None:
         cos = math.cos(2 * math.pi * step / period)
         return float(end_value - (end_value - start_value) * (cos + 1) / 2)
@@ -191,11 +215,13 @@ class EMA(nn.Module):
     def __init__(self, model: nn.Module, momentum: float = 0.996, final_momentum: float = 1.0,
                  schedule="cosine", include_buffers: bool = True):
         super().__init__()
-        for name, v in (("momentum", momentum), ("final_momentum", final_momentum)):
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        momentum = _checks.number(momentum, "momentum", lo=0.0, hi=1.0)
+        final_momentum = _checks.number(final_momentum, "final_momentum", lo=0.0, hi=1.0)
         if schedule not in ("cosine", None):
             raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
+        include_buffers = _checks.flag(include_buffers, "include_buffers")
         self._student = [model]  # a list, so the student is not registered as a submodule
         self.module = copy.deepcopy(_unwrap(model))
         self.module.requires_grad_(False)
@@ -216,13 +242,23 @@ class EMA(nn.Module):
         """One EMA step; returns the momentum used."""
         m = self.current_momentum(step, max_steps)
         student = _unwrap(self._student[0])
-        ema_([p.data for p in self.module.parameters()], [p.data for p in student.parameters()], m)
+        teacher_params = [p.data for p in self.module.parameters()]
+        student_params = [p.data for p in student.parameters()]
+        _check(teacher_params, student_params, m)
+        teacher_buffers = student_buffers = []
         if self.include_buffers:
             teacher_buffers, student_buffers = list(self.module.buffers()), list(student.buffers())
             if len(teacher_buffers) != len(student_buffers):
-                raise ValueError("teacher and student have different numbers of buffers")
-            if teacher_buffers:
-                torch._foreach_copy_(teacher_buffers, student_buffers)
+                raise ValueError(f"the teacher has {len(teacher_buffers)} buffers but the "
+                                 f"student has {len(student_buffers)}")
+            for i, (t, s) in enumerate(zip(teacher_buffers, student_buffers)):
+                if t.shape != s.shape or t.device != s.device:
+                    raise ValueError(f"buffer {i}: teacher {tuple(t.shape)} on {t.device}, "
+                                     f"student {tuple(s.shape)} on {s.device}")
+        # Every check above ran before this first write.
+        ema_(teacher_params, student_params, m)
+        if teacher_buffers:
+            torch._foreach_copy_(teacher_buffers, student_buffers)
         return m
 
     def get_extra_state(self):

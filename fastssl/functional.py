@@ -9,33 +9,36 @@ logits l_ij = s * r_i . c_j, and per row i with positive column p_i:
 No n x m matrix is stored: the kernels keep per-row statistics and recompute tiles in the
 backward pass (see ``fastssl.kernels.infonce`` and ``fastssl.kernels.siglip``).
 
+Scale. Inputs of any finite magnitude are handled exactly: normalised losses divide each
+row by a power of two above its max |x| before the norm; CLIP and SigLIP features are
+divided by such a power of two (an exact operation) and the factor is folded into the
+scale. A loss whose true value exceeds the dtype's range is returned as inf, never NaN.
+
 Distributed (``gather_distributed=True`` inside an initialised process group): each rank
 scores its local rows against the columns gathered from every rank (with gradient, see
 ``fastssl.distributed``), with positives at the rank's global offset. The loss is the mean
-over the local rows; batch sizes may differ between ranks.
+over the local rows; batch sizes may differ between ranks, and a rank with zero rows
+returns a zero loss that still takes part in the collectives of the backward pass. The
+arguments are checked on every rank before the first collective (``distributed.agree``).
 """
-import numbers
-
 import torch
-import torch.nn.functional as tF
 from torch import Tensor
 
-from fastssl import _ops, distributed
+from fastssl import _checks, _ops, distributed
+from fastssl._reference import scaled_std
 
-normalize = _ops.unit_rows  # x / max(||x||, 1e-12) per row, norm in float32
+normalize = _ops.unit_rows  # x / max(||x||, 1e-12) per row, norm in float32, scale-safe
 
 
-def check_embeddings(**named):
-    """Validate 2-D floating embeddings on one device with one dtype and one width D."""
+def check_embeddings(allow_empty=False, **named):
+    """Validate 2-D floating embeddings on one device with one dtype and one shape (n, D),
+    D >= 1 and n >= 1 (n = 0 too with ``allow_empty``: a rank contributing no rows)."""
     items = list(named.items())
     for name, t in items:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+        _checks.floating(t, name)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if t.shape[0] == 0 or t.shape[1] == 0:
+        if t.shape[1] == 0 or (t.shape[0] == 0 and not allow_empty):
             raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
     (n0, t0), rest = items[0], items[1:]
     for name, t in rest:
@@ -50,8 +53,7 @@ def check_embeddings(**named):
 def check_negatives(negatives, like):
     if negatives is None:
         return
-    if not isinstance(negatives, Tensor) or not negatives.is_floating_point():
-        raise ValueError("negatives must be a floating-point tensor of shape (K, D)")
+    _checks.floating(negatives, "negatives")
     if negatives.dim() != 2 or negatives.shape[1] != like.shape[1]:
         raise ValueError(f"negatives must have shape (K, {like.shape[1]}), "
                          f"got {tuple(negatives.shape)}")
@@ -61,23 +63,28 @@ def check_negatives(negatives, like):
         raise ValueError("negatives receive no gradient; pass negatives.detach()")
 
 
-def scale_tensor(value, device, name, invert):
-    """A 0-d float32 tensor from a Python number or a tensor (keeping its autograd graph)."""
+def scale_tensor(value, like, name, invert):
+    """A 0-d tensor in the arithmetic dtype of ``like`` (float32, or float64) from a number or
+    a one-element tensor (keeping its autograd graph), checked like a number: finite, and
+    non-zero when ``invert`` (a temperature). A CUDA tensor's value is not read on the host."""
+    _checks.scalar(value, name, nonzero=invert)
+    dtype = _ops.acc_dtype(like)
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {value.dtype}")
-        if value.device != device and value.device.type != "cpu":
-            raise ValueError(f"{name} is on {value.device} but the embeddings on {device}")
-        s = value.reshape(()).float().to(device)
+        if value.device != like.device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the embeddings on {like.device}")
+        s = value.reshape(()).to(device=like.device, dtype=dtype)
         return 1.0 / s if invert else s
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
-    if invert and value == 0:
-        raise ValueError(f"{name} must be non-zero")
-    return torch.tensor(1.0 / value if invert else float(value), dtype=torch.float32,
-                        device=device)
+    value = float(value)
+    return torch.tensor(1.0 / value if invert else value, dtype=dtype, device=like.device)
+
+
+def _flag(value, name):
+    return int(_checks.flag(value, name))
+
+
+def _setting(value):
+    """An int for the cross-rank comparison of a flag (-1: not a bool; the checks raise)."""
+    return int(value) if isinstance(value, bool) else -1
 
 
 def _rows_loss(rows, cols, scale, pos, mask=None, negatives=None, normalize=True):
@@ -85,11 +92,26 @@ def _rows_loss(rows, cols, scale, pos, mask=None, negatives=None, normalize=True
     return loss
 
 
-def _world(gather):
-    """(gathering?, this rank) — gathering only in an initialised group of > 1 processes."""
-    if gather and distributed.world_size() > 1:
-        return True, distributed.rank()
-    return False, 0
+def _mean(loss):
+    """Mean over the local rows; 0 (attached to the graph) for a rank with no rows."""
+    return loss.mean() if loss.numel() else loss.sum()
+
+
+def _gathering(gather):
+    """True inside an initialised group of > 1 processes when gathering was asked for."""
+    return _checks.is_flag(gather) and bool(gather) and distributed.world_size() > 1
+
+
+def _pow2_scaled(x):
+    """(x / f, f): f a power of two above max |x| when that exceeds 1, else 1 (a detached
+    0-d tensor in the arithmetic dtype). The division is exact and keeps every tile
+    product of two such inputs finite. float16 needs none: its largest value squared,
+    times any width, fits the float32 accumulators."""
+    f = _ops.pow2_bound(x)
+    if x.dtype == torch.float16:
+        return x, torch.ones_like(f)
+    f = torch.where(f > 1, f, torch.ones_like(f))
+    return x / f.to(x.dtype), f
 
 
 def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5, gather_distributed: bool = False) -> Tensor:
@@ -100,16 +122,18 @@ def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5, gather_distributed: bool = 
     the 2n rows of log sum_{j != i} exp(z_i.z_j / T) - z_i.z_{p_i} / T. With
     ``gather_distributed`` the columns are both views of the global batch.
     """
-    check_embeddings(z0=z0, z1=z1)
-    s = scale_tensor(temperature, z0.device, "temperature", invert=True)
+    active = _gathering(gather_distributed)
+    with distributed.agree("nt_xent", active, z0=z0, z1=z1) as world:
+        check_embeddings(allow_empty=active, z0=z0, z1=z1)
+        s = scale_tensor(temperature, z0, "temperature", invert=True)
+        _flag(gather_distributed, "gather_distributed")
     n = z0.shape[0]
     rows = torch.cat([z0, z1])
     i = torch.arange(n, device=z0.device)
-    gather, r = _world(gather_distributed)
-    if gather:
-        g0, offsets = distributed.gather(z0)
-        g1, _ = distributed.gather(z1)
-        o, N = offsets[r], g0.shape[0]
+    if active:
+        g0, offsets = distributed.gather(z0, sizes=world.sizes["z0"])
+        g1, _ = distributed.gather(z1, sizes=world.sizes["z1"])
+        o, N = offsets[world.rank], world.total
         cols = torch.cat([g0, g1])
         pos = torch.cat([N + o + i, o + i])
         mask = torch.cat([o + i, N + o + i])
@@ -118,7 +142,7 @@ def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5, gather_distributed: bool = 
         pos = torch.cat([n + i, i])
         mask = torch.cat([i, n + i])
     loss = _rows_loss(rows, cols, s, pos, mask=mask)
-    return loss.mean().to(z0.dtype)
+    return _mean(loss).to(z0.dtype)
 
 
 def info_nce(query: Tensor, key: Tensor, temperature=0.1, negatives: Tensor = None,
@@ -130,32 +154,50 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.1, negatives: Tensor = No
     read in place). Returns the mean over rows. ``symmetric=True`` averages this with the
     same loss with query and key exchanged (the negatives serve both directions).
     """
-    check_embeddings(query=query, key=key)
-    check_negatives(negatives, query)
-    s = scale_tensor(temperature, query.device, "temperature", invert=True)
-    gather, r = _world(gather_distributed)
+    active = _gathering(gather_distributed)
+    with distributed.agree("info_nce", active, settings={"symmetric": _setting(symmetric)},
+                           query=query, key=key) as world:
+        check_embeddings(allow_empty=active, query=query, key=key)
+        check_negatives(negatives, query)
+        s = scale_tensor(temperature, query, "temperature", invert=True)
+        _flag(symmetric, "symmetric")
+        _flag(gather_distributed, "gather_distributed")
 
-    def one(rows, other):
-        cols, offsets = distributed.gather(other) if gather else (other, [0])
-        pos = offsets[r] + torch.arange(rows.shape[0], device=rows.device)
-        return _rows_loss(rows, cols, s, pos, negatives=negatives).mean()
+    def one(rows, other, name):
+        if active:
+            cols, offsets = distributed.gather(other, sizes=world.sizes[name])
+        else:
+            cols, offsets = other, [0]
+        pos = offsets[world.rank] + torch.arange(rows.shape[0], device=rows.device)
+        return _mean(_rows_loss(rows, cols, s, pos, negatives=negatives))
 
-    loss = one(query, key)
+    loss = one(query, key, "key")
     if symmetric:
-        loss = (loss + one(key, query)) / 2
+        loss = (loss + one(key, query, "query")) / 2
     return loss.to(query.dtype)
+
+
+def _scalar_bias(logit_bias, like):
+    if logit_bias is None:
+        return None
+    _checks.scalar(logit_bias, "logit_bias")
+    if isinstance(logit_bias, Tensor) and logit_bias.device != like.device \
+            and logit_bias.device.type != "cpu":
+        raise ValueError(f"logit_bias is on {logit_bias.device} but the embeddings on {like.device}")
+    return logit_bias
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
               local_loss: bool = False, gather_with_grad: bool = False,
-              gather_distributed: bool = False) -> Tensor:
+              gather_distributed: bool = False, *, _what="clip_loss", _check=None) -> Tensor:
     """CLIP's symmetric loss (open_clip's ``ClipLoss``).
 
     logits = logit_scale * image @ text^T (+ logit_bias); the loss is the mean of the
     image->text and text->image cross-entropies with the matching pair as the label.
     Features are used as given (open_clip's models normalise them); logit_scale is already
     exponentiated. A constant bias cancels inside each softmax, so it does not change the
-    value; it is accepted for signature compatibility and receives a zero gradient.
+    value; it is accepted for signature compatibility (checked like a scale: a finite
+    number or one-element tensor) and receives a zero gradient.
 
     With ``gather_distributed`` (open_clip with world_size > 1): features are gathered from
     every rank, with gradient if ``gather_with_grad`` (else other ranks' features are
@@ -163,32 +205,53 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     (labels offset by the rank's position), ``local_loss=False`` computes the global loss on
     every rank.
     """
-    check_embeddings(image_features=image_features, text_features=text_features)
-    s = scale_tensor(logit_scale, image_features.device, "logit_scale", invert=False)
-    gather, r = _world(gather_distributed)
+    active = _gathering(gather_distributed)
+    settings = {"gather_with_grad": _setting(gather_with_grad), "local_loss": _setting(local_loss)}
+    with distributed.agree(_what, active, settings=settings,
+                           image_features=image_features, text_features=text_features) as world:
+        if _check is not None:
+            _check()
+        check_embeddings(allow_empty=active, image_features=image_features,
+                         text_features=text_features)
+        s = scale_tensor(logit_scale, image_features, "logit_scale", invert=False)
+        bias = _scalar_bias(logit_bias, image_features)
+        for name, v in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad),
+                        ("gather_distributed", gather_distributed)):
+            _flag(v, name)
     img, txt, o = image_features, text_features, 0
-    if gather:
-        all_img, offsets = distributed.gather(img, with_grad=gather_with_grad)
-        all_txt, _ = distributed.gather(txt, with_grad=gather_with_grad)
+    if active:
+        all_img, offsets = distributed.gather(img, with_grad=gather_with_grad,
+                                              sizes=world.sizes["image_features"])
+        all_txt, _ = distributed.gather(txt, with_grad=gather_with_grad,
+                                        sizes=world.sizes["text_features"])
         if local_loss:
-            o = offsets[r]
+            o = offsets[world.rank]
         else:
             img, txt = all_img, all_txt
         cols_img, cols_txt = all_img, all_txt
     else:
         cols_img, cols_txt = img, txt
-    pos_i = o + torch.arange(img.shape[0], device=img.device)
-    pos_t = o + torch.arange(txt.shape[0], device=txt.device)
-    loss = (_rows_loss(img, cols_txt, s, pos_i, normalize=False).mean()
-            + _rows_loss(txt, cols_img, s, pos_t, normalize=False).mean()) / 2
-    if logit_bias is not None:
-        bias = logit_bias if isinstance(logit_bias, Tensor) else torch.tensor(float(logit_bias))
-        loss = loss + 0.0 * bias.float().sum()
+
+    scaled = {}
+
+    def pow2_scaled(t):  # each tensor once, also when it serves both directions
+        if id(t) not in scaled:
+            scaled[id(t)] = _pow2_scaled(t)
+        return scaled[id(t)]
+
+    def one(rows, cols):
+        (r, fr), (c, fc) = pow2_scaled(rows), pow2_scaled(cols)
+        pos = o + torch.arange(rows.shape[0], device=rows.device)
+        return _mean(_rows_loss(r, c, s * (fr * fc), pos, normalize=False))
+
+    loss = (one(img, cols_txt) + one(txt, cols_img)) / 2
+    if isinstance(bias, Tensor):
+        loss = loss + 0.0 * bias.to(loss.dtype).sum().to(loss.device)
     return loss.to(image_features.dtype)
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
-                gather_distributed: bool = False) -> Tensor:
+                gather_distributed: bool = False, *, _what="siglip_loss", _check=None) -> Tensor:
     """SigLIP's sigmoid loss (open_clip's ``SigLipLoss``).
 
     logits z = logit_scale * image @ text^T + logit_bias, labels +1 on the matching pair and
@@ -198,29 +261,40 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     against the text features of every rank (gathered with gradient), which is the value
     and gradient of open_clip's neighbour exchange.
     """
-    check_embeddings(image_features=image_features, text_features=text_features)
-    dev = image_features.device
-    s = scale_tensor(logit_scale, dev, "logit_scale", invert=False)
-    b = scale_tensor(0.0 if logit_bias is None else logit_bias, dev, "logit_bias", invert=False)
-    gather, r = _world(gather_distributed)
-    cols, offsets = distributed.gather(text_features) if gather else (text_features, [0])
+    active = _gathering(gather_distributed)
+    with distributed.agree(_what, active, image_features=image_features,
+                           text_features=text_features) as world:
+        if _check is not None:
+            _check()
+        check_embeddings(allow_empty=active, image_features=image_features,
+                         text_features=text_features)
+        s = scale_tensor(logit_scale, image_features, "logit_scale", invert=False)
+        b = scale_tensor(0.0 if logit_bias is None else logit_bias, image_features,
+                         "logit_bias", invert=False)
+        _flag(gather_distributed, "gather_distributed")
+    if active:
+        cols, offsets = distributed.gather(text_features, sizes=world.sizes["text_features"])
+    else:
+        cols, offsets = text_features, [0]
     n = image_features.shape[0]
-    pos = offsets[r] + torch.arange(n, device=dev)
-    loss, _ = _ops.siglip(image_features, cols, pos, s, b)
-    return (loss.sum() / n).to(image_features.dtype)
+    pos = offsets[world.rank] + torch.arange(n, device=image_features.device)
+    (r, fr), (c, fc) = _pow2_scaled(image_features), _pow2_scaled(cols)
+    big = torch.finfo(s.dtype).max
+    loss, _ = _ops.siglip(r, c, pos, (s * (fr * fc)).clamp(-big, big), b)
+    return (loss.sum() / max(n, 1)).to(image_features.dtype)
 
 
 def _info_nce_positive_only(query: Tensor, key: Tensor, negatives: Tensor, temperature) -> Tensor:
     """MoCo-style InfoNCE on normalised inputs: row i's logits are
     [q_i.k_i, q_i.n_1, ..., q_i.n_K] / T; only the own key is a positive (the other keys of
-    the batch are not negatives). Mean over rows.
+    the batch are not negatives). Mean over rows (0 for no rows).
     """
-    s = scale_tensor(temperature, query.device, "temperature", invert=True)
-    q = normalize(query)
-    l_pos = (q.float() * normalize(key).float()).sum(1) * s
+    s = scale_tensor(temperature, query, "temperature", invert=True)
+    acc = s.dtype
+    l_pos = (normalize(query).to(acc) * normalize(key).to(acc)).sum(1) * s
     none = torch.full((query.shape[0],), -1, device=query.device, dtype=torch.long)
     lse_neg = _rows_loss(query, key[:0], s, none, negatives=negatives)
-    return (torch.logaddexp(l_pos, lse_neg) - l_pos).mean()
+    return _mean(torch.logaddexp(l_pos, lse_neg) - l_pos)
 
 
 # ----------------------------------------------------------------------------- non-contrastive
@@ -228,26 +302,24 @@ def _info_nce_positive_only(query: Tensor, key: Tensor, negatives: Tensor, tempe
 FORMULATIONS = ("auto", "gram", "dxd")
 
 
-def _check_pair_nd(z_a, z_b, what):
+def _check_pair_nd(z_a, z_b, what, allow_empty=False, min_rows=2):
     for name, t in (("z_a", z_a), ("z_b", z_b)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+        _checks.floating(t, name)
     if z_a.shape != z_b.shape:
         raise ValueError(f"z_a has shape {tuple(z_a.shape)} but z_b has {tuple(z_b.shape)}")
     if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
         raise ValueError(f"z_a and z_b differ in dtype or device ({z_a.dtype} on {z_a.device}, "
                          f"{z_b.dtype} on {z_b.device})")
-    if z_a.dim() < 2 or z_a.shape[-1] == 0:
-        raise ValueError(f"{what} takes (N, D) inputs, got shape {tuple(z_a.shape)}")
-    if z_a.shape[0] < 2:
-        raise ValueError(f"{what} needs a batch of at least 2 samples, got {z_a.shape[0]}")
+    if z_a.dim() < 2 or z_a.shape[-1] == 0 or any(d == 0 for d in z_a.shape[1:]):
+        raise ValueError(f"{what} takes (N, D) inputs with D >= 1, got shape z_a "
+                         f"{tuple(z_a.shape)}")
+    if z_a.shape[0] < min_rows and not (allow_empty and z_a.shape[0] == 0):
+        raise ValueError(f"{what} needs a batch of at least {min_rows} samples in z_a, got "
+                         f"{z_a.shape[0]}")
 
 
 def check_formulation(formulation):
-    if formulation not in FORMULATIONS:
-        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    _checks.choice(formulation, "formulation", FORMULATIONS)
 
 
 def _use_gram(N, D, formulation):
@@ -257,31 +329,31 @@ def _use_gram(N, D, formulation):
 
 
 def _fro2(a, b, gram):
-    """||a^T b||_F^2 in float32, by the N x N Gram formulation or the D x D product."""
+    """||a^T b||_F^2 in the arithmetic dtype, by the N x N Gram formulation or the D x D product."""
     if gram:
         return _ops.gram_inner(a, b)
-    return torch.linalg.vector_norm(a.float().T @ b.float()).square()
+    acc = _ops.acc_dtype(a)
+    return torch.linalg.vector_norm(a.to(acc).T @ b.to(acc)).square()
 
 
-def _standardize(z, eps, stats=None):
-    """Per-feature (z - mean) / sqrt(biased var + eps) in float32: the fused op on the local
-    batch, or given (mean, var) of the global batch."""
-    if stats is None:
-        return _ops.standardize(z, eps)[0]
-    mean, var = stats
-    return (z.float() - mean) * torch.rsqrt(var + eps)
+def _standardize(z, eps):
+    """Per-feature (z - mean) / sqrt(biased var + eps): the fused op on the local batch."""
+    return _ops.standardize(z, eps)[0]
 
 
-def _global_stats(z):
-    """Mean and biased variance over the global batch, differentiable (sum convention)."""
-    from torch.distributed.nn.functional import all_reduce
-    zf = z.float()
-    count = torch.tensor(float(z.shape[0]), device=z.device)
-    torch.distributed.all_reduce(count)
-    s1 = all_reduce(zf.sum(0))
-    s2 = all_reduce((zf * zf).sum(0))
-    mean = s1 / count
-    return mean, s2 / count - mean * mean, count
+def _global_standardize(z, eps, total):
+    """(z - mean) / sqrt(biased var + eps) with the global batch's statistics, scale-safe
+    (the sums run on z / m, m the global max |z| per feature) and differentiable (sum
+    convention); a rank with no rows contributes nothing."""
+    acc = _ops.acc_dtype(z)
+    zf = z.to(acc)
+    local_max = zf.detach().abs().amax(0) if z.shape[0] else zf.new_zeros(z.shape[1])
+    m = distributed.all_reduce_max(local_max)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    y = zf / m
+    mean_y = distributed.all_reduce_sum(y.sum(0)) / total
+    var_y = distributed.all_reduce_sum((y - mean_y).square().sum(0)) / total
+    return (y - mean_y) * (m / scaled_std(var_y, m, eps))
 
 
 def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
@@ -297,28 +369,33 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
 
     Distributed (``gather_distributed`` in a process group): ``normalize="local"`` is
     lightly's semantics (per-rank standardisation, C averaged over ranks by an autograd-aware
-    all_reduce); ``normalize="global"`` is the reference implementation's (statistics of the
-    global batch, as SyncBatchNorm gives, and C over the global batch). Both use the D x D
-    formulation. Inputs are (N, D); the loss is float32 math returned in the input dtype.
+    all_reduce; every rank needs at least 2 samples); ``normalize="global"`` is the reference
+    implementation's (statistics of the global batch, as SyncBatchNorm gives, and C over the
+    global batch; a rank may hold no samples). Both use the D x D formulation. Inputs are
+    (N, D); the loss is float32 math (float64 for float64) returned in the input dtype.
     """
-    _check_pair_nd(z_a, z_b, "barlow_twins")
-    if z_a.dim() != 2:
-        raise ValueError(f"barlow_twins takes (N, D) inputs, got shape {tuple(z_a.shape)}")
-    if normalize not in ("local", "global"):
-        raise ValueError(f"normalize must be 'local' or 'global', got {normalize!r}")
+    active = _gathering(gather_distributed)
+    mode = {"local": 0, "global": 1}.get(normalize, -1) if isinstance(normalize, str) else -1
+    with distributed.agree("barlow_twins", active, min_total=2,
+                           min_each=2 if mode == 0 else 0, settings={"normalize": mode},
+                           z_a=z_a, z_b=z_b) as world:
+        _check_pair_nd(z_a, z_b, "barlow_twins", allow_empty=active and mode == 1)
+        if z_a.dim() != 2:
+            raise ValueError(f"barlow_twins takes (N, D) inputs, got shape z_a {tuple(z_a.shape)}")
+        _checks.choice(normalize, "normalize", ("local", "global"))
+        check_formulation(formulation)
+        lambda_param = _checks.number(lambda_param, "lambda_param")
+        _flag(gather_distributed, "gather_distributed")
     N, D = z_a.shape
     eps = 1e-5
-    gather, _ = _world(gather_distributed)
-    if gather:
-        from torch.distributed.nn.functional import all_reduce
+    if active:
         if normalize == "global":
-            mean_a, var_a, count = _global_stats(z_a)
-            mean_b, var_b, _ = _global_stats(z_b)
-            a, b = _standardize(z_a, eps, (mean_a, var_a)), _standardize(z_b, eps, (mean_b, var_b))
-            c = all_reduce(a.T @ b) / count
+            a = _global_standardize(z_a, eps, world.total)
+            b = _global_standardize(z_b, eps, world.total)
+            c = distributed.all_reduce_sum(a.T @ b) / world.total
         else:
             a, b = _standardize(z_a, eps), _standardize(z_b, eps)
-            c = all_reduce(a.T @ b / N) / distributed.world_size()
+            c = distributed.all_reduce_sum(a.T @ b / N) / world.world
         diag = torch.diagonal(c)
         fro2 = torch.linalg.vector_norm(c).square()
     else:
@@ -328,7 +405,8 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
         # The off-diagonal part ||C||^2 - sum C_ii^2 subtracts terms computed from the same
         # rounded operands; the diagonal term uses the float32 views.
         fro2 = _fro2(a, b, gram) / (N * N)
-        diag_sq = ((a.float() * b.float()).sum(0) / N).square().sum()
+        acc = a32.dtype
+        diag_sq = ((a.to(acc) * b.to(acc)).sum(0) / N).square().sum()
         diag = (a32 * b32).sum(0) / N
         loss = (1 - diag).square().sum() + lambda_param * (fro2 - diag_sq)
         return loss.to(z_a.dtype)
@@ -338,12 +416,39 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
 
 
 def _cov_loss(x, gram):
-    """sum_{i != j} cov_ij^2 / D with cov = X^T X / (N - 1), X centred; x is (N, D)."""
+    """sum_{i != j} cov_ij^2 / D with cov = X^T X / (N - 1), X centred; x is (N, D).
+
+    Computed on x / f (f a power of two above max |x|, exact) and scaled back by f^4, so an
+    overflow can only come from a value that is itself beyond the dtype's range (inf)."""
     N, D = x.shape
-    xc = (x.float() - x.float().mean(0)).to(x.dtype)  # one rounding, shared by both terms
-    diag = xc.float().square().sum(0) / (N - 1)
-    fro2 = _fro2(xc, xc, gram) / ((N - 1) ** 2)
-    return (fro2 - diag.square().sum()) / D
+    acc = _ops.acc_dtype(x)
+    f = _ops.pow2_bound(x)
+    y = x.to(acc) / f
+    yc = (y - y.mean(0)).to(x.dtype)  # one rounding, shared by both terms
+    diag = yc.to(acc).square().sum(0) / (N - 1)
+    fro2 = _fro2(yc, yc, gram) / ((N - 1) ** 2)
+    term = (fro2 - diag.square().sum()) / D
+    f2 = f * f
+    return torch.where(term == 0, term, term * f2 * f2)
+
+
+def _mse(a, b):
+    """mean((a - b)^2), scale-safe (on (a - b) / f, f a power of two above its max)."""
+    acc = _ops.acc_dtype(a)
+    d = a.to(acc) - b.to(acc)
+    if d.numel() == 0:
+        return d.sum()
+    f = _ops.pow2_bound(d)
+    return (d / f).square().mean() * f * f
+
+
+def _var_loss(z, eps):
+    """mean_d relu(1 - sqrt(Var_unbiased(z_d) + eps)), scale-safe per feature."""
+    acc = _ops.acc_dtype(z)
+    f = _ops.pow2_bound(z, 0)
+    y = z.to(acc) / f
+    var_y = y.var(0, keepdim=True)
+    return torch.relu(1.0 - scaled_std(var_y, f, eps)).mean()
 
 
 def vicreg(z_a: Tensor, z_b: Tensor, lambda_param: float = 25.0, mu_param: float = 25.0,
@@ -356,33 +461,61 @@ def vicreg(z_a: Tensor, z_b: Tensor, lambda_param: float = 25.0, mu_param: float
     ||X^T X||_F^2 = <X X^T, X X^T> (Gram formulation when N < D). Inputs (N, D) or
     (N, L, D) (terms averaged over L, as lightly). With ``gather_distributed`` the variance
     and covariance terms use the global batch (gathered with gradient); the invariance term
-    stays local.
+    stays local (0 on a rank with no rows). A term whose weight is 0 is left out.
     """
-    _check_pair_nd(z_a, z_b, "vicreg")
-    inv = tF.mse_loss(z_a.float(), z_b.float())
-    gather, _ = _world(gather_distributed)
-    if gather:
+    active = _gathering(gather_distributed)
+    with distributed.agree("vicreg", active, min_total=2, z_a=z_a, z_b=z_b) as world:
+        _check_pair_nd(z_a, z_b, "vicreg", allow_empty=active)
+        weights = [_checks.number(v, name) for name, v in (
+            ("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param))]
+        eps = _checks.number(eps, "eps", lo=0.0)
+        check_formulation(formulation)
+        _flag(gather_distributed, "gather_distributed")
+    inv = _mse(z_a, z_b)
+    if active:
         shape = z_a.shape
-        z_a = distributed.gather(z_a.reshape(shape[0], -1))[0].reshape(-1, *shape[1:])
-        z_b = distributed.gather(z_b.reshape(shape[0], -1))[0].reshape(-1, *shape[1:])
-
-    def var_loss(z):
-        std = torch.sqrt(z.float().var(0) + eps)
-        return torch.relu(1.0 - std).mean()
+        sizes = world.sizes["z_a"]
+        z_a = distributed.gather(z_a.reshape(shape[0], -1), sizes=sizes)[0].reshape(-1, *shape[1:])
+        z_b = distributed.gather(z_b.reshape(shape[0], -1), sizes=sizes)[0].reshape(-1, *shape[1:])
 
     def cov_loss(z):
         flat = z.reshape(z.shape[0], -1, z.shape[-1]).transpose(0, 1)  # (L, N, D)
-        gram = _use_gram(z.shape[0], z.shape[-1], formulation) and not gather
+        gram = _use_gram(z.shape[0], z.shape[-1], formulation) and not active
         return torch.stack([_cov_loss(x, gram) for x in flat.unbind(0)]).mean()
 
-    loss = (lambda_param * inv + mu_param * 0.5 * (var_loss(z_a) + var_loss(z_b))
-            + nu_param * (cov_loss(z_a) + cov_loss(z_b)))
+    terms = [(weights[0], lambda: inv),
+             (weights[1], lambda: 0.5 * (_var_loss(z_a, eps) + _var_loss(z_b, eps))),
+             (weights[2], lambda: cov_loss(z_a) + cov_loss(z_b))]
+    loss = sum(w * term() for w, term in terms if w != 0)
+    if not isinstance(loss, Tensor):  # every weight 0
+        loss = 0.0 * inv
     return loss.to(z_a.dtype)
 
 
 def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
     """-mean cosine_similarity(x0, x1) along ``dim`` (BYOL / SimSiam; stop-gradient is the
-    caller's, e.g. ``x1.detach()``)."""
+    caller's, e.g. ``x1.detach()``): x0 . x1 / (max(||x0||, eps) max(||x1||, eps)), in float32
+    (float64 for float64), scale-safe (each vector divided by a power of two above its max
+    |x| first), returned in the input dtype."""
+    _checks.floating(x0, "x0")
+    _checks.floating(x1, "x1")
     if x0.shape != x1.shape:
         raise ValueError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
-    return -tF.cosine_similarity(x0, x1, dim=dim, eps=eps).mean()
+    if x0.dtype != x1.dtype or x0.device != x1.device:
+        raise ValueError(f"x0 and x1 differ in dtype or device ({x0.dtype} on {x0.device}, "
+                         f"{x1.dtype} on {x1.device})")
+    dim = _checks.integer(dim, "dim")
+    if not -x0.dim() <= dim < max(x0.dim(), 1):
+        raise ValueError(f"dim must be in [{-x0.dim()}, {x0.dim() - 1}] for inputs of shape "
+                         f"{tuple(x0.shape)}, got {dim}")
+    eps = _checks.number(eps, "eps", lo=0.0)
+    if x0.numel() == 0:
+        raise ValueError(f"x0 must be non-empty, got shape {tuple(x0.shape)}")
+    acc = _ops.acc_dtype(x0)
+    f0, f1 = _ops.pow2_bound(x0, dim), _ops.pow2_bound(x1, dim)
+    y0, y1 = x0.to(acc) / f0, x1.to(acc) / f1
+    n0 = torch.linalg.vector_norm(y0, dim=dim, keepdim=True)
+    n1 = torch.linalg.vector_norm(y1, dim=dim, keepdim=True)
+    cos = (y0 * y1).sum(dim, keepdim=True) / (torch.maximum(n0, eps / f0)
+                                              * torch.maximum(n1, eps / f1))
+    return -cos.mean().to(x0.dtype)

@@ -1,12 +1,22 @@
 """nn.Module losses with the incumbents' signatures. They hold state only (the memory
-bank); the math is in ``fastssl.functional``."""
+bank); the math is in ``fastssl.functional``. Constructor arguments are checked when the
+module is built, naming the argument (see ``fastssl._checks``)."""
 from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from fastssl import distributed
+from fastssl import _checks, distributed
 from fastssl import functional as F
+
+
+def _world_args(name, rank, world_size):
+    rank = _checks.integer(rank, "rank", lo=0)
+    world_size = _checks.integer(world_size, "world_size", lo=1)
+    if rank >= world_size:
+        raise ValueError(f"{name}: rank must be < world_size, got rank={rank}, "
+                         f"world_size={world_size}")
+    return rank, world_size
 
 
 def _check_world(name, rank, world_size):
@@ -22,12 +32,27 @@ def _check_world(name, rank, world_size):
                          f"{distributed.world_size()})")
 
 
+def _temperature(temperature):
+    """lightly's rule for a temperature given as a number (or a CPU tensor): |T| >= 1e-8."""
+    value = _checks.host_value(temperature, "temperature")
+    if value is not None and abs(value) < 1e-8:
+        raise ValueError(f"Illegal temperature: abs({value}) < 1e-8")
+    return _checks.scalar(temperature, "temperature", nonzero=True)
+
+
+def _gather_flag(value, what):
+    value = _checks.flag(value, "gather_distributed")
+    if value:
+        distributed.require_distributed(f"{what}(gather_distributed=True)")
+    return value
+
+
 class NTXentLoss(nn.Module):
     """SimCLR's NT-Xent loss, or MoCo's InfoNCE with a memory bank; lightly's signature.
 
     Args:
         temperature: logits are divided by it; |temperature| < 1e-8 is an error. Negative
-            values are allowed (as in lightly).
+            values are allowed (as in lightly). A number or a one-element tensor.
         memory_bank_size: 0 for SimCLR (in-batch negatives). K > 0 (or a tuple (K, dim))
             keeps a FIFO bank of the last K normalised ``out1`` embeddings (float32, random
             unit vectors until filled); each row of ``out0`` is then scored against its own
@@ -46,21 +71,21 @@ class NTXentLoss(nn.Module):
                  memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False):
         super().__init__()
-        if isinstance(temperature, (int, float)) and abs(temperature) < 1e-8:
-            raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
-        if gather_distributed:
-            distributed.require_distributed("NTXentLoss(gather_distributed=True)")
-        size = (memory_bank_size,) if isinstance(memory_bank_size, int) \
-            else tuple(memory_bank_size)
-        if len(size) not in (1, 2) or any(int(v) < 0 for v in size):
-            raise ValueError(f"memory_bank_size must be K >= 0 or (K, dim), got {memory_bank_size}")
-        self.temperature = temperature
-        self.gather_distributed = gather_distributed
-        self.memory_bank_size = int(size[0])
+        self.temperature = _temperature(temperature)
+        self.gather_distributed = _gather_flag(gather_distributed, "NTXentLoss")
+        if _checks.is_number(memory_bank_size) or isinstance(memory_bank_size, Tensor):
+            size = (_checks.integer(memory_bank_size, "memory_bank_size", lo=0),)
+        elif isinstance(memory_bank_size, (tuple, list)) and len(memory_bank_size) == 2:
+            size = (_checks.integer(memory_bank_size[0], "memory_bank_size[0] (K)", lo=0),
+                    _checks.integer(memory_bank_size[1], "memory_bank_size[1] (dim)", lo=1))
+        else:
+            raise TypeError("memory_bank_size must be an integer K >= 0 or a pair (K, dim), "
+                            f"got {type(memory_bank_size).__name__} {memory_bank_size!r}")
+        self.memory_bank_size = size[0]
         self.register_buffer("bank", torch.empty(0), persistent=False)
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
         if len(size) == 2 and self.memory_bank_size > 0:
-            self._init_bank(int(size[1]))
+            self._init_bank(size[1])
 
     @torch.no_grad()
     def _init_bank(self, dim):
@@ -69,10 +94,10 @@ class NTXentLoss(nn.Module):
         self.bank_ptr.zero_()
 
     @torch.no_grad()
-    def _enqueue(self, batch):
+    def _enqueue(self, batch, sizes):
         size, ptr = self.memory_bank_size, int(self.bank_ptr)
-        if self.gather_distributed:
-            batch, _ = distributed.gather(batch.detach(), with_grad=False)
+        if sizes is not None:
+            batch, _ = distributed.gather(batch.detach(), with_grad=False, sizes=sizes)
         batch = batch.detach().to(self.bank.dtype)
         if ptr + batch.shape[0] >= size:
             self.bank[ptr:] = batch[:size - ptr]
@@ -84,15 +109,20 @@ class NTXentLoss(nn.Module):
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank_size == 0:
             return F.nt_xent(out0, out1, self.temperature, self.gather_distributed)
-        F.check_embeddings(out0=out0, out1=out1)
+        active = F._gathering(self.gather_distributed)
+        enqueue = isinstance(out0, Tensor) and out0.requires_grad
+        with distributed.agree("NTXentLoss", active, settings={"enqueue (out0 requires grad)":
+                                                                int(enqueue)},
+                               out0=out0, out1=out1) as world:
+            F.check_embeddings(allow_empty=active, out0=out0, out1=out1)
+            if self.bank.dim() == 2 and self.bank.shape[1] != out0.shape[1]:
+                raise ValueError(f"the memory bank holds {self.bank.shape[1]}-d embeddings, "
+                                 f"got out0 of width {out0.shape[1]}")
         if self.bank.dim() != 2:
             self._init_bank(out0.shape[1])
-        if self.bank.shape[1] != out0.shape[1]:
-            raise ValueError(f"the memory bank holds {self.bank.shape[1]}-d embeddings, "
-                             f"got {out0.shape[1]}-d")
         negatives = self.bank.to(out0.device).clone()
-        if out0.requires_grad:
-            self._enqueue(F.normalize(out1.detach()))
+        if enqueue:
+            self._enqueue(F.normalize(out1.detach()), world.sizes["out1"] if active else None)
         loss = F._info_nce_positive_only(out0, out1, negatives, self.temperature)
         return loss.to(out0.dtype)
 
@@ -108,13 +138,9 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.1, symmetric: bool = False,
                  gather_distributed: bool = False):
         super().__init__()
-        if isinstance(temperature, (int, float)) and temperature == 0:
-            raise ValueError("temperature must be non-zero")
-        if gather_distributed:
-            distributed.require_distributed("InfoNCELoss(gather_distributed=True)")
-        self.temperature = temperature
-        self.symmetric = symmetric
-        self.gather_distributed = gather_distributed
+        self.temperature = _checks.scalar(temperature, "temperature", nonzero=True)
+        self.symmetric = _checks.flag(symmetric, "symmetric")
+        self.gather_distributed = _gather_flag(gather_distributed, "InfoNCELoss")
 
     def forward(self, query: Tensor, key: Tensor, negatives: Tensor = None) -> Tensor:
         return F.info_nce(query, key, self.temperature, negatives, self.symmetric,
@@ -135,18 +161,17 @@ class ClipLoss(nn.Module):
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__()
-        self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
+        self.local_loss = _checks.flag(local_loss, "local_loss")
+        self.gather_with_grad = _checks.flag(gather_with_grad, "gather_with_grad")
+        self.cache_labels = _checks.flag(cache_labels, "cache_labels")
+        self.rank, self.world_size = _world_args("ClipLoss", rank, world_size)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
-        _check_world("ClipLoss", self.rank, self.world_size)
         loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias,
                            local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-                           gather_distributed=self.world_size > 1)
+                           gather_distributed=self.world_size > 1, _what="ClipLoss",
+                           _check=lambda: _check_world("ClipLoss", self.rank, self.world_size))
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -162,18 +187,17 @@ class SigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: str = "bidir"):
         super().__init__()
-        if dist_impl not in ("bidir", "shift", "reduce", "gather"):
-            raise ValueError(f"unknown dist_impl {dist_impl!r}")
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
-        self.dist_impl = dist_impl
+        self.dist_impl = _checks.choice(dist_impl, "dist_impl", ("bidir", "shift", "reduce",
+                                                                 "gather"))
+        self.cache_labels = _checks.flag(cache_labels, "cache_labels")
+        self.rank, self.world_size = _world_args("SigLipLoss", rank, world_size)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
-        _check_world("SigLipLoss", self.rank, self.world_size)
         loss = F.siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                             gather_distributed=self.world_size > 1)
+                             gather_distributed=self.world_size > 1, _what="SigLipLoss",
+                             _check=lambda: _check_world("SigLipLoss", self.rank,
+                                                         self.world_size))
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -182,21 +206,24 @@ class MoCoQueue(nn.Module):
 
     ``enqueue(keys)`` after a step writes the (detached) keys at the write pointer, wrapping
     around; with ``gather_distributed`` the keys of every rank are enqueued, in rank order,
-    so the queue is identical on all ranks. ``negatives()`` returns the (size, dim) queue
-    for ``info_nce(..., negatives=queue.negatives())``, which reads it in place. The queue
-    starts as random unit vectors (as in MoCo) until filled; ``filled`` counts the real
-    keys. The queue and the pointer are buffers: saved in ``state_dict``, moved by ``.to()``.
+    so the queue is identical on all ranks (a rank may pass no keys). ``negatives()``
+    returns the (size, dim) queue for ``info_nce(..., negatives=queue.negatives())``, which
+    reads it in place. The queue starts as random unit vectors (as in MoCo) until filled;
+    ``filled`` counts the real keys. The queue and the pointer are buffers: saved in
+    ``state_dict``, moved by ``.to()``.
     """
 
     def __init__(self, dim: int, size: int, dtype=torch.float32, device=None,
                  gather_distributed: bool = False):
         super().__init__()
-        if int(dim) < 1 or int(size) < 1:
-            raise ValueError(f"MoCoQueue needs dim >= 1 and size >= 1, got dim={dim}, size={size}")
-        if not torch.empty(0, dtype=dtype).is_floating_point():
+        dim = _checks.integer(dim, "dim", lo=1)
+        size = _checks.integer(size, "size", lo=1)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+        if not dtype.is_floating_point:
             raise ValueError(f"MoCoQueue dtype must be floating point, got {dtype}")
-        self.gather_distributed = gather_distributed
-        init = F.normalize(torch.randn(int(size), int(dim), device=device)).to(dtype)
+        self.gather_distributed = _gather_flag(gather_distributed, "MoCoQueue")
+        init = F.normalize(torch.randn(size, dim, device=device)).to(dtype)
         self.register_buffer("queue", init)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
@@ -210,11 +237,21 @@ class MoCoQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
-        if keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
-            raise ValueError(f"keys must have shape (n, {self.queue.shape[1]}), got {tuple(keys.shape)}")
-        if self.gather_distributed:
-            keys, _ = distributed.gather(keys.detach(), with_grad=False)
+        active = F._gathering(self.gather_distributed)
+        with distributed.agree("MoCoQueue.enqueue", active, min_total=0, keys=keys) as world:
+            _checks.floating(keys, "keys")
+            if keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
+                raise ValueError(f"keys must have shape (n, {self.queue.shape[1]}), "
+                                 f"got {tuple(keys.shape)}")
+            if keys.device != self.queue.device:
+                raise ValueError(f"keys are on {keys.device} but the queue is on "
+                                 f"{self.queue.device}")
+        if active:
+            keys, _ = distributed.gather(keys.detach(), with_grad=False,
+                                         sizes=world.sizes["keys"])
         n = keys.shape[0]
+        if n == 0:
+            return
         # Sequential FIFO writes of all n keys; when n > size only the last `size` survive.
         kept = keys.detach().to(self.queue.dtype)[-self.size:]
         start = self.ptr + (n - kept.shape[0])
@@ -235,14 +272,10 @@ class BarlowTwinsLoss(nn.Module):
     def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False,
                  normalize: str = "local", formulation: str = "auto"):
         super().__init__()
-        if gather_distributed:
-            distributed.require_distributed("BarlowTwinsLoss(gather_distributed=True)")
-        if normalize not in ("local", "global"):
-            raise ValueError(f"normalize must be 'local' or 'global', got {normalize!r}")
+        self.lambda_param = _checks.number(lambda_param, "lambda_param")
+        self.gather_distributed = _gather_flag(gather_distributed, "BarlowTwinsLoss")
+        self.normalize = _checks.choice(normalize, "normalize", ("local", "global"))
         F.check_formulation(formulation)
-        self.lambda_param = lambda_param
-        self.gather_distributed = gather_distributed
-        self.normalize = normalize
         self.formulation = formulation
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -259,14 +292,12 @@ class VICRegLoss(nn.Module):
     def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0,
                  gather_distributed: bool = False, eps: float = 1e-4, formulation: str = "auto"):
         super().__init__()
-        if gather_distributed:
-            distributed.require_distributed("VICRegLoss(gather_distributed=True)")
+        self.lambda_param = _checks.number(lambda_param, "lambda_param")
+        self.mu_param = _checks.number(mu_param, "mu_param")
+        self.nu_param = _checks.number(nu_param, "nu_param")
+        self.gather_distributed = _gather_flag(gather_distributed, "VICRegLoss")
+        self.eps = _checks.number(eps, "eps", lo=0.0)
         F.check_formulation(formulation)
-        self.lambda_param = lambda_param
-        self.mu_param = mu_param
-        self.nu_param = nu_param
-        self.gather_distributed = gather_distributed
-        self.eps = eps
         self.formulation = formulation
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -279,8 +310,8 @@ class NegativeCosineSimilarity(nn.Module):
 
     def __init__(self, dim: int = 1, eps: float = 1e-8):
         super().__init__()
-        self.dim = dim
-        self.eps = eps
+        self.dim = _checks.integer(dim, "dim")
+        self.eps = _checks.number(eps, "eps", lo=0.0)
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
         return F.negative_cosine_similarity(x0, x1, self.dim, self.eps)

@@ -6,6 +6,10 @@ batch; no atomics):
     a = (z - mean) * rstd,   rstd = 1 / sqrt(var + eps)   (mean and biased var over N)
     dz = rstd * (da - mean(da) - a * mean(da * a))          (means over N)
 
+The sums run on z / m, m = the feature's max |z| (found in the same pass as the sum), so
+that no square overflows: mean = m mean(z / m), and rstd = (1/m) / sqrt(var' + eps / m^2)
+for m >= 1, 1 / sqrt(m^2 var' + eps) below, var' the variance of z / m.
+
 Gram products:
 
 For A, B (N x D) the D x D cross-correlation satisfies ||A^T B||_F^2 = <A A^T, B B^T>, a
@@ -79,21 +83,36 @@ def _standardize_kernel(Z, A, STATS, N, D, s_z0, s_z1, s_a0, s_a1, eps,
                         BN: tl.constexpr, BD: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BD + tl.arange(0, BD).to(tl.int64)
     c_ok = cols < D
+    # Pass 1: the feature's max |z| (m) and sum of z / m together, the sum rescaled when
+    # the running max grows, so that nothing overflows whatever the scale.
+    m = tl.zeros([BD], dtype=tl.float32)
     total = tl.zeros([BD], dtype=tl.float32)
     for r0 in range(0, N, BN):
         rows = r0 + tl.arange(0, BN).to(tl.int64)
         ok = (rows < N)[:, None] & c_ok[None, :]
-        total += tl.sum(tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok,
-                                other=0.0).to(tl.float32), 0)
-    mean = total / N
+        z = tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok,
+                    other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(tl.abs(z), 0))
+        inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
+        total = total * (m * inv) + tl.sum(z * inv[None, :], 0)
+        m = m_new
+    m = tl.where(m > 0, m, 1.0)
+    inv_m = 1.0 / m
+    mean_y = total / N
     sq = tl.zeros([BD], dtype=tl.float32)
     for r0 in range(0, N, BN):  # second pass: no cancellation for large means
         rows = r0 + tl.arange(0, BN).to(tl.int64)
         ok = (rows < N)[:, None] & c_ok[None, :]
         z = tl.load(Z + rows[:, None] * s_z0 + cols[None, :] * s_z1, mask=ok, other=0.0)
-        d = tl.where(ok, z.to(tl.float32) - mean[None, :], 0.0)
+        d = tl.where(ok, z.to(tl.float32) * inv_m[None, :] - mean_y[None, :], 0.0)
         sq += tl.sum(d * d, 0)
-    rstd = 1.0 / tl.sqrt(sq / N + eps)
+    var_y = sq / N
+    big = m >= 1.0
+    m_big = tl.where(big, m, 1.0)
+    m_small = tl.where(big, 1.0, m)
+    rstd = tl.where(big, 1.0 / (tl.sqrt(var_y + eps / (m_big * m_big)) * m_big),
+                    1.0 / tl.sqrt(m_small * m_small * var_y + eps))
+    mean = mean_y * m
     tl.store(STATS + cols, mean, mask=c_ok)
     tl.store(STATS + D + cols, rstd, mask=c_ok)
     for r0 in range(0, N, BN):

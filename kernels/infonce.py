@@ -10,11 +10,20 @@ Row i has a positive column p_i (or -1: none) and may mask one column q_i (or -1
 lse_i = log sum_{j valid} exp(l_ij) the per-row loss is loss_i = lse_i - l_{i,p_i}.
 
 The forward pass keeps, per row, a running max, sum of exponentials and softmax-weighted
-sum of x (online softmax, base 2 with log2(e) folded into the scale), and writes
-O(n) statistics: lse2_i (base 2), ex_i = sum_j P_ij x_ij, px_i = x_{i,p_i}, loss_i.
-d loss_i / d s = ex_i - px_i, so the scale gradient needs no extra pass.
+sum of x (online softmax, base 2). The max is taken over y_ij = sign(s) x_ij, the products
+themselves, and the rate a = |s| log2(e) multiplies only differences y - max <= 0, so no
+exponent overflows whatever the scale: with mx_i = max_j y_ij and
+ll_i = log2 sum_j 2^(a (y_ij - mx_i)),
 
-The backward pass recomputes the tiles. With G_ij = g_i (P_ij - [j = p_i]):
+    lse_i / ln 2 = a mx_i + ll_i,      loss_i = ln 2 (a (mx_i - sign(s) px_i) + ll_i)
+
+where mx_i - sign(s) px_i >= 0, so a finite scale and finite products give a finite loss
+or +inf (never NaN). It writes O(n) statistics: mx_i, ll_i, ex_i = sum_j P_ij x_ij,
+px_i = x_{i,p_i}, and loss_i. d loss_i / d s = ex_i - px_i, so the scale gradient needs no
+extra pass.
+
+The backward pass recomputes the tiles, P_ij = 2^(a (y_ij - mx_i) - ll_i). With
+G_ij = g_i (P_ij - [j = p_i]):
     dR_i = s * sum_j G_ij c_j      (+ s * sum_j g_i P_ij w_j q_j over extra negatives)
     dC_j = s * sum_i G_ij r_i
 computed by two kernels (row blocks, column blocks), each tiled over D chunks of its
@@ -56,21 +65,35 @@ def _dot_tile(A, a_idx, a_n, sa0, sa1, B, b_idx, b_n, sb0, sb1, D,
     return acc
 
 
+FMAX = 3.4028234663852886e38   # float32's largest and smallest normal values
+FTINY = 1.1754943508222875e-38
+
+
 @triton.jit
-def _online_update(x, s2, valid, m_i, l_i, e_i):
-    """Fold one [BM, BN] tile of products x into the running base-2 softmax statistics."""
-    t = tl.where(valid, x * s2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(t, 1))
+def _rate(SCALE):
+    """(sign(s), a = |s| log2 e, a clamped to float32's normal range) for scale s."""
+    s = tl.load(SCALE).to(tl.float32)
+    a = tl.abs(s) * 1.4426950408889634
+    return tl.where(s < 0, -1.0, 1.0), a, tl.minimum(tl.maximum(a, 1.1754943508222875e-38),
+                                                      3.4028234663852886e38)
+
+
+@triton.jit
+def _online_update(x, sign, a_p, valid, m_i, l_i, e_i):
+    """Fold one [BM, BN] tile of products x into the running base-2 softmax statistics
+    (max over y = sign x; exponents a (y - max) <= 0)."""
+    y = tl.where(valid, x * sign, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(y, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(t - m_use[:, None])
+    alpha = tl.exp2(a_p * (m_i - m_use))
+    p = tl.exp2(a_p * (y - m_use[:, None]))
     l_i = l_i * alpha + tl.sum(p, 1)
     e_i = e_i * alpha + tl.sum(p * x, 1)
     return m_new, l_i, e_i
 
 
 @triton.jit
-def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, LSE2, EX, PX,
+def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, MX, LL, EX, PX,
                 n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1,
                 HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -78,7 +101,7 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, LSE2, EX, PX,
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM).to(tl.int64)
     row_ok = rows < n
-    s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    sign, a, a_p = _rate(SCALE)
     pos = tl.load(POS + rows, mask=row_ok, other=-1)
     if HAS_MASK:
         msk = tl.load(MASK + rows, mask=row_ok, other=-1)
@@ -95,7 +118,7 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, LSE2, EX, PX,
         valid = (cols < m)[None, :] & row_ok[:, None]
         if HAS_MASK:
             valid = valid & (cols[None, :] != msk[:, None])
-        m_i, l_i, e_i = _online_update(x, s2, valid, m_i, l_i, e_i)
+        m_i, l_i, e_i = _online_update(x, sign, a_p, valid, m_i, l_i, e_i)
     if HAS_NEG:
         for c0 in range(0, k, BN):
             cols = c0 + tl.arange(0, BN).to(tl.int64)
@@ -104,18 +127,23 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, LSE2, EX, PX,
             x = _dot_tile(R, rows, n, s_r0, s_r1, Q, cols, k, s_q0, s_q1, D,
                           BM, BN, BK, PRECISION, INTERPRET) * w[None, :]
             valid = col_ok[None, :] & row_ok[:, None]
-            m_i, l_i, e_i = _online_update(x, s2, valid, m_i, l_i, e_i)
-    lse2 = m_i + tl.log2(l_i)
-    # (m - s2 * px) is exactly 0 when the positive is the only valid column.
-    loss = tl.where(pos >= 0, (m_i - px * s2) + tl.log2(l_i), lse2) * 0.6931471805599453
-    tl.store(LOSS + rows, loss, mask=row_ok)
-    tl.store(LSE2 + rows, lse2, mask=row_ok)
+            m_i, l_i, e_i = _online_update(x, sign, a_p, valid, m_i, l_i, e_i)
+    m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.where(row_ok, l_i, 1.0)  # lanes past the last row hold no columns
+    ll = tl.log2(l_i)
+    # The gap mx - sign px is >= 0 and exactly 0 when the positive is the largest logit;
+    # a * 0 stays 0 even for an infinite rate.
+    gap = m_i - sign * px
+    head = tl.where(pos >= 0, tl.where(gap > 0, a * gap, 0.0), tl.where(m_i != 0, a * m_i, 0.0))
+    tl.store(LOSS + rows, (head + ll) * 0.6931471805599453, mask=row_ok)
+    tl.store(MX + rows, m_i, mask=row_ok)
+    tl.store(LL + rows, ll, mask=row_ok)
     tl.store(EX + rows, e_i / l_i, mask=row_ok)
     tl.store(PX + rows, px, mask=row_ok)
 
 
 @triton.jit
-def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, LSE2, G, GSCALE, DR,
+def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, MX, LL, G, GSCALE, DR,
                      n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1, s_d0, s_d1,
                      HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -127,8 +155,9 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, LSE2, G, GSCALE, DR,
     dd = pid_d * BD + tl.arange(0, BD).to(tl.int64)
     d_ok = dd < D
     s = tl.load(SCALE).to(tl.float32)
-    s2 = s * 1.4426950408889634
-    lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+    sign, _rate_abs, a_p = _rate(SCALE)
+    mx = tl.load(MX + rows, mask=row_ok, other=0.0)
+    ll = tl.load(LL + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     pos = tl.load(POS + rows, mask=row_ok, other=-1)
     if HAS_MASK:
@@ -142,7 +171,7 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, LSE2, G, GSCALE, DR,
         valid = col_ok[None, :] & row_ok[:, None]
         if HAS_MASK:
             valid = valid & (cols[None, :] != msk[:, None])
-        p = tl.where(valid, tl.exp2(x * s2 - lse2[:, None]), 0.0)
+        p = tl.where(valid, tl.exp2(a_p * (x * sign - mx[:, None]) - ll[:, None]), 0.0)
         gm = p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0)
         b = tl.load(C + cols[:, None] * s_c0 + dd[None, :] * s_c1,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -158,7 +187,8 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, LSE2, G, GSCALE, DR,
             x = _dot_tile(R, rows, n, s_r0, s_r1, Q, cols, k, s_q0, s_q1, D,
                           BM, BN, BK, PRECISION, INTERPRET) * w[None, :]
             valid = col_ok[None, :] & row_ok[:, None]
-            gm = tl.where(valid, tl.exp2(x * s2 - lse2[:, None]), 0.0) * w[None, :]
+            gm = tl.where(valid, tl.exp2(a_p * (x * sign - mx[:, None]) - ll[:, None]),
+                          0.0) * w[None, :]
             b = tl.load(Q + cols[:, None] * s_q0 + dd[None, :] * s_q1,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if INTERPRET:
@@ -171,7 +201,7 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, LSE2, G, GSCALE, DR,
 
 
 @triton.jit
-def _bwd_cols_kernel(R, C, POS, MASK, SCALE, LSE2, G, GSCALE, DC,
+def _bwd_cols_kernel(R, C, POS, MASK, SCALE, MX, LL, G, GSCALE, DC,
                      n, m, D, s_r0, s_r1, s_c0, s_c1, s_d0, s_d1,
                      HAS_MASK: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
@@ -183,21 +213,22 @@ def _bwd_cols_kernel(R, C, POS, MASK, SCALE, LSE2, G, GSCALE, DC,
     dd = pid_d * BD + tl.arange(0, BD).to(tl.int64)
     d_ok = dd < D
     s = tl.load(SCALE).to(tl.float32)
-    s2 = s * 1.4426950408889634
+    sign, _rate_abs, a_p = _rate(SCALE)
     acc = tl.zeros([BN, BD], dtype=tl.float32)
     for r0 in range(0, n, BM):
         rows = r0 + tl.arange(0, BM).to(tl.int64)
         row_ok = rows < n
         xt = _dot_tile(C, cols, m, s_c0, s_c1, R, rows, n, s_r0, s_r1, D,
                        BN, BM, BK, PRECISION, INTERPRET)
-        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+        mx = tl.load(MX + rows, mask=row_ok, other=0.0)
+        ll = tl.load(LL + rows, mask=row_ok, other=0.0)
         g = tl.load(G + rows, mask=row_ok, other=0.0)
         pos = tl.load(POS + rows, mask=row_ok, other=-1)
         valid = col_ok[:, None] & row_ok[None, :]
         if HAS_MASK:
             msk = tl.load(MASK + rows, mask=row_ok, other=-1)
             valid = valid & (cols[:, None] != msk[None, :])
-        p = tl.where(valid, tl.exp2(xt * s2 - lse2[None, :]), 0.0)
+        p = tl.where(valid, tl.exp2(a_p * (xt * sign - mx[None, :]) - ll[None, :]), 0.0)
         gm = (p - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0)) * g[None, :]
         a = tl.load(R + rows[:, None] * s_r0 + dd[None, :] * s_r1,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -231,7 +262,9 @@ def config(dtype, D, interpret=None):
     if small:
         bwd = dict(BM=64, BN=64, BK=bk, BD=32, num_warps=8 if wide else 4, num_stages=2)
     elif wide:
-        bwd = dict(BM=64, BN=64, BK=bk, BD=64, num_warps=8, num_stages=2)
+        # Two stages spilled 8-12 bytes on sm_80 once the rows kernel kept the max and the
+        # log-sum separately (scale-safe exponents); one stage compiles clean on both.
+        bwd = dict(BM=64, BN=64, BK=bk, BD=64, num_warps=8, num_stages=1)
     elif D <= 128:
         bwd = dict(BM=64, BN=64, BK=bk, BD=128, num_warps=8, num_stages=2)
     else:
@@ -265,17 +298,20 @@ def _neg_args(rows, negatives, neg_scale):
 
 
 def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale):
-    """Per-row loss and statistics; see the module docstring. Returns (loss, [lse2, ex, px])."""
+    """Per-row loss and statistics; see the module docstring. Returns
+    (loss, [mx, ll, ex, px])."""
     n, D = rows.shape
     m = cols.shape[0]
     q, w, k, sq = _neg_args(rows, negatives, neg_scale)
     loss = torch.empty(n, device=rows.device, dtype=torch.float32)
-    stats = torch.empty(3, n, device=rows.device, dtype=torch.float32)
+    stats = torch.empty(4, n, device=rows.device, dtype=torch.float32)
+    if n == 0:
+        return loss, stats
     cfg = config(rows.dtype, D)["fwd"]
     grid = (triton.cdiv(n, cfg["BM"]),)
     _fwd_kernel[grid](
         rows, cols, q, w, pos_idx, pos_idx if mask_idx is None else mask_idx, scale,
-        loss, stats[0], stats[1], stats[2],
+        loss, stats[0], stats[1], stats[2], stats[3],
         n, m, k, D, *rows.stride(), *cols.stride(), *sq,
         HAS_MASK=mask_idx is not None, HAS_NEG=k > 0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PRECISION=_precision(rows.dtype),
@@ -283,11 +319,16 @@ def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale):
     return loss, stats
 
 
-def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, grad,
+def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, stats, grad,
              need_rows, need_cols):
-    """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
+    """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed);
+    ``stats`` as returned by ``forward``."""
     n, D = rows.shape
     m = cols.shape[0]
+    mx, ll = stats[0].contiguous(), stats[1].contiguous()
+    if n == 0:
+        return (rows.new_zeros(rows.shape, dtype=torch.float32) if need_rows else None,
+                cols.new_zeros(cols.shape, dtype=torch.float32) if need_cols else None)
     cfg = config(rows.dtype, D)["bwd"]
     # Upstream gradients are normalised by their largest magnitude so that the 16-bit
     # operands of the tile matmuls stay in range; the factor is applied at the end.
@@ -301,7 +342,7 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, g
         d_rows = torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
         grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(D, cfg["BD"]))
         _bwd_rows_kernel[grid](
-            rows, cols, q, w, pos_idx, mask, scale, lse2, g, gscale, d_rows,
+            rows, cols, q, w, pos_idx, mask, scale, mx, ll, g, gscale, d_rows,
             n, m, k, D, *rows.stride(), *cols.stride(), *sq, *d_rows.stride(),
             HAS_MASK=mask_idx is not None, HAS_NEG=k > 0,
             BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PRECISION=prec,
@@ -312,7 +353,7 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, lse2, g
         if m > 0:
             grid = (triton.cdiv(m, cfg["BN"]), triton.cdiv(D, cfg["BD"]))
             _bwd_cols_kernel[grid](
-                rows, cols, pos_idx, mask, scale, lse2, g, gscale, d_cols,
+                rows, cols, pos_idx, mask, scale, mx, ll, g, gscale, d_cols,
                 n, m, D, *rows.stride(), *cols.stride(), *d_cols.stride(),
                 HAS_MASK=mask_idx is not None,
                 BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PRECISION=prec,
@@ -340,21 +381,23 @@ def shipped_configs():
             for has_mask in (False, True):
                 for has_neg, qty in ((False, ty), (True, ty)):
                     sig = {"R": ty, "C": ty, "Q": qty, "W": f32, "POS": i64, "MASK": i64,
-                           "SCALE": f32, "LOSS": f32, "LSE2": f32, "EX": f32, "PX": f32}
+                           "SCALE": f32, "LOSS": f32, "MX": f32, "LL": f32, "EX": f32,
+                           "PX": f32}
                     sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
                                                  "s_c1", "s_q0", "s_q1")})
                     ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, BM=f["BM"], BN=f["BN"],
                               BK=f["BK"], PRECISION=prec, INTERPRET=False)
                     out.append((_fwd_kernel, sig, ce, f))
                     sig = {"R": ty, "C": ty, "Q": qty, "W": f32, "POS": i64, "MASK": i64,
-                           "SCALE": f32, "LSE2": f32, "G": f32, "GSCALE": f32, "DR": f32}
+                           "SCALE": f32, "MX": f32, "LL": f32, "G": f32, "GSCALE": f32,
+                           "DR": f32}
                     sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
                                                  "s_c1", "s_q0", "s_q1", "s_d0", "s_d1")})
                     ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, BM=b["BM"], BN=b["BN"],
                               BK=b["BK"], BD=b["BD"], PRECISION=prec, INTERPRET=False)
                     out.append((_bwd_rows_kernel, sig, ce, b))
-                sig = {"R": ty, "C": ty, "POS": i64, "MASK": i64, "SCALE": f32, "LSE2": f32,
-                       "G": f32, "GSCALE": f32, "DC": f32}
+                sig = {"R": ty, "C": ty, "POS": i64, "MASK": i64, "SCALE": f32, "MX": f32,
+                       "LL": f32, "G": f32, "GSCALE": f32, "DC": f32}
                 sig.update({a: i32 for a in ("n", "m", "D", "s_r0", "s_r1", "s_c0", "s_c1",
                                              "s_d0", "s_d1")})
                 ce = dict(HAS_MASK=has_mask, BM=bc["BM"], BN=bc["BN"], BK=bc["BK"], BD=bc["BD"],
