@@ -1,14 +1,16 @@
 """The one place that decides which implementation runs a call.
 
 CUDA tensors with Triton importable take the Triton kernels; anything else takes the
-portable PyTorch path in ``fastssl._reference``. ``FASTSSL_BACKEND=triton|torch`` forces a
-path (read on every call). ``triton`` with CPU tensors runs the kernels through the Triton
-interpreter, which needs ``TRITON_INTERPRET=1`` before the kernels are first imported;
-on a machine without CUDA, fastssl sets it itself when ``FASTSSL_BACKEND=triton`` is set
-before fastssl's kernels load.
+portable PyTorch path in ``fastssl._reference``; float64 always takes the portable path.
+``FASTSSL_BACKEND=triton|torch`` forces a path (read on every call). ``triton`` with CPU
+tensors runs the kernels through the Triton interpreter, which needs ``TRITON_INTERPRET=1``
+before triton is first imported; on a machine without CUDA, fastssl sets it itself when
+``FASTSSL_BACKEND=triton`` is set before fastssl (and triton) are imported.
 """
 import importlib
+import importlib.util
 import os
+import sys
 
 import torch
 
@@ -18,10 +20,34 @@ _modules = {}
 
 def triton_available():
     try:
-        import triton  # noqa: F401
-    except Exception:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
         return False
-    return True
+
+
+def _wants_interpreter():
+    """FASTSSL_BACKEND=triton on a machine without CUDA, TRITON_INTERPRET unset."""
+    return (os.environ.get("FASTSSL_BACKEND", "").strip().lower() == "triton"
+            and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available())
+
+
+def _choose_interpreter():
+    """Set TRITON_INTERPRET=1 for a forced triton backend without CUDA. Triton decides at
+    its own import whether its kernels (and its standard library's) are interpreted, so
+    this works only before triton is first imported; afterwards it raises, saying so."""
+    if not _wants_interpreter():
+        return
+    if "triton" in sys.modules:
+        raise RuntimeError(
+            "FASTSSL_BACKEND=triton with CPU tensors runs the kernels in the Triton "
+            "interpreter, which must be chosen before triton is first imported: set "
+            "TRITON_INTERPRET=1 in the environment (or set FASTSSL_BACKEND=triton before "
+            "importing fastssl and triton)")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+if _wants_interpreter() and "triton" not in sys.modules:
+    _choose_interpreter()  # at import, when FASTSSL_BACKEND=triton was set first
 
 
 def interpreting():
@@ -66,9 +92,7 @@ def backend(*tensors):
 def kernels(family):
     """The module implementing an op family ('infonce', ...) for the chosen backend."""
     if family not in _modules:
-        if (requested() == "triton" and not torch.cuda.is_available()
-                and "TRITON_INTERPRET" not in os.environ):
-            os.environ["TRITON_INTERPRET"] = "1"
+        _choose_interpreter()
         _modules[family] = importlib.import_module(f"fastssl.kernels.{family}")
     return _modules[family]
 

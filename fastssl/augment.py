@@ -34,6 +34,8 @@ import math
 
 import torch
 
+from fastssl import _checks
+
 GRAY = (0.2989, 0.587, 0.114)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,15 +49,19 @@ def _bernoulli(n, p, generator, device):
     return torch.rand(n, generator=generator, device=device) < p
 
 
-def _check_range(name, pair, lo=None):
-    a, b = pair
-    if not a <= b or (lo is not None and a < lo):
-        raise ValueError(f"{name} must be an increasing pair{f' >= {lo}' if lo is not None else ''}, got {pair}")
-
-
 def _check_p(name, p):
-    if not 0.0 <= p <= 1.0:
+    v = _checks.host_value(p, name)
+    if v is None or math.isnan(v) or not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    return v
+
+
+def _size(size, name="size"):
+    """An int or an (h, w) pair of positive ints -> (h, w)."""
+    if _checks.is_number(size):
+        s = _checks.integer(size, name, lo=1)
+        return (s, s)
+    return _checks.pair(size, name, integer_values=True, lo=1)
 
 
 # ----------------------------------------------------------------------------- input
@@ -65,6 +71,7 @@ def as_batch(images, channels_last_input=False):
 
     uint8 values are divided by 255; float input must already be in [0, 1].
     """
+    channels_last_input = _checks.flag(channels_last_input, "channels_last_input")
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("empty list of images")
@@ -72,6 +79,11 @@ def as_batch(images, channels_last_input=False):
         for i, im in enumerate(images):
             if not isinstance(im, torch.Tensor) or im.dim() != 3:
                 raise ValueError(f"image {i}: expected a (C, H, W) tensor")
+            if im.shape[1] == 0 or im.shape[2] == 0:
+                raise ValueError(f"image {i} is empty: shape {tuple(im.shape)}")
+            if im.device != images[0].device:
+                raise ValueError(f"image {i} is on {im.device} but image 0 on {images[0].device}")
+            _check_float_range(im, f"image {i}")
             sizes.append(im.shape[-2:])
         H = max(s[0] for s in sizes)
         W = max(s[1] for s in sizes)
@@ -86,20 +98,40 @@ def as_batch(images, channels_last_input=False):
                          "channels_last_input=True, or a list of (C, H, W) tensors")
     if channels_last_input:
         images = images.permute(0, 3, 1, 2)
-    x = _to_float(_rgb(images, None, dim=1))
+    if 0 in images.shape:
+        raise ValueError(f"images must be non-empty (N, C, H, W), got shape "
+                         f"{tuple(images.shape)}")
+    x = _to_float(_rgb(images, None, dim=1, channels_last_input=channels_last_input))
+    _check_float_range(images, "images")
     n, _, H, W = x.shape
     sizes = torch.tensor([[H, W]], device=x.device, dtype=torch.int64).expand(n, 2)
     return x, sizes
 
 
-def _rgb(im, i, dim=0):
+def _rgb(im, i, dim=0, channels_last_input=False):
     c = im.shape[dim]
     where = f"image {i}" if i is not None else "images"
     if c == 1:
         return torch.cat([im] * 3, dim)
     if c != 3:
-        raise ValueError(f"{where}: expected 1 or 3 channels, got {c}")
+        hint = ""
+        if not channels_last_input and im.shape[-1] in (1, 3):
+            hint = (f"; the last dimension has {im.shape[-1]}: for (N, H, W, C) images pass "
+                    "channels_last_input=True")
+        raise ValueError(f"{where}: expected 1 or 3 channels in dimension {dim}, got {c}{hint}")
     return im
+
+
+def _check_float_range(im, where):
+    """Float images must lie in [0, 1]: one reduction and a host read (uint8 needs none)."""
+    if not im.is_floating_point():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(im.detach()))
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"{where}: float images contain NaN")
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{where}: float images must lie in [0, 1], got values in "
+                         f"[{lo:g}, {hi:g}]; pass uint8 images (0..255) or divide by 255")
 
 
 def _to_float(im):
@@ -118,15 +150,12 @@ class RandomResizedCrop:
     after the crop)."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        if min(self.size) < 1:
-            raise ValueError(f"size must be positive, got {size}")
-        _check_range("scale", scale, 0.0)
-        _check_range("ratio", ratio, 0.0)
-        if scale[1] <= 0 or ratio[0] <= 0:
-            raise ValueError("scale and ratio must be positive")
-        _check_p("flip_p", flip_p)
-        self.scale, self.ratio, self.flip_p = scale, ratio, flip_p
+        self.size = _size(size)
+        scale = _checks.pair(scale, "scale", lo=0.0)
+        ratio = _checks.pair(ratio, "ratio", lo=0.0, lo_open=True)
+        if scale[1] <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.scale, self.ratio, self.flip_p = scale, ratio, _check_p("flip_p", flip_p)
 
     def params(self, sizes, generator=None):
         """Per-sample (top, left, height, width, flip) for image sizes (N, 2)."""
@@ -248,13 +277,11 @@ class ColorJitter:
     """torchvision's ColorJitter per sample, with probability p; a random op order per sample."""
 
     def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
-        for name, v in (("brightness", brightness), ("contrast", contrast),
-                        ("saturation", saturation)):
-            if v < 0:
-                raise ValueError(f"{name} must be >= 0, got {v}")
-        if not 0 <= hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {hue}")
-        _check_p("p", p)
+        brightness, contrast, saturation = (
+            _checks.number(v, name, lo=0.0) for name, v in (
+                ("brightness", brightness), ("contrast", contrast), ("saturation", saturation)))
+        hue = _checks.number(hue, "hue", lo=0.0, hi=0.5)
+        p = _check_p("p", p)
         self.ranges = [(max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
         self.ranges.append((-hue, hue))
         self.enabled = [v > 0 for v in (brightness, contrast, saturation, hue)]  # as torchvision
@@ -288,8 +315,7 @@ class ColorJitter:
 
 class RandomGrayscale:
     def __init__(self, p=0.2):
-        _check_p("p", p)
-        self.p = p
+        self.p = _check_p("p", p)
 
     def params(self, n, device, generator=None):
         return {"apply": _bernoulli(n, self.p, generator, device)}
@@ -303,13 +329,12 @@ class GaussianBlur:
     padding, with probability p."""
 
     def __init__(self, kernel_size=None, sigma=(0.1, 2.0), p=0.5):
-        if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
-            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-        _check_range("sigma", sigma, 0.0)
-        if sigma[0] <= 0:
-            raise ValueError(f"sigma must be positive, got {sigma}")
-        _check_p("p", p)
-        self.kernel_size, self.sigma, self.p = kernel_size, sigma, p
+        if kernel_size is not None:
+            kernel_size = _checks.integer(kernel_size, "kernel_size", lo=1)
+            if kernel_size % 2 == 0:
+                raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+        sigma = _checks.pair(sigma, "sigma", lo=0.0, lo_open=True)
+        self.kernel_size, self.sigma, self.p = kernel_size, sigma, _check_p("p", p)
 
     def params(self, n, device, generator=None):
         return {"apply": _bernoulli(n, self.p, generator, device),
@@ -348,8 +373,8 @@ def blur_matrix(sigma, apply, k, size):
 
 class RandomSolarize:
     def __init__(self, threshold=0.5, p=0.2):
-        _check_p("p", p)
-        self.threshold, self.p = threshold, p
+        self.threshold = _checks.number(threshold, "threshold", lo=0.0, hi=1.0)
+        self.p = _check_p("p", p)
 
     def params(self, n, device, generator=None):
         return {"apply": _bernoulli(n, self.p, generator, device)}
@@ -359,11 +384,23 @@ class RandomSolarize:
         return torch.where(p["apply"].view(-1, 1, 1, 1), solar, x)
 
 
+def _three(values, name):
+    """Three finite numbers, one per RGB channel."""
+    if _checks.is_number(values) or isinstance(values, (str, bytes)) \
+            or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be a sequence of 3 numbers (R, G, B), got "
+                        f"{type(values).__name__} {values!r}")
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 values (R, G, B), got {len(values)}: {values!r}")
+    return tuple(_checks.number(v, name) for v in values)
+
+
 class Normalize:
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        if any(s <= 0 for s in std):
+        self.mean = _three(mean, "mean")
+        self.std = _three(std, "std")
+        if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {std}")
-        self.mean, self.std = tuple(mean), tuple(std)
 
     def params(self, n, device, generator=None):
         return {}
@@ -444,6 +481,14 @@ def blur_finish(x, blur, solarize=None, normalize=None, dtype=torch.float32,
 
 # ----------------------------------------------------------------------------- views
 
+_OPS = (ColorJitter, RandomGrayscale, GaussianBlur, RandomSolarize, Normalize)
+
+
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+
 class Augment:
     """One random view: ``RandomResizedCrop`` first, then the other ops in the given order.
 
@@ -454,8 +499,16 @@ class Augment:
     def __init__(self, crop, *ops, dtype=torch.float32, channels_last=False):
         if not isinstance(crop, RandomResizedCrop):
             raise ValueError("the first op must be a RandomResizedCrop")
+        for i, op in enumerate(ops):
+            if isinstance(op, RandomResizedCrop):
+                raise ValueError(f"op {i + 1} is a second RandomResizedCrop: an Augment view "
+                                 "takes one, as its first op")
+            if not isinstance(op, _OPS):
+                raise TypeError(f"op {i + 1} must be one of {', '.join(k.__name__ for k in _OPS)}, "
+                                f"got {type(op).__name__}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"output dtype must be float32, bfloat16 or float16, got {dtype}")
+        channels_last = _checks.flag(channels_last, "channels_last")
         self.crop, self.ops = crop, list(ops)
         self.dtype, self.channels_last = dtype, channels_last
 
@@ -513,6 +566,8 @@ class Augment:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __call__(self, images, generator=None, return_params=False, channels_last_input=False):
+        _check_generator(generator)
+        return_params = _checks.flag(return_params, "return_params")
         batch, sizes = as_batch(images, channels_last_input)
         params = self.sample(sizes, generator)
         out = self.apply(batch, params)
@@ -520,6 +575,11 @@ class Augment:
 
 
 def _recipe(size, scale, jitter, blur_p, solarize_p, normalize=True, flip_p=0.5, **kw):
+    blur_p, solarize_p = _check_p("blur_p", blur_p), _check_p("solarize_p", solarize_p)
+    normalize = _checks.flag(normalize, "normalize")
+    if isinstance(jitter, (str, bytes)) or not hasattr(jitter, "__len__") or len(jitter) != 4:
+        raise ValueError(f"jitter must be 4 numbers (brightness, contrast, saturation, hue), "
+                         f"got {jitter!r}")
     ops = [ColorJitter(*jitter, p=0.8), RandomGrayscale(0.2)]
     if blur_p > 0:
         ops.append(GaussianBlur(p=blur_p))
@@ -535,8 +595,12 @@ class MultiView:
 
     def __init__(self, views):
         self.views = list(views)
+        for i, v in enumerate(self.views):
+            if not isinstance(v, Augment):
+                raise TypeError(f"view {i} must be an Augment, got {type(v).__name__}")
 
     def __call__(self, images, generator=None, channels_last_input=False):
+        _check_generator(generator)
         batch, sizes = as_batch(images, channels_last_input)
         return [v.apply(batch, v.sample(sizes, generator)) for v in self.views]
 
@@ -564,6 +628,7 @@ def MoCoV2Augment(size=224, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_
 def DINOAugment(global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0),
                 local_scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1), **kw):
     """DINO: 2 global views (blur 1.0 / 0.1, solarize 0 / 0.2) + n_local local views (blur 0.5)."""
+    n_local = _checks.integer(n_local, "n_local", lo=0)
     views = [_recipe(global_size, global_scale, jitter, 1.0, 0.0, **kw),
              _recipe(global_size, global_scale, jitter, 0.1, 0.2, **kw)]
     views += [_recipe(local_size, local_scale, jitter, 0.5, 0.0, **kw) for _ in range(n_local)]

@@ -608,13 +608,47 @@ def _slug(device):
     return "-".join(p for p in keep.split("-") if p)[:40]
 
 
+# The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
+# samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
+MIN_SIZE = {"infonce": 2, "siglip": 1, "barlow": 2, "vicreg": 2, "augment": 1}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class BenchmarkFailed(RuntimeError):
+    """Every row of a benchmark failed: nothing was measured and no result file written."""
+
+
+def check_args(op, sizes=None, dims=None, dtypes=None):
+    """ValueError naming the flag for values no op can measure, before anything runs."""
+    ops = OPS if op == "all" else (op,)
+    if op != "all" and op not in OPS:
+        raise ValueError(f"unknown benchmark {op!r}; available: {', '.join(OPS)}, all")
+    for flag, values in (("--sizes", sizes), ("--dims", dims)):
+        bad = [v for v in values or [] if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"{flag} takes positive integers, got {bad[0]}")
+    for o in ops:
+        low = MIN_SIZE.get(o)
+        if low is None or not sizes:
+            continue
+        small = [v for v in sizes if v < low or (o == "infonce" and v % 2)]
+        if small:
+            need = "an even number >= 2 (2N rows: two views of N)" if o == "infonce" \
+                else f">= {low}"
+            raise ValueError(f"--sizes for {o} must be {need}, got {small[0]}")
+    unknown = [d for d in dtypes or [] if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"--dtypes takes {', '.join(DTYPES)}, got {unknown[0]!r}")
+
+
 def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
     """Run one benchmark; the JSON and markdown files are rewritten after every measured row,
-    so a run stopped early still leaves what it measured. A PNG plot goes beside them."""
+    so a run stopped early still leaves what it measured (a file is written only once a row
+    has succeeded). A PNG plot goes beside them. Raises ``BenchmarkFailed`` when every row
+    failed (no file is written then)."""
+    check_args(op, sizes, dims, dtypes)
     if op == "all":
         return run_all(sizes, dims, dtypes, quick, out_dir, log)
-    if op not in OPS:
-        raise ValueError(f"unknown benchmark {op!r}; available: {', '.join(OPS)}, all")
     cuda = torch.cuda.is_available()
     env = environment()
     out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
@@ -629,6 +663,8 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
 
     def save(rows):
         result = {"op": op, "cpu": not cuda, "environment": env, "rows": rows, **extra}
+        if not any("error" not in r for r in rows):
+            return result  # nothing measured yet: no file
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(stem + ".md", "w") as f:
@@ -675,6 +711,10 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
             "forward+backward above its RSS before it.")
         rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
     result = save(rows)
+    if not any("error" not in r for r in rows):
+        raise BenchmarkFailed(f"bench {op}: every one of the {len(rows)} cases failed "
+                              f"(first: {rows[0].get('error') if rows else 'no cases'}); no "
+                              "result file written")
     written = [stem + ".json", stem + ".md"]
     try:
         plot(result, stem + ".png")
@@ -689,16 +729,25 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
 def run_all(sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
     """Every benchmark in turn with the same flags; one markdown summary of all of them."""
     out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
-    results = []
+    results, failed = [], []
     for op in OPS:
         log(f"== {op}")
-        results.append(run(op, sizes, dims, dtypes, quick, out_dir, log))
+        try:
+            results.append(run(op, sizes, dims, dtypes, quick, out_dir, log))
+        except BenchmarkFailed as e:
+            log(str(e))
+            failed.append(str(e))
+    if not results:
+        raise BenchmarkFailed("bench all: every benchmark failed; no result file written")
     env = results[0]["environment"]
     cuda = not results[0]["cpu"]
     path = os.path.join(out_dir, f"{_slug(env['device'] if cuda else 'cpu')}-{env['date']}-all.md")
     with open(path, "w") as f:
         f.write(summary(results))
     log(f"wrote {path}")
+    if failed:
+        raise BenchmarkFailed(f"bench all: {len(failed)} of {len(OPS)} benchmarks measured "
+                              f"nothing: " + "; ".join(failed))
     return results
 
 

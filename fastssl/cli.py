@@ -42,19 +42,28 @@ def _info(args):
 def _csv(kind):
     def parse(text):
         try:
-            return [kind(v) for v in text.split(",") if v]
+            values = [kind(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
                                              f"got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, "
+                                             f"got {text!r}")
+        return values
     return parse
 
 
-def _bench(args):
-    for d in args.dtypes or []:
-        if d not in ("float32", "bfloat16", "float16"):
-            raise SystemExit(f"fastssl bench: unknown dtype {d!r} (float32, bfloat16, float16)")
-    bench.run(args.op, sizes=args.sizes, dims=args.dims, dtypes=args.dtypes, quick=args.quick,
-              out_dir=args.out)
+def _bench(args, parser):
+    try:
+        bench.check_args(args.op, args.sizes, args.dims, args.dtypes)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        bench.run(args.op, sizes=args.sizes, dims=args.dims, dtypes=args.dtypes,
+                  quick=args.quick, out_dir=args.out)
+    except bench.BenchmarkFailed as e:
+        print(f"fastssl bench: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -136,7 +145,7 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--out", default="runs", help="runs folder (default ./runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda a: _pretrain(a, p))
+    p.set_defaults(func=lambda a, parser=p: _pretrain(a, parser))
     p = sub.add_parser("bench", help="time fastssl against eager PyTorch and torch.compile")
     p.add_argument("op", nargs="?", default="infonce", choices=list(bench.OPS) + ["all"],
                    help="infonce (NT-Xent), siglip, maxbatch (largest NT-Xent batch), barlow, "
@@ -149,7 +158,7 @@ def main(argv=None):
                    "augment: the first)")
     p.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
     p.add_argument("--out", help="results folder (default ./benchmarks/results)")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=lambda a, parser=p: _bench(a, parser))
     args = parser.parse_args(argv)
     return args.func(args)
 
