@@ -88,9 +88,9 @@ def infonce_forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, 
         m_i = m_new
     m_i = torch.where(m_i == float("-inf"), 0.0, m_i)
     ll = torch.log2(l_i)
-    gap = m_i - sign * px
-    head = torch.where(has_pos, torch.where(gap > 0, a * gap, 0.0),
-                       torch.where(m_i != 0, a * m_i, 0.0))
+    head = torch.where(has_pos, m_i - sign * px, m_i)
+    nz = head != 0
+    head = torch.where(nz, a * torch.where(nz, head, 1.0), 0.0)
     return (head + ll) * LN2, torch.stack([m_i, ll, e_i / l_i, px])
 
 
@@ -109,7 +109,8 @@ def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale,
     for c0, x, is_neg in _blocks(rows, cols, negatives, neg_scale, block):
         width = x.shape[1]
         # G = g_i (P_ij - [j = p_i]), built in place in the block of products.
-        gm = x.mul_(sign).sub_(mx[:, None]).mul_(a_p).sub_(ll[:, None]).exp2_().mul_(g[:, None])
+        gm = x.mul_(sign).sub_(mx[:, None]).mul_(a_p).sub_(ll[:, None]).clamp_(max=0.0)
+        gm = gm.exp2_().mul_(g[:, None])
         if is_neg:
             if neg_scale is not None:
                 gm.mul_(neg_scale[c0:c0 + width].to(acc))

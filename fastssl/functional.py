@@ -10,9 +10,10 @@ No n x m matrix is stored: the kernels keep per-row statistics and recompute til
 backward pass (see ``fastssl.kernels.infonce`` and ``fastssl.kernels.siglip``).
 
 Scale. Inputs of any finite magnitude are handled exactly: normalised losses divide each
-row by a power of two above its max |x| before the norm; CLIP and SigLIP features are
-divided by such a power of two (an exact operation) and the factor is folded into the
-scale. A loss whose true value exceeds the dtype's range is returned as inf, never NaN.
+row by a power of two above its max |x| before the norm; CLIP and SigLIP features large
+enough for a tile product to overflow are divided by a power of two (an exact operation)
+that is folded into the scale. A loss whose true value exceeds the dtype's range is
+returned as inf, never NaN.
 
 Distributed (``gather_distributed=True`` inside an initialised process group): each rank
 scores its local rows against the columns gathered from every rank (with gradient, see
@@ -93,8 +94,11 @@ def _rows_loss(rows, cols, scale, pos, mask=None, negatives=None, normalize=True
 
 
 def _mean(loss):
-    """Mean over the local rows; 0 (attached to the graph) for a rank with no rows."""
-    return loss.mean() if loss.numel() else loss.sum()
+    """Mean over the local rows, summed in float64 (n per-row values: a mean that float32
+    holds is returned even where a float32 sum would overflow); 0, attached to the graph,
+    for a rank with no rows."""
+    wide = loss.to(torch.float64)
+    return wide.mean() if loss.numel() else wide.sum()
 
 
 def _gathering(gather):
@@ -102,19 +106,35 @@ def _gathering(gather):
     return _checks.is_flag(gather) and bool(gather) and distributed.world_size() > 1
 
 
-def _pow2_scaled(x):
-    """(x / f, f): f a power of two above max |x| when that exceeds 1, else 1 (a detached
-    0-d tensor in the arithmetic dtype). The division is exact and keeps every tile
-    product of two such inputs finite. float16 needs none: its largest value squared,
+def _exponent(x):
+    """e with max |x| < 2^e (a Python-free 0-d int tensor; 0 for an all-zero x)."""
+    m = x.detach().abs().amax() if x.numel() else x.new_zeros(())
+    _, e = torch.frexp(m.to(_ops.acc_dtype(x)))
+    return torch.where((m > 0) & torch.isfinite(m), e, torch.zeros_like(e))
+
+
+def _product_safe(rows, cols, scale):
+    """(rows / 2^kr, cols / 2^kc, scale * 2^(kr + kc)) with the smallest k = kr + kc that
+    keeps every product rows_i . cols_j finite: |r . c| <= D max|r| max|c| < 2^(er + ec + ed),
+    so k = max(0, er + ec + ed - emax + 2), split evenly. Dividing by a power of two is exact
+    and ``scale * 2^k`` is exactly the same logits; nothing changes unless the inputs are
+    large enough for a product to overflow. float16 needs none: its largest value squared,
     times any width, fits the float32 accumulators."""
-    f = _ops.pow2_bound(x)
-    if x.dtype == torch.float16:
-        return x, torch.ones_like(f)
-    f = torch.where(f > 1, f, torch.ones_like(f))
-    return x / f.to(x.dtype), f
+    if rows.dtype == torch.float16 or rows.shape[0] == 0 or cols.shape[0] == 0:
+        return rows, cols, scale
+    emax = 1024 if rows.dtype == torch.float64 else 128  # float32 accumulators: 2^128
+    ed = max(int(rows.shape[1] - 1).bit_length(), 0)
+    k = torch.clamp(_exponent(rows) + _exponent(cols) + (ed + 2 - emax), min=0)
+    kr = k // 2
+    one = torch.ones((), dtype=torch.float64, device=rows.device)
+    fr, fc = torch.ldexp(one, kr), torch.ldexp(one, k - kr)
+    r = rows / fr.to(rows.dtype) if rows.dtype != torch.float64 else rows / fr
+    c = cols / fc.to(cols.dtype) if cols.dtype != torch.float64 else cols / fc
+    return r, c, (scale.to(torch.float64) * torch.ldexp(one, k)).to(scale.dtype)
 
 
-def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5, gather_distributed: bool = False) -> Tensor:
+def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5, gather_distributed: bool = False, *,
+            _what="nt_xent", _names=("z0", "z1")) -> Tensor:
     """SimCLR's NT-Xent loss (lightly's ``NTXentLoss`` without a memory bank).
 
     z = [normalize(z0); normalize(z1)] (2n rows); row i is scored against all 2n rows but
@@ -123,16 +143,17 @@ def nt_xent(z0: Tensor, z1: Tensor, temperature=0.5, gather_distributed: bool = 
     ``gather_distributed`` the columns are both views of the global batch.
     """
     active = _gathering(gather_distributed)
-    with distributed.agree("nt_xent", active, z0=z0, z1=z1) as world:
-        check_embeddings(allow_empty=active, z0=z0, z1=z1)
+    named = dict(zip(_names, (z0, z1)))
+    with distributed.agree(_what, active, **named) as world:
+        check_embeddings(allow_empty=active, **named)
         s = scale_tensor(temperature, z0, "temperature", invert=True)
         _flag(gather_distributed, "gather_distributed")
     n = z0.shape[0]
     rows = torch.cat([z0, z1])
     i = torch.arange(n, device=z0.device)
     if active:
-        g0, offsets = distributed.gather(z0, sizes=world.sizes["z0"])
-        g1, _ = distributed.gather(z1, sizes=world.sizes["z1"])
+        g0, offsets = distributed.gather(z0, sizes=world.sizes[_names[0]])
+        g1, _ = distributed.gather(z1, sizes=world.sizes[_names[1]])
         o, N = offsets[world.rank], world.total
         cols = torch.cat([g0, g1])
         pos = torch.cat([N + o + i, o + i])
@@ -232,17 +253,10 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     else:
         cols_img, cols_txt = img, txt
 
-    scaled = {}
-
-    def pow2_scaled(t):  # each tensor once, also when it serves both directions
-        if id(t) not in scaled:
-            scaled[id(t)] = _pow2_scaled(t)
-        return scaled[id(t)]
-
     def one(rows, cols):
-        (r, fr), (c, fc) = pow2_scaled(rows), pow2_scaled(cols)
+        r, c, s_rc = _product_safe(rows, cols, s)
         pos = o + torch.arange(rows.shape[0], device=rows.device)
-        return _mean(_rows_loss(r, c, s * (fr * fc), pos, normalize=False))
+        return _mean(_rows_loss(r, c, s_rc, pos, normalize=False))
 
     loss = (one(img, cols_txt) + one(txt, cols_img)) / 2
     if isinstance(bias, Tensor):
@@ -278,10 +292,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         cols, offsets = text_features, [0]
     n = image_features.shape[0]
     pos = offsets[world.rank] + torch.arange(n, device=image_features.device)
-    (r, fr), (c, fc) = _pow2_scaled(image_features), _pow2_scaled(cols)
-    big = torch.finfo(s.dtype).max
-    loss, _ = _ops.siglip(r, c, pos, (s * (fr * fc)).clamp(-big, big), b)
-    return (loss.sum() / max(n, 1)).to(image_features.dtype)
+    r, c, s_rc = _product_safe(image_features, cols, s)
+    loss, _ = _ops.siglip(r, c, pos, s_rc, b)
+    return (loss.to(torch.float64).sum() / max(n, 1)).to(image_features.dtype)
 
 
 def _info_nce_positive_only(query: Tensor, key: Tensor, negatives: Tensor, temperature) -> Tensor:
@@ -487,8 +500,8 @@ def vicreg(z_a: Tensor, z_b: Tensor, lambda_param: float = 25.0, mu_param: float
              (weights[1], lambda: 0.5 * (_var_loss(z_a, eps) + _var_loss(z_b, eps))),
              (weights[2], lambda: cov_loss(z_a) + cov_loss(z_b))]
     loss = sum(w * term() for w, term in terms if w != 0)
-    if not isinstance(loss, Tensor):  # every weight 0
-        loss = 0.0 * inv
+    if not isinstance(loss, Tensor):  # every weight 0: a zero attached to the graph
+        loss = (z_a.to(inv.dtype) * 0).sum()
     return loss.to(z_a.dtype)
 
 

@@ -108,7 +108,8 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank_size == 0:
-            return F.nt_xent(out0, out1, self.temperature, self.gather_distributed)
+            return F.nt_xent(out0, out1, self.temperature, self.gather_distributed,
+                             _what="NTXentLoss", _names=("out0", "out1"))
         active = F._gathering(self.gather_distributed)
         enqueue = isinstance(out0, Tensor) and out0.requires_grad
         with distributed.agree("NTXentLoss", active, settings={"enqueue (out0 requires grad)":

@@ -22,7 +22,9 @@ or +inf (never NaN). It writes O(n) statistics: mx_i, ll_i, ex_i = sum_j P_ij x_
 px_i = x_{i,p_i}, and loss_i. d loss_i / d s = ex_i - px_i, so the scale gradient needs no
 extra pass.
 
-The backward pass recomputes the tiles, P_ij = 2^(a (y_ij - mx_i) - ll_i). With
+The backward pass recomputes the tiles, P_ij = 2^min(a (y_ij - mx_i) - ll_i, 0): P <= 1
+holds exactly, and the clamp keeps it so when a recomputed product rounds differently from
+the forward pass's at an enormous scale. With
 G_ij = g_i (P_ij - [j = p_i]):
     dR_i = s * sum_j G_ij c_j      (+ s * sum_j g_i P_ij w_j q_j over extra negatives)
     dC_j = s * sum_i G_ij r_i
@@ -133,8 +135,9 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, MX, LL, EX, PX,
     ll = tl.log2(l_i)
     # The gap mx - sign px is >= 0 and exactly 0 when the positive is the largest logit;
     # a * 0 stays 0 even for an infinite rate.
-    gap = m_i - sign * px
-    head = tl.where(pos >= 0, tl.where(gap > 0, a * gap, 0.0), tl.where(m_i != 0, a * m_i, 0.0))
+    head = tl.where(pos >= 0, m_i - sign * px, m_i)
+    nz = head != 0
+    head = tl.where(nz, a * tl.where(nz, head, 1.0), 0.0)
     tl.store(LOSS + rows, (head + ll) * 0.6931471805599453, mask=row_ok)
     tl.store(MX + rows, m_i, mask=row_ok)
     tl.store(LL + rows, ll, mask=row_ok)
@@ -171,7 +174,8 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, MX, LL, G, GSCALE, DR,
         valid = col_ok[None, :] & row_ok[:, None]
         if HAS_MASK:
             valid = valid & (cols[None, :] != msk[:, None])
-        p = tl.where(valid, tl.exp2(a_p * (x * sign - mx[:, None]) - ll[:, None]), 0.0)
+        p = tl.where(valid, tl.exp2(tl.minimum(a_p * (x * sign - mx[:, None]) - ll[:, None],
+                                               0.0)), 0.0)
         gm = p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0)
         b = tl.load(C + cols[:, None] * s_c0 + dd[None, :] * s_c1,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -187,8 +191,8 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, MX, LL, G, GSCALE, DR,
             x = _dot_tile(R, rows, n, s_r0, s_r1, Q, cols, k, s_q0, s_q1, D,
                           BM, BN, BK, PRECISION, INTERPRET) * w[None, :]
             valid = col_ok[None, :] & row_ok[:, None]
-            gm = tl.where(valid, tl.exp2(a_p * (x * sign - mx[:, None]) - ll[:, None]),
-                          0.0) * w[None, :]
+            gm = tl.where(valid, tl.exp2(tl.minimum(
+                a_p * (x * sign - mx[:, None]) - ll[:, None], 0.0)), 0.0) * w[None, :]
             b = tl.load(Q + cols[:, None] * s_q0 + dd[None, :] * s_q1,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if INTERPRET:
@@ -228,7 +232,8 @@ def _bwd_cols_kernel(R, C, POS, MASK, SCALE, MX, LL, G, GSCALE, DC,
         if HAS_MASK:
             msk = tl.load(MASK + rows, mask=row_ok, other=-1)
             valid = valid & (cols[:, None] != msk[None, :])
-        p = tl.where(valid, tl.exp2(a_p * (xt * sign - mx[None, :]) - ll[None, :]), 0.0)
+        p = tl.where(valid, tl.exp2(tl.minimum(a_p * (xt * sign - mx[None, :]) - ll[None, :],
+                                               0.0)), 0.0)
         gm = (p - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0)) * g[None, :]
         a = tl.load(R + rows[:, None] * s_r0 + dd[None, :] * s_r1,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
