@@ -93,7 +93,8 @@ class agree:
     - a check failed on some rank -> that exception type with that rank's message;
     - the named tensors differ between ranks in dtype, dimensions or width (every dim but
       the first) -> ValueError;
-    - ``settings`` (ints that decide which collectives run) differ -> ValueError;
+    - ``settings`` (values that decide which collectives run: a bool, or ``(value, choices)``
+      for one of a fixed tuple of choices) differ -> ValueError;
     - a rank holds fewer than ``min_each`` rows, or all ranks together fewer than
       ``min_total``, of the first named tensor -> ValueError.
     """
@@ -102,7 +103,8 @@ class agree:
                  **tensors):
         self.what, self.active, self.group = what, active, group
         self.min_total, self.min_each = min_total, min_each
-        self.settings = dict(settings or {})
+        self.settings = {name: v if isinstance(v, tuple) else (v, (False, True))
+                         for name, v in (settings or {}).items()}
         self.tensors = tensors
         world, me = (world_size(), rank()) if active else (1, 0)
         self.result = Agreement(list(tensors), world, me)
@@ -123,7 +125,7 @@ class agree:
     def _exchange(self, exc):
         kind = _KINDS.index(type(exc)) if exc is not None else 0
         text = str(exc).encode("utf-8")[:_MSG_BYTES] if exc is not None else b""
-        head = [kind, len(text)] + list(self.settings.values())
+        head = [kind, len(text)] + [_code(v, choices) for v, choices in self.settings.values()]
         for t in self.tensors.values():
             head += _meta(t)
         body = bytearray(_MSG_BYTES)
@@ -146,13 +148,15 @@ class agree:
             also = f" (the check failed on ranks {failed} in all)" if len(failed) > 1 else ""
             return _KINDS[heads[r][0]], f"{what}: on rank {r}: {text}{also}"
         n_set = len(self.settings)
-        for i, name in enumerate(self.settings):
-            values = [h[2 + i] for h in heads]
-            r, want = _odd_one(values)
+        for i, (name, (_, choices)) in enumerate(self.settings.items()):
+            codes = [h[2 + i] for h in heads]
+            r, want = _odd_one(codes)
             if r is not None:
-                return ValueError, (f"{what}: rank {r} has {name}={values[r]} but other ranks "
-                                    f"{want}; every rank must use the same {name} "
-                                    f"(per rank: {values})")
+                shown = [choices[c] if c >= 0 else "<invalid>" for c in codes]
+                return ValueError, (
+                    f"{what}: rank {r} has {name}={shown[r]!r} but other ranks "
+                    f"{choices[want] if want >= 0 else '<invalid>'!r}; every rank must use the "
+                    f"same {name} (per rank: {shown})")
         width = 3 + _DIMS
         metas = {name: [h[2 + n_set + i * width:2 + n_set + (i + 1) * width] for h in heads]
                  for i, name in enumerate(self.tensors)}
@@ -180,6 +184,14 @@ class agree:
                                     f"{first} in all; at least {self.min_total} needed "
                                     f"(rows per rank: {sizes})")
         return None, None
+
+
+def _code(value, choices):
+    """The index of ``value`` in ``choices`` (exact type for bools), -1 if absent."""
+    for i, c in enumerate(choices):
+        if type(c) is type(value) and c == value:
+            return i
+    return -1
 
 
 def _odd_one(values):
@@ -236,13 +248,14 @@ class _AllReduce(torch.autograd.Function):
         return grad, None
 
 
-def all_reduce_sum(x, group=None):
-    """Differentiable sum of ``x`` over the ranks (``x`` itself outside a process group)."""
+def _all_reduce_sum(x, group=None):
+    """Differentiable sum of ``x`` over the ranks (``x`` itself outside a process group).
+    Only after an ``agree`` that fixed ``x``'s shape on every rank."""
     return _AllReduce.apply(x, group) if is_distributed() else x
 
 
-def all_reduce_max(x, group=None):
-    """Elementwise max over the ranks, without gradient."""
+def _all_reduce_max(x, group=None):
+    """Elementwise max over the ranks, without gradient (after an ``agree``, as above)."""
     if not is_distributed():
         return x
     out = x.detach().clone().contiguous()

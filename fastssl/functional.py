@@ -83,11 +83,6 @@ def _flag(value, name):
     return int(_checks.flag(value, name))
 
 
-def _setting(value):
-    """An int for the cross-rank comparison of a flag (-1: not a bool; the checks raise)."""
-    return int(value) if isinstance(value, bool) else -1
-
-
 def _rows_loss(rows, cols, scale, pos, mask=None, negatives=None, normalize=True):
     loss, _ = _ops.infonce(rows, cols, negatives, pos, mask, scale, normalize)
     return loss
@@ -176,7 +171,7 @@ def info_nce(query: Tensor, key: Tensor, temperature=0.1, negatives: Tensor = No
     same loss with query and key exchanged (the negatives serve both directions).
     """
     active = _gathering(gather_distributed)
-    with distributed.agree("info_nce", active, settings={"symmetric": _setting(symmetric)},
+    with distributed.agree("info_nce", active, settings={"symmetric": symmetric},
                            query=query, key=key) as world:
         check_embeddings(allow_empty=active, query=query, key=key)
         check_negatives(negatives, query)
@@ -227,7 +222,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     every rank.
     """
     active = _gathering(gather_distributed)
-    settings = {"gather_with_grad": _setting(gather_with_grad), "local_loss": _setting(local_loss)}
+    settings = {"gather_with_grad": gather_with_grad, "local_loss": local_loss}
     with distributed.agree(_what, active, settings=settings,
                            image_features=image_features, text_features=text_features) as world:
         if _check is not None:
@@ -361,11 +356,11 @@ def _global_standardize(z, eps, total):
     acc = _ops.acc_dtype(z)
     zf = z.to(acc)
     local_max = zf.detach().abs().amax(0) if z.shape[0] else zf.new_zeros(z.shape[1])
-    m = distributed.all_reduce_max(local_max)
+    m = distributed._all_reduce_max(local_max)
     m = torch.where(m > 0, m, torch.ones_like(m))
     y = zf / m
-    mean_y = distributed.all_reduce_sum(y.sum(0)) / total
-    var_y = distributed.all_reduce_sum((y - mean_y).square().sum(0)) / total
+    mean_y = distributed._all_reduce_sum(y.sum(0)) / total
+    var_y = distributed._all_reduce_sum((y - mean_y).square().sum(0)) / total
     return (y - mean_y) * (m / scaled_std(var_y, m, eps))
 
 
@@ -388,11 +383,11 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
     (N, D); the loss is float32 math (float64 for float64) returned in the input dtype.
     """
     active = _gathering(gather_distributed)
-    mode = {"local": 0, "global": 1}.get(normalize, -1) if isinstance(normalize, str) else -1
     with distributed.agree("barlow_twins", active, min_total=2,
-                           min_each=2 if mode == 0 else 0, settings={"normalize": mode},
+                           min_each=2 if normalize == "local" else 0,
+                           settings={"normalize": (normalize, ("local", "global"))},
                            z_a=z_a, z_b=z_b) as world:
-        _check_pair_nd(z_a, z_b, "barlow_twins", allow_empty=active and mode == 1)
+        _check_pair_nd(z_a, z_b, "barlow_twins", allow_empty=active and normalize == "global")
         if z_a.dim() != 2:
             raise ValueError(f"barlow_twins takes (N, D) inputs, got shape z_a {tuple(z_a.shape)}")
         _checks.choice(normalize, "normalize", ("local", "global"))
@@ -405,10 +400,10 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
         if normalize == "global":
             a = _global_standardize(z_a, eps, world.total)
             b = _global_standardize(z_b, eps, world.total)
-            c = distributed.all_reduce_sum(a.T @ b) / world.total
+            c = distributed._all_reduce_sum(a.T @ b) / world.total
         else:
             a, b = _standardize(z_a, eps), _standardize(z_b, eps)
-            c = distributed.all_reduce_sum(a.T @ b / N) / world.world
+            c = distributed._all_reduce_sum(a.T @ b / N) / world.world
         diag = torch.diagonal(c)
         fro2 = torch.linalg.vector_norm(c).square()
     else:
@@ -488,8 +483,8 @@ def vicreg(z_a: Tensor, z_b: Tensor, lambda_param: float = 25.0, mu_param: float
     if active:
         shape = z_a.shape
         sizes = world.sizes["z_a"]
-        z_a = distributed.gather(z_a.reshape(shape[0], -1), sizes=sizes)[0].reshape(-1, *shape[1:])
-        z_b = distributed.gather(z_b.reshape(shape[0], -1), sizes=sizes)[0].reshape(-1, *shape[1:])
+        z_a = distributed.gather(z_a.flatten(1), sizes=sizes)[0].reshape(-1, *shape[1:])
+        z_b = distributed.gather(z_b.flatten(1), sizes=sizes)[0].reshape(-1, *shape[1:])
 
     def cov_loss(z):
         flat = z.reshape(z.shape[0], -1, z.shape[-1]).transpose(0, 1)  # (L, N, D)

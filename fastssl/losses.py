@@ -113,7 +113,7 @@ class NTXentLoss(nn.Module):
         active = F._gathering(self.gather_distributed)
         enqueue = isinstance(out0, Tensor) and out0.requires_grad
         with distributed.agree("NTXentLoss", active, settings={"enqueue (out0 requires grad)":
-                                                                int(enqueue)},
+                                                                enqueue},
                                out0=out0, out1=out1) as world:
             F.check_embeddings(allow_empty=active, out0=out0, out1=out1)
             if self.bank.dim() == 2 and self.bank.shape[1] != out0.shape[1]:

@@ -157,6 +157,9 @@ def backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols):
     """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed)."""
     n, D = rows.shape
     m = cols.shape[0]
+    if n == 0:  # a rank without rows: nothing flows back
+        return (rows.new_zeros(rows.shape, dtype=torch.float32) if need_rows else None,
+                cols.new_zeros(cols.shape, dtype=torch.float32) if need_cols else None)
     gscale = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     g = (grad / gscale).contiguous()
     prec = _precision(rows.dtype)

@@ -6,6 +6,7 @@ sum_r loss_r with respect to its slice — world_size times the gradient of the 
 which DDP's averaging turns into exactly the single-process gradient (checked with DDP).
 """
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -18,6 +19,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as tF
 
 import fastssl
+from test_barlow import ref_barlow, ref_vicreg
+from test_infonce import ref_clip, ref_info_nce, ref_nt_xent
+from test_siglip import ref_siglip
 
 D = 12
 T = 0.3
@@ -98,6 +102,10 @@ def worker(rank, world, port, sizes, seed, out_dir, backend):
         results["ddp_compiled_bf16"] = ddp_step(rank, sizes, seed, compiled_bf16=True)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # The compiled DDP module (held by dynamo's cache) keeps the process group alive; its
+        # gloo threads must stop before the interpreter exits, or the process aborts.
+        torch._dynamo.reset()
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -284,3 +292,191 @@ def test_gather_is_identity_without_a_process_group():
     z = torch.randn(3, 4)
     assert torch.equal(fastssl.nt_xent(x, z, 0.5, gather_distributed=True),
                        fastssl.nt_xent(x, z, 0.5))
+
+
+# ----------------------------------------------------------------------------- faults on one rank
+
+FAULT_D = 8
+
+
+def _rank_data(rank, n, D=FAULT_D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    a = torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype)
+    return a.requires_grad_(), b.requires_grad_()
+
+
+def _queue(a, b):
+    q = fastssl.MoCoQueue(FAULT_D, 8, gather_distributed=True)
+    q.enqueue(b.detach() if isinstance(b, torch.Tensor) else b)
+    return q.queue
+
+
+# entry -> (call(a, b, rank, world, fault), float64 single-process reference on rank 0's data
+# when rank 1 holds no rows, or None where zero rows on a rank is an error)
+FAULT_ENTRIES = {
+    "nt_xent": (lambda a, b, r, w, f: fastssl.nt_xent(
+        a, b, 0.0 if (f == "temperature 0" and r == 1) else T, gather_distributed=True),
+        lambda a, b: ref_nt_xent(a, b, T)),
+    "NTXentLoss": (lambda a, b, r, w, f: fastssl.NTXentLoss(T, gather_distributed=True)(a, b),
+                   lambda a, b: ref_nt_xent(a, b, T)),
+    "NTXentLoss(bank)": (lambda a, b, r, w, f: fastssl.NTXentLoss(
+        T, memory_bank_size=(16, FAULT_D), gather_distributed=True)(a, b), None),
+    "info_nce": (lambda a, b, r, w, f: fastssl.info_nce(a, b, T, gather_distributed=True),
+                 lambda a, b: ref_info_nce(a, b, T)),
+    "InfoNCELoss(symmetric)": (lambda a, b, r, w, f: fastssl.InfoNCELoss(
+        T, symmetric=(f != "setting differs" or r == 0), gather_distributed=True)(a, b),
+        lambda a, b: ref_info_nce(a, b, T, symmetric=True)),
+    "clip_loss": (lambda a, b, r, w, f: fastssl.clip_loss(
+        a, b, SCALE, local_loss=True, gather_with_grad=(f != "setting differs" or r == 0),
+        gather_distributed=True), lambda a, b: ref_clip(a, b, SCALE)),
+    "ClipLoss": (lambda a, b, r, w, f: fastssl.ClipLoss(
+        local_loss=True, gather_with_grad=True, rank=0 if f == "rank argument" else r,
+        world_size=w)(a, b, SCALE), lambda a, b: ref_clip(a, b, SCALE)),
+    "siglip_loss": (lambda a, b, r, w, f: fastssl.siglip_loss(a, b, SCALE, BIAS,
+                                                              gather_distributed=True),
+                    lambda a, b: ref_siglip(a, b, SCALE, BIAS)),
+    "SigLipLoss": (lambda a, b, r, w, f: fastssl.SigLipLoss(
+        rank=0 if f == "rank argument" else r, world_size=w)(a, b, SCALE, BIAS),
+        lambda a, b: ref_siglip(a, b, SCALE, BIAS)),
+    "BarlowTwinsLoss(local)": (lambda a, b, r, w, f: fastssl.BarlowTwinsLoss(
+        0.05, gather_distributed=True,
+        normalize="global" if (f == "setting differs" and r == 1) else "local")(a, b), None),
+    "BarlowTwinsLoss(global)": (lambda a, b, r, w, f: fastssl.BarlowTwinsLoss(
+        0.05, gather_distributed=True, normalize="global")(a, b),
+        lambda a, b: ref_barlow(a, b, 0.05)),
+    "VICRegLoss": (lambda a, b, r, w, f: fastssl.VICRegLoss(gather_distributed=True)(a, b),
+                   ref_vicreg),
+    "MoCoQueue.enqueue": (lambda a, b, r, w, f: _queue(a, b), None),
+    "distributed.gather": (lambda a, b, r, w, f: fastssl.distributed.gather(a)[0], None),
+}
+
+# fault -> (what rank 1 passes, entries it applies to (None: all))
+FAULTS = {
+    "empty batch": None, "wrong D": None, "wrong dtype": None, "not a tensor": None,
+    "int dtype": None, "batch 1": ("BarlowTwinsLoss(local)",),
+    "rank argument": ("ClipLoss", "SigLipLoss"),
+    "setting differs": ("InfoNCELoss(symmetric)", "clip_loss", "BarlowTwinsLoss(local)"),
+    "temperature 0": ("nt_xent",), "all ranks empty": ("nt_xent", "VICRegLoss",
+                                                     "BarlowTwinsLoss(global)"),
+}
+FAULT_CASES = [(entry, fault) for fault, only in FAULTS.items() for entry in FAULT_ENTRIES
+               if only is None or entry in only]
+
+
+def _fault_inputs(rank, fault):
+    n = 4
+    if rank == 1 or fault == "all ranks empty":
+        if fault in ("empty batch", "all ranks empty"):
+            n = 0
+        elif fault == "batch 1":
+            n = 1
+        elif fault == "wrong D":
+            return _rank_data(rank, n, D=6)
+        elif fault == "wrong dtype":
+            return _rank_data(rank, n, dtype=torch.float64)
+        elif fault == "not a tensor":
+            return [[1.0] * FAULT_D] * n, [[1.0] * FAULT_D] * n
+        elif fault == "int dtype":
+            return (torch.ones(n, FAULT_D, dtype=torch.long),) * 2
+    return _rank_data(rank, n)
+
+
+def fault_worker(rank, world, port, out_dir, backend):
+    os.environ["FASTSSL_BACKEND"] = backend
+    if backend == "triton":  # CPU tensors: the kernels run in the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    results = {}
+    try:
+        for entry, fault in FAULT_CASES:
+            call = FAULT_ENTRIES[entry][0]
+            torch.manual_seed(0)
+            a, b = _fault_inputs(rank, fault)
+            start = time.monotonic()
+            try:
+                out = call(a, b, rank, world, fault)
+                got = {"value": out.detach().clone()}
+                if out.requires_grad and out.dim() == 0:
+                    da, db = torch.autograd.grad(out, [a, b], allow_unused=True)
+                    got.update(da=da, db=db)
+            except Exception as e:  # noqa: BLE001 - compared across ranks by the test
+                got = {"error": type(e).__name__, "message": str(e)}
+            got["seconds"] = time.monotonic() - start
+            results[(entry, fault)] = got
+            dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_fault_on_one_rank_raises_the_same_error_on_every_rank(backend):
+    """Every distributed entry point with a bad input on rank 1 (or a rank holding no rows,
+    which is legal where the loss allows it): the same exception and message on both ranks,
+    naming rank 1 (or the setting), within seconds; a legal empty rank gives rank 0 the
+    single-process loss and gradients of its rows and rank 1 a zero loss."""
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.spawn(fault_worker, args=(2, free_port(), out, backend), nprocs=2,
+                       join=False)
+        deadline = time.monotonic() + 240
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail("a fault left a rank blocked")
+        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    legal_empty = {e for e, (_, ref) in FAULT_ENTRIES.items() if ref is not None} | {
+        "MoCoQueue.enqueue", "distributed.gather", "NTXentLoss(bank)"}
+    checked = 0
+    for entry, fault in FAULT_CASES:
+        r0, r1 = results[0][(entry, fault)], results[1][(entry, fault)]
+        what = f"{entry} with {fault} on rank 1"
+        assert r0["seconds"] < 20 and r1["seconds"] < 20, f"{what}: took {r0['seconds']:.0f} s"
+        if fault == "empty batch" and entry in legal_empty:
+            assert "error" not in r0 and "error" not in r1, f"{what}: {r0} / {r1}"
+            _check_empty_rank(entry, r0, r1, what)
+            checked += 1
+            continue
+        assert "error" in r0 and "error" in r1, f"{what}: no error ({r0}, {r1})"
+        assert (r0["error"], r0["message"]) == (r1["error"], r1["message"]), \
+            f"{what}: ranks disagree:\n{r0['message']}\n{r1['message']}"
+        want = "TypeError" if fault == "not a tensor" else "ValueError"
+        assert r0["error"] == want, f"{what}: {r0['error']}: {r0['message']}"
+        named = "rank 1" in r0["message"] or (fault == "all ranks empty" and
+                                              "rows per rank: [0, 0]" in r0["message"])
+        assert named, f"{what}: the message does not name the rank: {r0['message']}"
+        checked += 1
+    assert checked == len(FAULT_CASES) >= 40
+
+
+def _check_empty_rank(entry, r0, r1, what):
+    a, b = _rank_data(0, 4)
+    A, B = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = FAULT_ENTRIES[entry][1]
+    if entry == "MoCoQueue.enqueue":  # the queue holds rank 0's keys, in order, on both ranks
+        for r in (r0, r1):
+            torch.testing.assert_close(r["value"][:4], b.detach(), rtol=0, atol=0)
+        return
+    if entry == "distributed.gather":
+        for r in (r0, r1):
+            torch.testing.assert_close(r["value"], a.detach(), rtol=0, atol=0)
+        return
+    assert r1["da"].shape == (0, FAULT_D), f"{what}: rank 1 {r1}"
+    if ref is None:
+        return
+    loss0 = ref(A, B)
+    loss1 = RANK1_WITHOUT_ROWS.get(entry, lambda A, B: A.sum() * 0)(A, B)
+    dA, dB = torch.autograd.grad(loss0 + loss1, [A, B])  # the gradient convention above
+    check(r0["value"], loss0.detach(), 1e-5, f"{what}: rank 0 loss")
+    check(r1["value"], loss1.detach(), 1e-5, f"{what}: rank 1 loss")
+    check(r0["da"], dA, 1e-5, f"{what}: rank 0 d(first input)")
+    check(r0["db"], dB, 1e-5, f"{what}: rank 0 d(second input)")
+
+
+# The loss on a rank without rows, where it is not 0 (terms over the global batch).
+RANK1_WITHOUT_ROWS = {
+    "BarlowTwinsLoss(global)": lambda A, B: ref_barlow(A, B, 0.05),
+    "VICRegLoss": lambda A, B: ref_vicreg(A, B) - 25.0 * ((A - B) ** 2).mean(),
+}
