@@ -11,6 +11,7 @@ if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
     __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
 
 from fastssl import augment, distributed, functional  # noqa: E402
+from fastssl._checks import ShapeError  # noqa: E402
 from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E402
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
                                 negative_cosine_similarity, nt_xent, siglip_loss, vicreg)
@@ -21,4 +22,4 @@ __all__ = ["augment", "functional", "distributed", "nt_xent", "info_nce", "clip_
            "barlow_twins", "vicreg", "negative_cosine_similarity", "NTXentLoss", "InfoNCELoss",
            "ClipLoss", "SigLipLoss", "MoCoQueue", "BarlowTwinsLoss", "VICRegLoss",
            "NegativeCosineSimilarity", "EMA", "update_momentum", "cosine_schedule", "ema_",
-           "__version__"]
+           "ShapeError", "__version__"]

@@ -13,6 +13,14 @@ import torch
 from torch import Tensor
 
 
+class ShapeError(ValueError, AssertionError, RuntimeError):
+    """A tensor of the wrong shape: sizes that differ between inputs (or ranks), a batch
+    too small, the wrong number of dimensions. It is a ValueError (fastssl's rule for a
+    value outside its domain), an AssertionError (what lightly's VICRegLoss raises for these
+    inputs) and a RuntimeError (what torch raises for mismatched shapes inside lightly's and
+    open_clip's losses), so code written against any of them catches it."""
+
+
 def _kind(value):
     return type(value).__name__
 

@@ -14,9 +14,43 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
 from fastssl import _dispatch
 
 NORM_EPS = 1e-12  # applied to a float32 norm, so it survives fp16/bf16 inputs
+
+
+def _tracing(args):
+    """Whether a call is being traced (torch.compile, export, fake or functional tensors, a
+    dispatch mode): then the registered custom op must appear in the graph."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return True
+    return any(isinstance(a, Tensor) and type(a) not in (Tensor, torch.nn.Parameter)
+               for a in args)
+
+
+class _Op:
+    """One fastssl op: ``impl`` registered as the custom op ``name`` (schema from its
+    annotations, ``fake``, and autograd from ``setup``/``backward``) for tracers, and called
+    directly in eager mode under an autograd.Function with the same ``setup``/``backward``.
+    The two give the same values and gradients (tests/test_ops.py); the eager call skips the
+    custom-op dispatch, whose first use imports torch._dynamo (and Triton), about a second."""
+
+    def __init__(self, name, impl, fake, setup=None, backward=None):
+        self.custom = torch.library.custom_op(name, mutates_args=())(impl)
+        self.custom.register_fake(fake)
+        self.eager = impl
+        if backward is not None:
+            self.custom.register_autograd(backward, setup_context=setup)
+            self.eager = type(name.split("::")[1], (torch.autograd.Function,), {
+                "forward": staticmethod(impl),
+                "setup_context": staticmethod(setup),
+                "backward": staticmethod(backward)}).apply
+        self.__doc__ = impl.__doc__
+
+    def __call__(self, *args):
+        return self.custom(*args) if _tracing(args) else self.eager(*args)
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -107,21 +141,18 @@ def _stats_like(rows, k):
     return rows.new_empty((k, rows.shape[0]) if k else rows.shape[0], dtype=acc_dtype(rows))
 
 
-@torch.library.custom_op("fastssl::infonce", mutates_args=())
-def infonce(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Tensor,
+def _infonce(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Tensor,
             mask_idx: Optional[Tensor], scale: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
     _, impl = _dispatch.implementation("infonce", rows, cols, negatives)
     r, c, w = _inputs(rows, cols, negatives, normalize)
     return impl.forward(r, c, negatives, w, pos_idx, mask_idx, scale)
 
 
-@infonce.register_fake
-def _(rows, cols, negatives, pos_idx, mask_idx, scale, normalize):
+def _infonce_fake(rows, cols, negatives, pos_idx, mask_idx, scale, normalize):
     return _stats_like(rows, 0), _stats_like(rows, 4)
 
 
-@torch.library.custom_op("fastssl::infonce_backward", mutates_args=())
-def infonce_backward(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Tensor,
+def _infonce_backward(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Tensor,
                      mask_idx: Optional[Tensor], scale: Tensor, stats: Tensor, grad: Tensor,
                      normalize: bool, need_rows: bool, need_cols: bool) -> tuple[Tensor, Tensor]:
     _, impl = _dispatch.implementation("infonce", rows, cols, negatives)
@@ -143,9 +174,8 @@ def _grad_like(x, need):
     return torch.empty_like(x, memory_format=torch.contiguous_format) if need else x.new_empty(0)
 
 
-@infonce_backward.register_fake
-def _(rows, cols, negatives, pos_idx, mask_idx, scale, stats, grad, normalize, need_rows,
-      need_cols):
+def _infonce_backward_fake(rows, cols, negatives, pos_idx, mask_idx, scale, stats, grad,
+                           normalize, need_rows, need_cols):
     return _grad_like(rows, need_rows), _grad_like(cols, need_cols)
 
 
@@ -179,35 +209,33 @@ def _backward(ctx, grad_loss, grad_stats):
             d_scale, None)
 
 
-infonce.register_autograd(_backward, setup_context=_setup)
+infonce = _Op("fastssl::infonce", _infonce, _infonce_fake, _setup, _backward)
+infonce_backward = _Op("fastssl::infonce_backward", _infonce_backward, _infonce_backward_fake)
 
 
 # ----------------------------------------------------------------------------- SigLIP
 
-@torch.library.custom_op("fastssl::siglip", mutates_args=())
-def siglip(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor,
+def _siglip(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor,
            bias: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row sigmoid loss (differentiable) and statistics [a, c] (see kernels/siglip.py)."""
     _, impl = _dispatch.implementation("siglip", rows, cols)
     return impl.forward(rows, cols, pos_idx, scale, bias)
 
 
-@siglip.register_fake
-def _(rows, cols, pos_idx, scale, bias):
+def _siglip_fake(rows, cols, pos_idx, scale, bias):
     return _stats_like(rows, 0), _stats_like(rows, 2)
 
 
-@torch.library.custom_op("fastssl::siglip_backward", mutates_args=())
-def siglip_backward(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor, bias: Tensor,
-                    grad: Tensor, need_rows: bool, need_cols: bool) -> tuple[Tensor, Tensor]:
+def _siglip_backward_impl(rows: Tensor, cols: Tensor, pos_idx: Tensor, scale: Tensor,
+                          bias: Tensor, grad: Tensor, need_rows: bool,
+                          need_cols: bool) -> tuple[Tensor, Tensor]:
     _, impl = _dispatch.implementation("siglip", rows, cols)
     d_r, d_c = impl.backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols)
     return (rows.new_empty(0) if d_r is None else d_r.to(rows.dtype),
             cols.new_empty(0) if d_c is None else d_c.to(cols.dtype))
 
 
-@siglip_backward.register_fake
-def _(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols):
+def _siglip_backward_fake(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols):
     return _grad_like(rows, need_rows), _grad_like(cols, need_cols)
 
 
@@ -229,33 +257,30 @@ def _siglip_backward(ctx, grad_loss, grad_stats):
     return (d_rows if need[0] else None, d_cols if need[1] else None, None, d_scale, d_bias)
 
 
-siglip.register_autograd(_siglip_backward, setup_context=_siglip_setup)
+siglip = _Op("fastssl::siglip", _siglip, _siglip_fake, _siglip_setup, _siglip_backward)
+siglip_backward = _Op("fastssl::siglip_backward", _siglip_backward_impl, _siglip_backward_fake)
 
 
 # ----------------------------------------------------------------------------- Gram products
 
-@torch.library.custom_op("fastssl::gram_inner", mutates_args=())
-def gram_inner(a: Tensor, b: Tensor) -> Tensor:
+def _gram_inner(a: Tensor, b: Tensor) -> Tensor:
     """<a a^T, b b^T> = ||a^T b||_F^2 as a 0-d float32 (float64 for float64) tensor
     (kernels/barlow.py)."""
     _, impl = _dispatch.implementation("barlow", a, b)
     return impl.gram_inner(a, b)
 
 
-@gram_inner.register_fake
-def _(a, b):
+def _gram_inner_fake(a, b):
     return a.new_empty((), dtype=acc_dtype(a))
 
 
-@torch.library.custom_op("fastssl::gram_apply", mutates_args=())
-def gram_apply(w: Tensor, x: Tensor) -> Tensor:
+def _gram_apply(w: Tensor, x: Tensor) -> Tensor:
     """(w w^T) x in float32 (float64 for float64 inputs)."""
     _, impl = _dispatch.implementation("barlow", w, x)
     return impl.gram_apply(w, x)
 
 
-@gram_apply.register_fake
-def _(w, x):
+def _gram_apply_fake(w, x):
     return torch.empty(x.shape, device=x.device, dtype=acc_dtype(x))
 
 
@@ -271,33 +296,30 @@ def _gram_backward(ctx, grad):
     return d_a, d_b
 
 
-gram_inner.register_autograd(_gram_backward, setup_context=_gram_setup)
+gram_inner = _Op("fastssl::gram_inner", _gram_inner, _gram_inner_fake, _gram_setup, _gram_backward)
+gram_apply = _Op("fastssl::gram_apply", _gram_apply, _gram_apply_fake)
 
 
 # ----------------------------------------------------------------------------- standardisation
 
-@torch.library.custom_op("fastssl::standardize", mutates_args=())
-def standardize(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _standardize(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-feature (z - mean) * rstd and stats [mean, rstd] in float32 (float64 for float64
     input), scale-safe (kernels/barlow.py)."""
     _, impl = _dispatch.implementation("barlow", z)
     return impl.standardize(z, eps)
 
 
-@standardize.register_fake
-def _(z, eps):
+def _standardize_fake(z, eps):
     return (torch.empty(z.shape, device=z.device, dtype=acc_dtype(z)),
             z.new_empty((2, z.shape[1]), dtype=acc_dtype(z)))
 
 
-@torch.library.custom_op("fastssl::standardize_backward", mutates_args=())
-def standardize_backward(z: Tensor, grad_a: Tensor, stats: Tensor) -> Tensor:
+def _standardize_backward(z: Tensor, grad_a: Tensor, stats: Tensor) -> Tensor:
     _, impl = _dispatch.implementation("barlow", z)
     return impl.standardize_backward(z, grad_a, stats).to(z.dtype)
 
 
-@standardize_backward.register_fake
-def _(z, grad_a, stats):
+def _standardize_backward_fake(z, grad_a, stats):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
@@ -311,4 +333,7 @@ def _standardize_bwd(ctx, grad_a, grad_stats):
     return standardize_backward(z, grad_a.to(stats.dtype).contiguous(), stats), None
 
 
-standardize.register_autograd(_standardize_bwd, setup_context=_standardize_setup)
+standardize = _Op("fastssl::standardize", _standardize, _standardize_fake, _standardize_setup,
+                  _standardize_bwd)
+standardize_backward = _Op("fastssl::standardize_backward", _standardize_backward,
+                           _standardize_backward_fake)

@@ -1,8 +1,9 @@
 """``fastssl bench``: time and memory of fastssl against the formulations users run today.
 
 Every row is measured in this process (or, for CPU memory, in a child process) on this
-machine; nothing is estimated. Results go to
-``benchmarks/results/<device>-<date>-<op>.json`` plus a markdown table beside it.
+machine; nothing is estimated. Results go to ``<out>/<device>-<date>-<op>.json`` plus a
+markdown table and a plot beside it; ``<out>`` is ``--out``, by default ``./fastssl-bench``
+(the checkout's ``benchmarks/results/`` holds only the committed results).
 
 Ops: ``infonce`` (NT-Xent), ``siglip`` (sigmoid loss), ``maxbatch`` (largest NT-Xent batch
 whose forward+backward completes), ``barlow`` and ``vicreg`` (cross-correlation losses;
@@ -651,7 +652,7 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         return run_all(sizes, dims, dtypes, quick, out_dir, log)
     cuda = torch.cuda.is_available()
     env = environment()
-    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
+    out_dir = out_dir or default_out()
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{_slug(env['device'] if cuda else 'cpu')}-{env['date']}-{op}")
     extra = {}
@@ -726,9 +727,15 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
     return result
 
 
+def default_out():
+    """Where results go without ``--out``: ./fastssl-bench (never the checkout's committed
+    benchmarks/results, unless asked)."""
+    return os.path.join(os.getcwd(), "fastssl-bench")
+
+
 def run_all(sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
     """Every benchmark in turn with the same flags; one markdown summary of all of them."""
-    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results")
+    out_dir = out_dir or default_out()
     results, failed = [], []
     for op in OPS:
         log(f"== {op}")

@@ -111,7 +111,9 @@ def _fraction(text):
 
 
 def main(argv=None):
+    import fastssl
     parser = argparse.ArgumentParser(prog="fastssl", description="fused kernels for SSL pretraining")
+    parser.add_argument("--version", action="version", version=f"fastssl {fastssl.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device, and the path each op takes")
     p.set_defaults(func=_info)
@@ -157,7 +159,8 @@ def main(argv=None):
     p.add_argument("--dtypes", type=_csv(str), help="float32,bfloat16,float16 (maxbatch and "
                    "augment: the first)")
     p.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
-    p.add_argument("--out", help="results folder (default ./benchmarks/results)")
+    p.add_argument("--out", help="results folder (default ./fastssl-bench; the checkout's "
+                   "benchmarks/results holds the committed results)")
     p.set_defaults(func=lambda a, parser=p: _bench(a, parser))
     args = parser.parse_args(argv)
     return args.func(args)

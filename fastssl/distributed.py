@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastssl._checks import ShapeError
+
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-_KINDS = [None, ValueError, TypeError]
+_KINDS = [None, ValueError, TypeError, ShapeError]
 _MSG_BYTES = 512
 _DIMS = 4
 
@@ -115,7 +117,7 @@ class agree:
     def __exit__(self, exc_type, exc, tb):
         if not self.active:
             return False
-        if exc_type is not None and exc_type not in (ValueError, TypeError):
+        if exc_type is not None and not issubclass(exc_type, (ValueError, TypeError)):
             return False  # not an argument error: nothing to agree on
         kind, message = self._exchange(exc)
         if kind is not None:
@@ -123,7 +125,8 @@ class agree:
         return False
 
     def _exchange(self, exc):
-        kind = _KINDS.index(type(exc)) if exc is not None else 0
+        kind = 0 if exc is None else next(i for i in range(len(_KINDS) - 1, 0, -1)
+                                           if isinstance(exc, _KINDS[i]))
         text = str(exc).encode("utf-8")[:_MSG_BYTES] if exc is not None else b""
         head = [kind, len(text)] + [_code(v, choices) for v, choices in self.settings.values()]
         for t in self.tensors.values():
@@ -162,9 +165,10 @@ class agree:
                  for i, name in enumerate(self.tensors)}
         for name, per_rank in metas.items():
             shapes = [(m[1], m[2], tuple(m[4:3 + min(m[2], _DIMS)])) for m in per_rank]
-            r, _ = _odd_one(shapes)
+            r, want = _odd_one(shapes)
             if r is not None:
-                return ValueError, (
+                kind = ValueError if shapes[r][0] != want[0] else ShapeError  # dtype or shape
+                return kind, (
                     f"{what}: rank {r} passed {name} of {_describe(per_rank[r])}, unlike the "
                     f"other ranks; every rank needs the same dtype and the same size in "
                     f"every dimension but the first (per rank: "
@@ -176,11 +180,11 @@ class agree:
             self.result.total = sum(sizes)
             small = [r for r, n in enumerate(sizes) if n < self.min_each]
             if small:
-                return ValueError, (f"{what}: rank {small[0]} has {sizes[small[0]]} rows of "
+                return ShapeError, (f"{what}: rank {small[0]} has {sizes[small[0]]} rows of "
                                     f"{first}; every rank needs at least {self.min_each} "
                                     f"(rows per rank: {sizes})")
             if self.result.total < self.min_total:
-                return ValueError, (f"{what}: the ranks hold {self.result.total} rows of "
+                return ShapeError, (f"{what}: the ranks hold {self.result.total} rows of "
                                     f"{first} in all; at least {self.min_total} needed "
                                     f"(rows per rank: {sizes})")
         return None, None
@@ -281,8 +285,10 @@ def gather(x, group=None, with_grad=True, sizes=None):
         with agree("gather", True, min_total=0, group=group, x=x) as world:
             if not isinstance(x, Tensor):
                 raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 2 or x.dtype not in _DTYPES:
-                raise ValueError(f"x must be a 2-D floating tensor, got {x.dim()}-D {x.dtype}")
+            if x.dtype not in _DTYPES:
+                raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+            if x.dim() != 2:
+                raise ShapeError(f"x must be 2-D, got shape {tuple(x.shape)}")
         sizes = world.sizes["x"]
     offsets = [sum(sizes[:r]) for r in range(len(sizes))]
     if with_grad:

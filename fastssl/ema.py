@@ -88,10 +88,12 @@ def _momentum(m, name="momentum"):
 
 def _check(ema, online, m):
     if len(ema) != len(online):
-        raise ValueError(f"the teacher has {len(ema)} tensors but the student has {len(online)}")
+        raise _checks.ShapeError(f"the teacher has {len(ema)} tensors but the student has "
+                                 f"{len(online)}")
     for i, (e, o) in enumerate(zip(ema, online)):
         if e.shape != o.shape:
-            raise ValueError(f"tensor {i}: teacher shape {tuple(e.shape)} != student {tuple(o.shape)}")
+            raise _checks.ShapeError(f"tensor {i}: teacher shape {tuple(e.shape)} != student "
+                                     f"{tuple(o.shape)}")
         if e.device != o.device:
             raise ValueError(f"tensor {i}: teacher on {e.device}, student on {o.device}")
         if not (e.is_floating_point() and o.is_floating_point()):
@@ -249,11 +251,12 @@ class EMA(nn.Module):
         if self.include_buffers:
             teacher_buffers, student_buffers = list(self.module.buffers()), list(student.buffers())
             if len(teacher_buffers) != len(student_buffers):
-                raise ValueError(f"the teacher has {len(teacher_buffers)} buffers but the "
+                raise _checks.ShapeError(f"the teacher has {len(teacher_buffers)} buffers but the "
                                  f"student has {len(student_buffers)}")
             for i, (t, s) in enumerate(zip(teacher_buffers, student_buffers)):
                 if t.shape != s.shape or t.device != s.device:
-                    raise ValueError(f"buffer {i}: teacher {tuple(t.shape)} on {t.device}, "
+                    raise (_checks.ShapeError if t.shape != s.shape else ValueError)(
+                        f"buffer {i}: teacher {tuple(t.shape)} on {t.device}, "
                                      f"student {tuple(s.shape)} on {s.device}")
         # Every check above ran before this first write.
         ema_(teacher_params, student_params, m)

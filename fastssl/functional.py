@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fastssl import _checks, _ops, distributed
+from fastssl._checks import ShapeError
 from fastssl._reference import scaled_std
 
 normalize = _ops.unit_rows  # x / max(||x||, 1e-12) per row, norm in float32, scale-safe
@@ -38,9 +39,9 @@ def check_embeddings(allow_empty=False, **named):
     for name, t in items:
         _checks.floating(t, name)
         if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+            raise ShapeError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
         if t.shape[1] == 0 or (t.shape[0] == 0 and not allow_empty):
-            raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+            raise ShapeError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
     (n0, t0), rest = items[0], items[1:]
     for name, t in rest:
         if t.device != t0.device:
@@ -48,7 +49,7 @@ def check_embeddings(allow_empty=False, **named):
         if t.dtype != t0.dtype:
             raise ValueError(f"{n0} has dtype {t0.dtype} but {name} has {t.dtype}")
         if t.shape != t0.shape:
-            raise ValueError(f"{n0} has shape {tuple(t0.shape)} but {name} has {tuple(t.shape)}")
+            raise ShapeError(f"{n0} has shape {tuple(t0.shape)} but {name} has {tuple(t.shape)}")
 
 
 def check_negatives(negatives, like):
@@ -56,7 +57,7 @@ def check_negatives(negatives, like):
         return
     _checks.floating(negatives, "negatives")
     if negatives.dim() != 2 or negatives.shape[1] != like.shape[1]:
-        raise ValueError(f"negatives must have shape (K, {like.shape[1]}), "
+        raise ShapeError(f"negatives must have shape (K, {like.shape[1]}), "
                          f"got {tuple(negatives.shape)}")
     if negatives.device != like.device:
         raise ValueError(f"negatives are on {negatives.device} but the embeddings on {like.device}")
@@ -314,15 +315,15 @@ def _check_pair_nd(z_a, z_b, what, allow_empty=False, min_rows=2):
     for name, t in (("z_a", z_a), ("z_b", z_b)):
         _checks.floating(t, name)
     if z_a.shape != z_b.shape:
-        raise ValueError(f"z_a has shape {tuple(z_a.shape)} but z_b has {tuple(z_b.shape)}")
+        raise ShapeError(f"z_a has shape {tuple(z_a.shape)} but z_b has {tuple(z_b.shape)}")
     if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
         raise ValueError(f"z_a and z_b differ in dtype or device ({z_a.dtype} on {z_a.device}, "
                          f"{z_b.dtype} on {z_b.device})")
     if z_a.dim() < 2 or z_a.shape[-1] == 0 or any(d == 0 for d in z_a.shape[1:]):
-        raise ValueError(f"{what} takes (N, D) inputs with D >= 1, got shape z_a "
+        raise ShapeError(f"{what} takes (N, D) inputs with D >= 1, got shape z_a "
                          f"{tuple(z_a.shape)}")
     if z_a.shape[0] < min_rows and not (allow_empty and z_a.shape[0] == 0):
-        raise ValueError(f"{what} needs a batch of at least {min_rows} samples in z_a, got "
+        raise ShapeError(f"{what} needs a batch of at least {min_rows} samples in z_a, got "
                          f"{z_a.shape[0]}")
 
 
@@ -389,7 +390,7 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
                            z_a=z_a, z_b=z_b) as world:
         _check_pair_nd(z_a, z_b, "barlow_twins", allow_empty=active and normalize == "global")
         if z_a.dim() != 2:
-            raise ValueError(f"barlow_twins takes (N, D) inputs, got shape z_a {tuple(z_a.shape)}")
+            raise ShapeError(f"barlow_twins takes (N, D) inputs, got shape z_a {tuple(z_a.shape)}")
         _checks.choice(normalize, "normalize", ("local", "global"))
         check_formulation(formulation)
         lambda_param = _checks.number(lambda_param, "lambda_param")
@@ -508,7 +509,7 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
     _checks.floating(x0, "x0")
     _checks.floating(x1, "x1")
     if x0.shape != x1.shape:
-        raise ValueError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
+        raise ShapeError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
     if x0.dtype != x1.dtype or x0.device != x1.device:
         raise ValueError(f"x0 and x1 differ in dtype or device ({x0.dtype} on {x0.device}, "
                          f"{x1.dtype} on {x1.device})")
@@ -518,7 +519,7 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
                          f"{tuple(x0.shape)}, got {dim}")
     eps = _checks.number(eps, "eps", lo=0.0)
     if x0.numel() == 0:
-        raise ValueError(f"x0 must be non-empty, got shape {tuple(x0.shape)}")
+        raise ShapeError(f"x0 must be non-empty, got shape {tuple(x0.shape)}")
     acc = _ops.acc_dtype(x0)
     f0, f1 = _ops.pow2_bound(x0, dim), _ops.pow2_bound(x1, dim)
     y0, y1 = x0.to(acc) / f0, x1.to(acc) / f1

@@ -117,7 +117,7 @@ class NTXentLoss(nn.Module):
                                out0=out0, out1=out1) as world:
             F.check_embeddings(allow_empty=active, out0=out0, out1=out1)
             if self.bank.dim() == 2 and self.bank.shape[1] != out0.shape[1]:
-                raise ValueError(f"the memory bank holds {self.bank.shape[1]}-d embeddings, "
+                raise _checks.ShapeError(f"the memory bank holds {self.bank.shape[1]}-d embeddings, "
                                  f"got out0 of width {out0.shape[1]}")
         if self.bank.dim() != 2:
             self._init_bank(out0.shape[1])
@@ -242,7 +242,7 @@ class MoCoQueue(nn.Module):
         with distributed.agree("MoCoQueue.enqueue", active, min_total=0, keys=keys) as world:
             _checks.floating(keys, "keys")
             if keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
-                raise ValueError(f"keys must have shape (n, {self.queue.shape[1]}), "
+                raise _checks.ShapeError(f"keys must have shape (n, {self.queue.shape[1]}), "
                                  f"got {tuple(keys.shape)}")
             if keys.device != self.queue.device:
                 raise ValueError(f"keys are on {keys.device} but the queue is on "

@@ -169,8 +169,8 @@ def test_opcheck_gram(backend, device, same):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(37, 20, generator=g).to(device).requires_grad_()
     b = a if same else torch.randn(37, 20, generator=g).to(device).requires_grad_()
-    torch.library.opcheck(_ops.gram_inner, (a, b))
-    torch.library.opcheck(_ops.gram_apply, (a.detach(), b.detach()))
+    torch.library.opcheck(_ops.gram_inner.custom, (a, b))
+    torch.library.opcheck(_ops.gram_apply.custom, (a.detach(), b.detach()))
 
 
 @pytest.mark.parametrize("name", ["barlow", "vicreg"])
@@ -207,6 +207,6 @@ def test_fused_standardize(backend, device, dtype, N, D):
 
 def test_opcheck_standardize(backend, device):
     z = torch.randn(19, 11, device=device, requires_grad=True)
-    torch.library.opcheck(_ops.standardize, (z, 1e-5))
+    torch.library.opcheck(_ops.standardize.custom, (z, 1e-5))
     a, stats = _ops.standardize(z.detach(), 1e-5)
-    torch.library.opcheck(_ops.standardize_backward, (z.detach(), torch.randn_like(a), stats))
+    torch.library.opcheck(_ops.standardize_backward.custom, (z.detach(), torch.randn_like(a), stats))

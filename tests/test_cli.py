@@ -96,3 +96,21 @@ def test_bench_all_runs_every_op_into_one_summary(tmp_path, monkeypatch):
     assert "| ema |" in text and "| augment |" in text and "### augment" in text
     if not torch.cuda.is_available():
         assert "**CPU run**" in text
+
+
+def test_version():
+    import fastssl
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"fastssl {fastssl.__version__}"
+
+
+def test_bench_writes_into_fastssl_bench_by_default(tmp_path):
+    """Without --out, results go to ./fastssl-bench, not the checkout's benchmarks/results."""
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "barlow", "--quick",
+                          "--sizes", "8", "--dims", "16"], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [p.suffix for p in sorted((tmp_path / "fastssl-bench").iterdir())] == [
+        ".json", ".md", ".png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["fastssl-bench"]

@@ -1,4 +1,8 @@
 """torch.library registrations: opcheck, and torch.compile(fullgraph=True) of training steps."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -22,7 +26,7 @@ def _args(normalize, with_neg, with_mask, dtype=torch.float32, device="cpu"):
 @pytest.mark.parametrize("with_neg", [True, False])
 @pytest.mark.parametrize("with_mask", [True, False])
 def test_opcheck_infonce(backend, device, normalize, with_neg, with_mask):
-    torch.library.opcheck(_ops.infonce, _args(normalize, with_neg, with_mask, device=device))
+    torch.library.opcheck(_ops.infonce.custom, _args(normalize, with_neg, with_mask, device=device))
 
 
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
@@ -30,9 +34,79 @@ def test_opcheck_infonce_backward(backend, device, need):
     rows, cols, neg, pos, mask, scale, normalize = _args(True, True, True, device=device)
     _, stats = _ops.infonce(rows, cols, neg, pos, mask, scale, normalize)
     grad = torch.rand(rows.shape[0], device=device)
-    torch.library.opcheck(_ops.infonce_backward,
+    torch.library.opcheck(_ops.infonce_backward.custom,
                           (rows.detach(), cols.detach(), neg, pos, mask, scale.detach(),
                            stats, grad, True, *need))
+
+
+def _siglip_args(device):
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(7, 5, generator=g).to(device).requires_grad_()
+    cols = torch.randn(9, 5, generator=g).to(device).requires_grad_()
+    pos = torch.arange(7, device=device)
+    scale = torch.tensor(3.0, device=device, requires_grad=True)
+    bias = torch.tensor(-2.0, device=device, requires_grad=True)
+    return rows, cols, pos, scale, bias
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_opcheck_siglip(backend, device, need):
+    rows, cols, pos, scale, bias = _siglip_args(device)
+    torch.library.opcheck(_ops.siglip.custom, (rows, cols, pos, scale, bias))
+    torch.library.opcheck(_ops.siglip_backward.custom, (
+        rows.detach(), cols.detach(), pos, scale.detach(), bias.detach(),
+        torch.rand(rows.shape[0], device=device), *need))
+
+
+def _z(device, n=6, D=5, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=g).to(device).requires_grad_()
+
+
+EAGER_VS_CUSTOM = {
+    "infonce": lambda d: (_ops.infonce, _args(True, True, True, device=d)),
+    "infonce (no normalisation)": lambda d: (_ops.infonce, _args(False, False, False, device=d)),
+    "siglip": lambda d: (_ops.siglip, _siglip_args(d)),
+    "gram_inner": lambda d: (_ops.gram_inner, (_z(d), _z(d, seed=3))),
+    "standardize": lambda d: (_ops.standardize, (_z(d, n=9), 1e-5)),
+}
+
+
+@pytest.mark.parametrize("case", list(EAGER_VS_CUSTOM))
+def test_eager_call_equals_the_custom_op(backend, device, case):
+    """In eager mode an op runs its implementation under an autograd.Function; tracers get
+    the registered custom op. Both give bitwise the same outputs and input gradients."""
+    op, args = EAGER_VS_CUSTOM[case](device)
+    results = []
+    for fn in (op.eager, op.custom):
+        leaves = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(
+            a, torch.Tensor) else a for a in args]
+        out = fn(*leaves)
+        first = out[0] if isinstance(out, tuple) else out
+        weights = torch.linspace(-1, 2, first.numel(), device=first.device).view(first.shape)
+        diff = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        grads = torch.autograd.grad((first * weights).sum(), diff)
+        results.append(([o.detach() for o in (out if isinstance(out, tuple) else (out,))], grads))
+    for a, b in zip(results[0][0] + list(results[0][1]), results[1][0] + list(results[1][1])):
+        assert torch.equal(a, b)
+
+
+def test_first_cpu_call_imports_neither_dynamo_nor_triton():
+    """torch's custom-op dispatch imports torch._dynamo (and Triton with it) on first use,
+    about a second; eager calls on CPU take the direct path instead."""
+    code = ("import sys, torch, fastssl\n"
+            "a = torch.randn(6, 8, requires_grad=True)\n"
+            "for loss in (fastssl.nt_xent(a, a * 2, 0.5), fastssl.info_nce(a, a + 1, 0.2),\n"
+            "             fastssl.clip_loss(a, a, 2.0), fastssl.siglip_loss(a, a, 2.0, -1.0),\n"
+            "             fastssl.barlow_twins(a, a * 3), fastssl.vicreg(a, a + 1)):\n"
+            "    loss.backward()\n"
+            "fastssl.augment.SimCLRAugment(size=8)(torch.zeros(2, 3, 12, 12, dtype=torch.uint8))\n"
+            "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTSSL_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 class _Head(torch.nn.Module):
