@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as tF
 
 import fastssl
-from fastssl import _ops
 
 from test_infonce import DTYPES, check, embeddings, grads_of, leaf
 
