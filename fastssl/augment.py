@@ -1,38 +1,46 @@
 """Per-sample random augmentation of image batches, on the device that holds them.
 
-Every op draws its random parameters for the whole batch at once on the images' device
-(``torch.Generator`` for reproducibility, no per-sample Python loop, no host sync) and
-follows torchvision's tensor semantics per sample:
+Every op is an ``nn.Module`` with torchvision's name and arguments, callable on its own and
+composable (``Augment``, ``nn.Sequential``, torchvision's ``Compose``). It draws its random
+parameters for the whole batch at once on the images' device (``generator=`` for
+reproducibility, the default generator otherwise; no per-sample Python loop, no host sync)
+and follows torchvision's tensor semantics per sample:
 
 - ``RandomResizedCrop``: up to 10 tries of area * U(scale) and ratio exp(U(log r0, log r1));
   w = round(sqrt(area * ratio)), h = round(sqrt(area / ratio)); the first try with
   0 < w <= W and 0 < h <= H wins, top = randint(0, H - h + 1), left = randint(0, W - w + 1);
-  otherwise a central crop clamped to the ratio range. The crop is resized with bilinear
-  interpolation, antialiased when downscaling (torchvision's triangle filter: support
-  max(scale, 1), weights normalised per output pixel). Crop, resize and flip are one
-  separable linear map per sample: out = Wy · img · Wxᵀ with per-sample (S x H) and
-  (S x W) weight matrices (the portable path: two batched matmuls; on CUDA one Triton
-  kernel gathers the same taps).
-- ``ColorJitter``: factors brightness, contrast, saturation ~ U(max(0, 1 - v), 1 + v), hue
-  ~ U(-h, h), applied in a random order per sample, all with probability p. brightness:
-  x·f; contrast: blend with the mean of the grayscale image; saturation: blend with the
-  grayscale image; hue: RGB -> HSV, h <- (h + f) mod 1, HSV -> RGB; blend(x, y, r) =
-  clamp(r·x + (1 - r)·y, 0, 1).
+  otherwise a central crop clamped to the ratio range. The crop is resized to ``size`` (h, w)
+  with bilinear interpolation, antialiased when downscaling (torchvision's triangle filter:
+  support max(scale, 1), weights normalised per output pixel). Crop, resize and a following
+  flip are one separable linear map per sample: out = Wy · img · Wxᵀ with per-sample
+  (h x H) and (w x W) weight matrices (the portable path: two batched matmuls; on CUDA one
+  Triton kernel gathers the same taps).
+- ``RandomHorizontalFlip``: x[..., ::-1] with probability p.
+- ``ColorJitter``: factors brightness, contrast, saturation ~ U(range) (a number v gives
+  [max(0, 1 - v), 1 + v], a pair is the range), hue ~ U(range) (h gives [-h, h]), applied
+  in a random order per sample, all with probability p. brightness: x·f; contrast: blend
+  with the mean of the grayscale image; saturation: blend with the grayscale image; hue:
+  RGB -> HSV, h <- (h + f) mod 1, HSV -> RGB; blend(x, y, r) = clamp(r·x + (1 - r)·y, 0, 1).
 - ``RandomGrayscale``: 0.2989 R + 0.587 G + 0.114 B, replicated to 3 channels.
 - ``GaussianBlur``: 1-D kernel exp(-x²/2σ²), x = -(k-1)/2 … (k-1)/2, normalised; separable;
   reflect padding of k // 2 (also a per-sample matrix pair).
 - ``RandomSolarize``: x >= threshold -> 1 - x.
 - ``Normalize``: (x - mean) / std, then the output dtype and memory format.
 
-``Augment(ops)`` chains ops (the crop first) into one view; presets return several views
-(their keyword arguments ``flip_p``, ``normalize``, ``dtype`` and ``channels_last`` apply to
-every view).
-Images: uint8 (N, C, H, W) or (N, H, W, C) (``channels_last_input=True``), a list of uint8
-(C, H, W) images of different sizes, or float images in [0, 1].
+``Augment(ops)`` chains ops in any order into one view and takes the fused kernels where
+the chain allows (crop [+ flip] [+ ColorJitter] [+ RandomGrayscale] [+ RandomSolarize]; a
+colour run; GaussianBlur [+ RandomSolarize] [+ Normalize] at the end); an ``nn.Sequential``
+of the same ops gives the same views op by op. Presets return several views (their keyword
+arguments ``flip_p``, ``normalize``, ``dtype`` and ``channels_last`` apply to every view).
+Images: uint8 (N, C, H, W) or (N, H, W, C) (``channels_last_input=True``), one (C, H, W)
+image (giving one (C, h, w) view), a list of (C, H, W) images (of different sizes when the
+chain starts with a crop), or float images in [0, 1]. Ops return float32 (Augment and the
+presets: ``dtype``).
 """
 import math
 
 import torch
+from torch import nn
 
 from fastssl import _checks
 
@@ -122,14 +130,23 @@ def _rgb(im, i, dim=0, channels_last_input=False):
     return im
 
 
+_SLACK = 1e-5
+
+
+def _mark_in_range(out):
+    """Tag an op's output as lying in [0, 1], valid until it is modified in place: the next
+    op of an nn.Sequential chain then skips the range check and its host read."""
+    out._fastssl_in_range = out._version
+
+
 def _check_float_range(im, where):
     """Float images must lie in [0, 1]: one reduction and a host read (uint8 needs none)."""
-    if not im.is_floating_point():
+    if not im.is_floating_point() or getattr(im, "_fastssl_in_range", None) == im._version:
         return
     lo, hi = (float(v) for v in torch.aminmax(im.detach()))
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"{where}: float images contain NaN")
-    if lo < 0 or hi > 1:
+    if lo < -_SLACK or hi > 1 + _SLACK:  # rounding of a blur or resize may leave 1 + ulp
         raise ValueError(f"{where}: float images must lie in [0, 1], got values in "
                          f"[{lo:g}, {hi:g}]; pass uint8 images (0..255) or divide by 255")
 
@@ -142,23 +159,65 @@ def _to_float(im):
     raise ValueError(f"images must be uint8 or floating point in [0, 1], got {im.dtype}")
 
 
+# ----------------------------------------------------------------------------- base
+
+class _Op(nn.Module):
+    """An augmentation op: ``params(sizes, generator)`` draws every sample's random
+    parameters at once (``sizes``: (N, 2) int64 image sizes on the images' device) and
+    ``apply(x, params)`` maps a float32 (N, 3, H, W) batch in [0, 1]. Called on images it
+    is a one-op ``Augment``: ``op(images, generator=None, return_params=False,
+    channels_last_input=False)`` returns float32 views (and the parameters)."""
+
+    def params(self, sizes, generator=None):
+        return {}
+
+    def apply(self, x, p):
+        raise NotImplementedError
+
+    def forward(self, images, generator=None, return_params=False, channels_last_input=False):
+        out = _pipeline([self], images, generator, return_params, channels_last_input)
+        return (out[0], out[1][0]) if return_params else out
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self._shown().items())
+
+    def _shown(self):
+        return {}
+
+
 # ----------------------------------------------------------------------------- crop + resize
 
-class RandomResizedCrop:
-    """Crop a random area/ratio per sample and resize it to ``size`` (see module docstring);
-    ``flip_p`` flips horizontally with that probability (torchvision's RandomHorizontalFlip
-    after the crop)."""
+def _interpolation(value):
+    name = str(getattr(value, "value", value)).lower()
+    if name != "bilinear":
+        raise ValueError(f"interpolation must be 'bilinear' (antialiased, as torchvision's "
+                         f"default), got {value!r}")
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5):
+
+class RandomResizedCrop(_Op):
+    """Crop a random area/ratio per sample and resize it to ``size`` (an int or (h, w));
+    torchvision's arguments, antialiased bilinear only (see the module docstring)."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bilinear",
+                 antialias=True):
+        super().__init__()
         self.size = _size(size)
         scale = _checks.pair(scale, "scale", lo=0.0)
         ratio = _checks.pair(ratio, "ratio", lo=0.0, lo_open=True)
         if scale[1] <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
-        self.scale, self.ratio, self.flip_p = scale, ratio, _check_p("flip_p", flip_p)
+        _interpolation(interpolation)
+        if not _checks.flag(antialias, "antialias"):
+            raise ValueError("antialias=False is not implemented: the resize is antialiased "
+                             "(torchvision's default for tensors)")
+        self.scale, self.ratio = scale, ratio
+
+    def _shown(self):
+        return {"size": self.size, "scale": self.scale,
+                "ratio": tuple(round(r, 4) for r in self.ratio)}
 
     def params(self, sizes, generator=None):
-        """Per-sample (top, left, height, width, flip) for image sizes (N, 2)."""
+        """Per-sample (top, left, height, width) for image sizes (N, 2)."""
         n, device = sizes.shape[0], sizes.device
         H, W = sizes[:, 0].double(), sizes[:, 1].double()
         area = (H * W)[:, None]
@@ -184,20 +243,53 @@ class RandomResizedCrop:
         u = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
         top = torch.where(any_ok, torch.floor(u[:, 0] * (H - h_c + 1)), torch.floor((H - h_c) / 2))
         left = torch.where(any_ok, torch.floor(u[:, 1] * (W - w_c + 1)), torch.floor((W - w_c) / 2))
-        flip = _bernoulli(n, self.flip_p, generator, device)
         return {"top": top.long(), "left": left.long(), "height": h_c.long(),
-                "width": w_c.long(), "flip": flip}
+                "width": w_c.long()}
 
-    def apply(self, batch, p):
+    def apply(self, batch, p, flip=None):
+        """The crops resized; ``flip`` (N,) bool mirrors them horizontally in the same pass
+        (a RandomHorizontalFlip right after the crop)."""
         from fastssl import _dispatch
+        if flip is None:
+            flip = torch.zeros(batch.shape[0], dtype=torch.bool, device=batch.device)
         if _dispatch.backend(batch) == "triton":
             return _dispatch.kernels("augment").resize(
-                batch, p["top"], p["left"], p["height"], p["width"], p["flip"], self.size)
+                batch, p["top"], p["left"], p["height"], p["width"], flip, self.size)
         S_h, S_w = self.size
         Wy = resize_weights(p["top"], p["height"], batch.shape[2], S_h)
         Wx = resize_weights(p["left"], p["width"], batch.shape[3], S_w)
-        Wx = torch.where(p["flip"][:, None, None], Wx.flip(1), Wx)
-        return Wy[:, None] @ batch @ Wx[:, None].transpose(-1, -2)
+        Wx = torch.where(flip[:, None, None], Wx.flip(1), Wx)
+        return (Wy[:, None] @ batch @ Wx[:, None].transpose(-1, -2)).clamp_(0.0, 1.0)
+
+
+class _Coin(_Op):
+    """An op applied to each sample with probability p: ``transform`` where the coin says."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = _check_p("p", p)
+
+    def _shown(self):
+        return {"p": self.p}
+
+    def params(self, sizes, generator=None):
+        return {"apply": _bernoulli(sizes.shape[0], self.p, generator, sizes.device)}
+
+    def transform(self, x):
+        raise NotImplementedError
+
+    def apply(self, x, p):
+        return torch.where(p["apply"].view(-1, 1, 1, 1), self.transform(x), x)
+
+
+class RandomHorizontalFlip(_Coin):
+    """Mirror each sample left-right with probability p (torchvision's)."""
+
+    def __init__(self, p=0.5):
+        super().__init__(p)
+
+    def transform(self, x):
+        return x.flip(-1)
 
 
 def resize_weights(start, length, in_size, out_size):
@@ -273,21 +365,39 @@ def adjust(x, op, f):
     return _hsv_to_rgb(hsv)
 
 
-class ColorJitter:
-    """torchvision's ColorJitter per sample, with probability p; a random op order per sample."""
+def _jitter_range(value, name, center, bound, hue=False):
+    """torchvision's forms: a number v gives [center - v, center + v] (the low end clipped at
+    0 except for hue), a pair is (min, max) within ``bound``."""
+    if _checks.is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        v = _checks.number(value, name, lo=0.0, hi=0.5 if hue else None)
+        return (center - v if hue else max(0.0, center - v), center + v)
+    return _checks.pair(value, name, lo=bound[0], hi=bound[1])
 
-    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
-        brightness, contrast, saturation = (
-            _checks.number(v, name, lo=0.0) for name, v in (
-                ("brightness", brightness), ("contrast", contrast), ("saturation", saturation)))
-        hue = _checks.number(hue, "hue", lo=0.0, hi=0.5)
-        p = _check_p("p", p)
-        self.ranges = [(max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
-        self.ranges.append((-hue, hue))
-        self.enabled = [v > 0 for v in (brightness, contrast, saturation, hue)]  # as torchvision
-        self.p = p
 
-    def params(self, n, device, generator=None):
+class ColorJitter(_Op):
+    """torchvision's ColorJitter per sample: brightness, contrast and saturation as a factor
+    v (range [max(0, 1 - v), 1 + v]) or a (min, max) pair, hue as h in [0, 0.5] (range
+    [-h, h]) or a pair within [-0.5, 0.5]; the four ops in a random order per sample, each
+    left out when its range is the identity. ``p`` (fastssl's): apply to a sample with that
+    probability (torchvision's RandomApply([ColorJitter(...)], p) per sample)."""
+
+    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0, p=1.0):
+        super().__init__()
+        self.ranges = [_jitter_range(v, name, 1.0, (0.0, math.inf)) for name, v in (
+            ("brightness", brightness), ("contrast", contrast), ("saturation", saturation))]
+        self.ranges.append(_jitter_range(hue, "hue", 0.0, (-0.5, 0.5), hue=True))
+        centers = (1.0, 1.0, 1.0, 0.0)
+        self.enabled = [r != (c, c) for r, c in zip(self.ranges, centers)]  # as torchvision
+        self.p = _check_p("p", p)
+
+    def _shown(self):
+        names = ("brightness", "contrast", "saturation", "hue")
+        shown = {k: tuple(round(v, 4) for v in r)
+                 for k, r, on in zip(names, self.ranges, self.enabled) if on}
+        return {**shown, "p": self.p}
+
+    def params(self, sizes, generator=None):
+        n, device = sizes.shape[0], sizes.device
         factors = torch.stack([_uniform(n, lo, hi, generator, device) for lo, hi in self.ranges], 1)
         order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), 1)
         return {"apply": _bernoulli(n, self.p, generator, device), "factors": factors.float(),
@@ -313,43 +423,68 @@ class ColorJitter:
         return torch.where(p["apply"].view(-1, 1, 1, 1), out, x)
 
 
-class RandomGrayscale:
-    def __init__(self, p=0.2):
+class RandomGrayscale(_Coin):
+    """0.2989 R + 0.587 G + 0.114 B on all three channels, with probability p."""
+
+    def __init__(self, p=0.1):
+        super().__init__(p)
+
+    def transform(self, x):
+        return _gray(x).expand_as(x)
+
+
+def _kernel_size(value):
+    """None, an odd positive int, or torchvision's (kx, ky) pair -> None or (k_h, k_w)."""
+    if value is None:
+        return None
+    if _checks.is_number(value):
+        k = _checks.integer(value, "kernel_size", lo=1)
+        ks = (k, k)
+    else:
+        kx, ky = _checks.pair(value, "kernel_size", integer_values=True, lo=1)
+        ks = (ky, kx)
+    if any(k % 2 == 0 for k in ks):
+        raise ValueError(f"kernel_size must be odd and positive, got {value!r}")
+    return ks
+
+
+class GaussianBlur(_Op):
+    """Gaussian blur with σ ~ U(sigma) per sample (``sigma`` a number or a (min, max) pair),
+    reflect padding, with probability p. ``kernel_size``: an odd int, torchvision's
+    (kx, ky) pair, or None for about 10% of each side (odd); capped at 2·side − 1."""
+
+    def __init__(self, kernel_size=None, sigma=(0.1, 2.0), p=1.0):
+        super().__init__()
+        self.kernel_size = _kernel_size(kernel_size)
+        if _checks.is_number(sigma):
+            s = _checks.number(sigma, "sigma", lo=0.0, lo_open=True)
+            sigma = (s, s)
+        self.sigma = _checks.pair(sigma, "sigma", lo=0.0, lo_open=True)
         self.p = _check_p("p", p)
 
-    def params(self, n, device, generator=None):
-        return {"apply": _bernoulli(n, self.p, generator, device)}
+    def _shown(self):
+        ks = None if self.kernel_size is None else (self.kernel_size[1], self.kernel_size[0])
+        return {"kernel_size": ks, "sigma": self.sigma, "p": self.p}
 
-    def apply(self, x, p):
-        return torch.where(p["apply"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-
-
-class GaussianBlur:
-    """Per-sample σ ~ U(sigma), odd kernel (default: about 10% of the image side), reflect
-    padding, with probability p."""
-
-    def __init__(self, kernel_size=None, sigma=(0.1, 2.0), p=0.5):
-        if kernel_size is not None:
-            kernel_size = _checks.integer(kernel_size, "kernel_size", lo=1)
-            if kernel_size % 2 == 0:
-                raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-        sigma = _checks.pair(sigma, "sigma", lo=0.0, lo_open=True)
-        self.kernel_size, self.sigma, self.p = kernel_size, sigma, _check_p("p", p)
-
-    def params(self, n, device, generator=None):
+    def params(self, sizes, generator=None):
+        n, device = sizes.shape[0], sizes.device
         return {"apply": _bernoulli(n, self.p, generator, device),
                 "sigma": _uniform(n, *self.sigma, generator, device).float()}
 
-    def size_for(self, side):
-        if self.kernel_size is not None:
-            return self.kernel_size
-        k = int(0.1 * side)
-        return k + 1 if k % 2 == 0 else k
+    def kernel_sizes(self, H, W):
+        """(k_h, k_w) for an H x W image: the given sizes or ~10% of each side, odd, at
+        most 2·side − 1 (reflect padding needs a pad below the side)."""
+        def default(side):
+            k = int(0.1 * side)
+            return k + 1 if k % 2 == 0 else k
+        k_h, k_w = self.kernel_size or (default(H), default(W))
+        return min(k_h, 2 * H - 1), min(k_w, 2 * W - 1)
 
     def apply(self, x, p):
         S_h, S_w = x.shape[-2:]
-        By = blur_matrix(p["sigma"], p["apply"], min(self.size_for(S_h), 2 * S_h - 1), S_h)
-        Bx = blur_matrix(p["sigma"], p["apply"], min(self.size_for(S_w), 2 * S_w - 1), S_w)
+        k_h, k_w = self.kernel_sizes(S_h, S_w)
+        By = blur_matrix(p["sigma"], p["apply"], k_h, S_h)
+        Bx = blur_matrix(p["sigma"], p["apply"], k_w, S_w)
         return By[:, None] @ x @ Bx[:, None].transpose(-1, -2)
 
 
@@ -371,17 +506,22 @@ def blur_matrix(sigma, apply, k, size):
     return torch.where(apply.view(-1, 1, 1), m, eye).float()
 
 
-class RandomSolarize:
-    def __init__(self, threshold=0.5, p=0.2):
-        self.threshold = _checks.number(threshold, "threshold", lo=0.0, hi=1.0)
-        self.p = _check_p("p", p)
+class RandomSolarize(_Coin):
+    """x >= threshold -> 1 - x with probability p; the threshold on the [0, 1] scale."""
 
-    def params(self, n, device, generator=None):
-        return {"apply": _bernoulli(n, self.p, generator, device)}
+    def __init__(self, threshold=0.5, p=0.5):
+        super().__init__(p)
+        t = _checks.number(threshold, "threshold")
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1] (images are on the [0, 1] scale; "
+                             f"for a uint8 threshold t pass t / 255), got {threshold!r}")
+        self.threshold = t
 
-    def apply(self, x, p):
-        solar = torch.where(x >= self.threshold, 1.0 - x, x)
-        return torch.where(p["apply"].view(-1, 1, 1, 1), solar, x)
+    def _shown(self):
+        return {"threshold": self.threshold, "p": self.p}
+
+    def transform(self, x):
+        return torch.where(x >= self.threshold, 1.0 - x, x)
 
 
 def _three(values, name):
@@ -395,15 +535,20 @@ def _three(values, name):
     return tuple(_checks.number(v, name) for v in values)
 
 
-class Normalize:
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+class Normalize(_Op):
+    """(x - mean) / std per channel (ImageNet's by default). ``inplace`` is accepted for
+    torchvision's signature; the result is always a new tensor."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, inplace=False):
+        super().__init__()
         self.mean = _three(mean, "mean")
         self.std = _three(std, "std")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {std}")
+        _checks.flag(inplace, "inplace")
 
-    def params(self, n, device, generator=None):
-        return {}
+    def _shown(self):
+        return {"mean": self.mean, "std": self.std}
 
     def apply(self, x, p):
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
@@ -442,11 +587,6 @@ def colour_ops(x, jitter=None, gray=None, solarize=None):
     return x
 
 
-def _finishing(rest):
-    kinds = [type(op) for op in rest]
-    return kinds in ([], [RandomSolarize], [Normalize], [RandomSolarize, Normalize])
-
-
 def blur_finish(x, blur, solarize=None, normalize=None, dtype=torch.float32,
                 channels_last=False):
     """GaussianBlur, then RandomSolarize, then Normalize (each an (op, params) pair or None
@@ -472,8 +612,7 @@ def blur_finish(x, blur, solarize=None, normalize=None, dtype=torch.float32,
         std = torch.tensor(normalize[0].std, device=x.device, dtype=torch.float32)
     out = torch.empty(n, 3, H, W, device=x.device, dtype=dtype,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    k_h = min(op.size_for(H), 2 * H - 1)
-    k_w = min(op.size_for(W), 2 * W - 1)
+    k_h, k_w = op.kernel_sizes(H, W)
     threshold = solarize[0].threshold if solarize is not None else 0.5
     return _dispatch.kernels("augment").blur_finish(
         x.float(), pb["sigma"].float().contiguous(), flags, k_h, k_w, mean, std, threshold, out)
@@ -481,7 +620,9 @@ def blur_finish(x, blur, solarize=None, normalize=None, dtype=torch.float32,
 
 # ----------------------------------------------------------------------------- views
 
-_OPS = (ColorJitter, RandomGrayscale, GaussianBlur, RandomSolarize, Normalize)
+_OPS = (RandomResizedCrop, RandomHorizontalFlip, ColorJitter, RandomGrayscale, GaussianBlur,
+        RandomSolarize, Normalize)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_generator(generator):
@@ -489,89 +630,168 @@ def _check_generator(generator):
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")
 
-class Augment:
-    """One random view: ``RandomResizedCrop`` first, then the other ops in the given order.
 
-    ``view = Augment(...)(images, generator=g)``; ``return_params=True`` also returns the
-    per-sample parameters (a dict per op) for inspection or replay with ``apply``.
+def _flatten(ops, where="op"):
+    """fastssl ops from ``ops``, with nested Augment, nn.Sequential and torchvision Compose
+    chains spliced in (so that a composed pipeline keeps the fused kernels)."""
+    flat = []
+    for i, op in enumerate(ops):
+        if isinstance(op, Augment):
+            if op.dtype != torch.float32 or op.channels_last:
+                raise ValueError(f"{where} {i}: a nested Augment with dtype or channels_last "
+                                 "set; set them on the outer Augment")
+            flat += list(op)
+        elif isinstance(op, nn.Sequential):
+            flat += _flatten(list(op), where)
+        elif type(op).__name__ == "Compose" and isinstance(getattr(op, "transforms", None), list):
+            flat += _flatten(op.transforms, where)
+        elif isinstance(op, _OPS):
+            flat.append(op)
+        else:
+            raise TypeError(f"{where} {i} must be one of {', '.join(k.__name__ for k in _OPS)} "
+                            f"(or a chain of them), got {type(op).__name__}")
+    return flat
+
+
+def _colour_run(ops, params, i):
+    """A ColorJitter, RandomGrayscale, RandomSolarize run (each optional, in this order)
+    starting at op i: ({kind: (op, params)}, index after the run)."""
+    run = {}
+    for kind in (ColorJitter, RandomGrayscale, RandomSolarize):
+        if i < len(ops) and isinstance(ops[i], kind):
+            run[kind] = (ops[i], params[i])
+            i += 1
+    return run, i
+
+
+def _finishing(rest):
+    kinds = [type(op) for op in rest]
+    return kinds in ([], [RandomSolarize], [Normalize], [RandomSolarize, Normalize])
+
+
+def _sample(ops, sizes, generator):
+    """Every op's per-sample parameters, in order; a crop sets the sizes after it."""
+    params = []
+    for op in ops:
+        params.append(op.params(sizes, generator))
+        if isinstance(op, RandomResizedCrop):
+            sizes = torch.tensor(op.size, device=sizes.device).expand(sizes.shape[0], 2)
+    return params
+
+
+def _apply(ops, batch, params, dtype=torch.float32, channels_last=False):
+    """The chain on a float32 batch. Fused patterns (on the Triton path): crop
+    [+ flip] [+ colour run] in one kernel; a colour run in one kernel; GaussianBlur
+    [+ RandomSolarize] [+ Normalize] ending the chain in two passes with the output cast."""
+    from fastssl import _dispatch
+    x, i = batch, 0
+    while i < len(ops):
+        op = ops[i]
+        if isinstance(op, RandomResizedCrop):
+            pc, i = params[i], i + 1
+            flip = None
+            if i < len(ops) and isinstance(ops[i], RandomHorizontalFlip):
+                flip, i = params[i]["apply"], i + 1
+            run, after = _colour_run(ops, params, i)
+            if run and _dispatch.backend(x) == "triton":
+                if flip is None:
+                    flip = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+                args = _colour_args(x.shape[0], x.device, run.get(ColorJitter),
+                                    run.get(RandomGrayscale), run.get(RandomSolarize))
+                x = _dispatch.kernels("augment").resize(
+                    x, pc["top"], pc["left"], pc["height"], pc["width"], flip, op.size,
+                    colour=args)
+                i = after
+            else:
+                x = op.apply(x, pc, flip)
+            continue
+        run, after = _colour_run(ops, params, i)
+        if run:
+            x = colour_ops(x, run.get(ColorJitter), run.get(RandomGrayscale),
+                           run.get(RandomSolarize))
+            i = after
+        elif isinstance(op, GaussianBlur) and _finishing(ops[i + 1:]):
+            tail = dict(zip([type(o) for o in ops[i + 1:]], zip(ops[i + 1:], params[i + 1:])))
+            return blur_finish(x, (op, params[i]), tail.get(RandomSolarize), tail.get(Normalize),
+                               dtype, channels_last)
+        else:
+            x = op.apply(x, params[i])
+            i += 1
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _prepare(images, generator, return_params, channels_last_input):
+    """(float32 batch, sizes, whether one (C, H, W) image came in, image sizes all equal)."""
+    _check_generator(generator)
+    _checks.flag(return_params, "return_params")
+    single = isinstance(images, torch.Tensor) and images.dim() == 3
+    batch, sizes = as_batch(images[None] if single else images, channels_last_input)
+    uniform = not isinstance(images, (list, tuple)) or len(
+        {tuple(im.shape[-2:]) for im in images}) == 1
+    return batch, sizes, single, uniform
+
+
+def _check_sizes(ops, uniform):
+    if not uniform and not isinstance(ops[0], RandomResizedCrop):
+        raise ValueError("images of different sizes need a RandomResizedCrop as the first op "
+                         f"(the first op is {type(ops[0]).__name__})")
+
+
+def _pipeline(ops, images, generator=None, return_params=False, channels_last_input=False,
+              dtype=torch.float32, channels_last=False):
+    batch, sizes, single, uniform = _prepare(images, generator, return_params,
+                                             channels_last_input)
+    _check_sizes(ops, uniform)
+    params = _sample(ops, sizes, generator)
+    out = _apply(ops, batch, params, dtype, channels_last)
+    out = out[0] if single else out
+    if not any(isinstance(op, Normalize) for op in ops):
+        _mark_in_range(out)
+    return (out, params) if return_params else out
+
+
+class Augment(nn.Sequential):
+    """One random view: a chain of ops in any order (with or without a crop), an
+    ``nn.Sequential`` whose call takes the generator and fuses what it can.
+
+    ``view = Augment(op, ...)(images, generator=g)``; ``return_params=True`` also returns
+    the per-sample parameters (a dict per op) for inspection or replay with ``apply``.
+    Nested Augment / nn.Sequential / torchvision Compose chains of fastssl ops are spliced
+    in. ``dtype`` and ``channels_last`` set the output's dtype and memory format.
     """
 
-    def __init__(self, crop, *ops, dtype=torch.float32, channels_last=False):
-        if not isinstance(crop, RandomResizedCrop):
-            raise ValueError("the first op must be a RandomResizedCrop")
-        for i, op in enumerate(ops):
-            if isinstance(op, RandomResizedCrop):
-                raise ValueError(f"op {i + 1} is a second RandomResizedCrop: an Augment view "
-                                 "takes one, as its first op")
-            if not isinstance(op, _OPS):
-                raise TypeError(f"op {i + 1} must be one of {', '.join(k.__name__ for k in _OPS)}, "
-                                f"got {type(op).__name__}")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    def __init__(self, *ops, dtype=torch.float32, channels_last=False):
+        flat = _flatten(ops)
+        if not flat:
+            raise ValueError("Augment needs at least one op")
+        if dtype not in _DTYPES:
             raise ValueError(f"output dtype must be float32, bfloat16 or float16, got {dtype}")
         channels_last = _checks.flag(channels_last, "channels_last")
-        self.crop, self.ops = crop, list(ops)
+        super().__init__(*flat)
         self.dtype, self.channels_last = dtype, channels_last
 
-    def _colour_run(self, i):
-        """Indices of a ColorJitter, RandomGrayscale, RandomSolarize run starting at op i
-        (None where one is absent), or None when op i starts no such run."""
-        found, j = [], i
-        for kind in (ColorJitter, RandomGrayscale, RandomSolarize):
-            if j < len(self.ops) and isinstance(self.ops[j], kind):
-                found.append(j)
-                j += 1
-            else:
-                found.append(None)
-        return found if j > i else None
+    @property
+    def ops(self):
+        return list(self)
+
+    def extra_repr(self):
+        shown = []
+        if self.dtype != torch.float32:
+            shown.append(f"dtype={self.dtype}")
+        if self.channels_last:
+            shown.append("channels_last=True")
+        return ", ".join(shown)
 
     def sample(self, sizes, generator=None):
-        n, device = sizes.shape[0], sizes.device
-        return [self.crop.params(sizes, generator)] + [op.params(n, device, generator)
-                                                      for op in self.ops]
+        return _sample(self.ops, sizes, generator)
 
     def apply(self, batch, params):
-        from fastssl import _dispatch
-        ops, ps, i = self.ops, params[1:], 0
-        run = self._colour_run(0)
-        if run and _dispatch.backend(batch) == "triton":
-            # Crop + resize + flip and the colour chain in one kernel (plus contrast's pass).
-            pc = params[0]
-            args = _colour_args(batch.shape[0], batch.device, *(
-                (ops[j], ps[j]) if j is not None else None for j in run))
-            x = _dispatch.kernels("augment").resize(
-                batch, pc["top"], pc["left"], pc["height"], pc["width"], pc["flip"],
-                self.crop.size, colour=args)
-            i = max(j for j in run if j is not None) + 1
-        else:
-            x = self.crop.apply(batch, params[0]).clamp_(0.0, 1.0)
-        while i < len(ops):
-            # ColorJitter, RandomGrayscale, RandomSolarize in a row: one fused pass.
-            run = {}
-            for kind in (ColorJitter, RandomGrayscale, RandomSolarize):
-                if i < len(ops) and isinstance(ops[i], kind):
-                    run[kind] = (ops[i], ps[i])
-                    i += 1
-            if run:
-                x = colour_ops(x, run.get(ColorJitter), run.get(RandomGrayscale),
-                               run.get(RandomSolarize))
-            elif isinstance(ops[i], GaussianBlur) and _finishing(ops[i + 1:]):
-                # GaussianBlur [RandomSolarize] [Normalize] ending the view: one fused finish.
-                tail = dict(zip([type(op) for op in ops[i + 1:]], zip(ops[i + 1:], ps[i + 1:])))
-                return blur_finish(x, (ops[i], ps[i]), tail.get(RandomSolarize),
-                                   tail.get(Normalize), self.dtype, self.channels_last)
-            else:
-                x = ops[i].apply(x, ps[i])
-                i += 1
-        x = x.to(self.dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return _apply(self.ops, batch, params, self.dtype, self.channels_last)
 
-    def __call__(self, images, generator=None, return_params=False, channels_last_input=False):
-        _check_generator(generator)
-        return_params = _checks.flag(return_params, "return_params")
-        batch, sizes = as_batch(images, channels_last_input)
-        params = self.sample(sizes, generator)
-        out = self.apply(batch, params)
-        return (out, params) if return_params else out
+    def forward(self, images, generator=None, return_params=False, channels_last_input=False):
+        return _pipeline(self.ops, images, generator, return_params, channels_last_input,
+                         self.dtype, self.channels_last)
 
 
 def _recipe(size, scale, jitter, blur_p, solarize_p, normalize=True, flip_p=0.5, **kw):
@@ -580,40 +800,56 @@ def _recipe(size, scale, jitter, blur_p, solarize_p, normalize=True, flip_p=0.5,
     if isinstance(jitter, (str, bytes)) or not hasattr(jitter, "__len__") or len(jitter) != 4:
         raise ValueError(f"jitter must be 4 numbers (brightness, contrast, saturation, hue), "
                          f"got {jitter!r}")
-    ops = [ColorJitter(*jitter, p=0.8), RandomGrayscale(0.2)]
+    ops = [RandomResizedCrop(size, scale=scale), RandomHorizontalFlip(flip_p),
+           ColorJitter(*jitter, p=0.8), RandomGrayscale(0.2)]
     if blur_p > 0:
         ops.append(GaussianBlur(p=blur_p))
     if solarize_p > 0:
         ops.append(RandomSolarize(p=solarize_p))
     if normalize:
         ops.append(Normalize())
-    return Augment(RandomResizedCrop(size, scale=scale, flip_p=flip_p), *ops, **kw)
+    return Augment(*ops, **kw)
 
 
-class MultiView:
-    """Several views of the same images; ``__call__`` returns a list of tensors."""
+class MultiView(nn.Module):
+    """Several views of the same images: ``__call__`` returns a list of tensors (and, with
+    ``return_params=True``, each view's parameters)."""
 
-    def __init__(self, views):
-        self.views = list(views)
-        for i, v in enumerate(self.views):
+    def __init__(self, views, name="MultiView"):
+        super().__init__()
+        views = list(views)
+        for i, v in enumerate(views):
             if not isinstance(v, Augment):
                 raise TypeError(f"view {i} must be an Augment, got {type(v).__name__}")
+        self.views = nn.ModuleList(views)
+        self.name = name
 
-    def __call__(self, images, generator=None, channels_last_input=False):
-        _check_generator(generator)
-        batch, sizes = as_batch(images, channels_last_input)
-        return [v.apply(batch, v.sample(sizes, generator)) for v in self.views]
+    def _get_name(self):
+        return self.name
+
+    def forward(self, images, generator=None, return_params=False, channels_last_input=False):
+        batch, sizes, single, uniform = _prepare(images, generator, return_params,
+                                                 channels_last_input)
+        outs, params = [], []
+        for v in self.views:
+            _check_sizes(v.ops, uniform)
+            p = v.sample(sizes, generator)
+            out = v.apply(batch, p)
+            outs.append(out[0] if single else out)
+            params.append(p)
+        return (outs, params) if return_params else outs
 
 
 def SimCLRAugment(size=224, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, **kw):
     """SimCLR: two views, colour jitter 0.8 strength, blur p = 0.5."""
-    return MultiView([_recipe(size, scale, jitter, blur_p, 0.0, **kw) for _ in range(2)])
+    return MultiView([_recipe(size, scale, jitter, blur_p, 0.0, **kw) for _ in range(2)],
+                     "SimCLRAugment")
 
 
 def BYOLAugment(size=224, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), **kw):
     """BYOL (also Barlow Twins, VICReg): asymmetric views — blur 1.0 / 0.1, solarize 0 / 0.2."""
     return MultiView([_recipe(size, scale, jitter, 1.0, 0.0, **kw),
-                      _recipe(size, scale, jitter, 0.1, 0.2, **kw)])
+                      _recipe(size, scale, jitter, 0.1, 0.2, **kw)], "BYOLAugment")
 
 
 BarlowTwinsAugment = BYOLAugment
@@ -622,7 +858,8 @@ VICRegAugment = BYOLAugment
 
 def MoCoV2Augment(size=224, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, **kw):
     """MoCo v2: two views, crop scale (0.2, 1), blur p = 0.5."""
-    return MultiView([_recipe(size, scale, jitter, blur_p, 0.0, **kw) for _ in range(2)])
+    return MultiView([_recipe(size, scale, jitter, blur_p, 0.0, **kw) for _ in range(2)],
+                     "MoCoV2Augment")
 
 
 def DINOAugment(global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0),
@@ -632,4 +869,4 @@ def DINOAugment(global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.
     views = [_recipe(global_size, global_scale, jitter, 1.0, 0.0, **kw),
              _recipe(global_size, global_scale, jitter, 0.1, 0.2, **kw)]
     views += [_recipe(local_size, local_scale, jitter, 0.5, 0.0, **kw) for _ in range(n_local)]
-    return MultiView(views)
+    return MultiView(views, "DINOAugment")

@@ -294,7 +294,7 @@ def views_for(method, size, scale, flip_p):
 def features(fn, images, size, batch=512):
     """``fn`` of one deterministic view per image: the whole image resized to ``size``
     and normalised, exactly as training views are."""
-    view = A.Augment(A.RandomResizedCrop(size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0),
+    view = A.Augment(A.RandomResizedCrop(size, scale=(1.0, 1.0), ratio=(1.0, 1.0)),
                      A.Normalize())
     return torch.cat([fn(view(images[i:i + batch])).float() for i in range(0, len(images), batch)])
 

@@ -35,16 +35,15 @@ def test_resized_crop_matches_antialiased_interpolate(backend, size):
         t, l, h, w = (int(p[k][i]) for k in ("top", "left", "height", "width"))
         want = tF.interpolate(batch[i:i + 1, :, t:t + h, l:l + w].double(), size=S,
                               mode="bilinear", antialias=True, align_corners=False)[0]
-        if p["flip"][i]:
-            want = want.flip(-1)
         torch.testing.assert_close(out[i].double(), want, rtol=0, atol=2e-5)
 
 
 def test_crop_parameters_follow_torchvision_ranges():
     n = 4000
     sizes = torch.tensor([[300, 200]]).expand(n, 2)
-    crop = A.RandomResizedCrop(32, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_p=0.3)
-    p = crop.params(sizes, torch.Generator().manual_seed(3))
+    crop = A.RandomResizedCrop(32, scale=(0.2, 0.9), ratio=(0.5, 2.0))
+    g = torch.Generator().manual_seed(3)
+    p = crop.params(sizes, g)
     h, w, top, left = p["height"], p["width"], p["top"], p["left"]
     assert (h > 0).all() and (w > 0).all() and (h <= 300).all() and (w <= 200).all()
     assert (top >= 0).all() and (left >= 0).all()
@@ -54,7 +53,7 @@ def test_crop_parameters_follow_torchvision_ranges():
     assert area.min() > 0.2 - 0.02 and area.max() < 0.9 + 0.02
     ratio = w.double() / h.double()
     assert ratio.min() > 0.5 * 0.9 and ratio.max() < 2.0 * 1.1
-    rate = p["flip"].double().mean().item()
+    rate = A.RandomHorizontalFlip(0.3).params(sizes, g)["apply"].double().mean().item()
     assert abs(rate - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)
     # Per-sample independence: positions vary across the batch.
     assert top.unique().numel() > 50 and left.unique().numel() > 50
@@ -81,8 +80,6 @@ def test_list_of_images_of_different_sizes(backend):
         assert t + h <= im.shape[1] and l + w <= im.shape[2]
         src = im.expand(3, -1, -1).double()[None, :, t:t + h, l:l + w] / 255
         want = tF.interpolate(src, size=(12, 12), mode="bilinear", antialias=True)[0]
-        if p["flip"][i]:
-            want = want.flip(-1)
         torch.testing.assert_close(out[i].double(), want, rtol=0, atol=2e-5)
 
 
@@ -127,7 +124,8 @@ def test_colour_chain_random_order_per_sample(backend, strengths):
     x = float_images(n=24, h=5, w=6, seed=1)
     g = torch.Generator().manual_seed(2)
     cj, gray, sol = A.ColorJitter(*strengths, p=0.7), A.RandomGrayscale(0.3), A.RandomSolarize(0.6, 0.4)
-    p, pg, ps = cj.params(24, x.device, g), gray.params(24, x.device, g), sol.params(24, x.device, g)
+    sizes = torch.tensor([[5, 6]]).expand(24, 2)
+    p, pg, ps = cj.params(sizes, g), gray.params(sizes, g), sol.params(sizes, g)
     got = A.colour_ops(x, (cj, p), (gray, pg), (sol, ps))
     assert len({tuple(o.tolist()) for o in p["order"]}) > 5  # orders differ across samples
     for i in range(24):
@@ -147,7 +145,8 @@ def test_colour_ops_each_alone(backend):
     x = float_images(n=8, seed=4)
     g = torch.Generator().manual_seed(5)
     gray, sol = A.RandomGrayscale(0.5), A.RandomSolarize(0.5, 0.5)
-    pg, ps = gray.params(8, x.device, g), sol.params(8, x.device, g)
+    sizes = torch.tensor([list(x.shape[-2:])]).expand(8, 2)
+    pg, ps = gray.params(sizes, g), sol.params(sizes, g)
     got_g, got_s = A.colour_ops(x, gray=(gray, pg)), A.colour_ops(x, solarize=(sol, ps))
     assert 0 < int(pg["apply"].sum()) < 8 and 0 < int(ps["apply"].sum()) < 8
     for i in range(8):
@@ -162,7 +161,8 @@ def test_grayscale_solarize_normalize():
     x = float_images(n=6)
     g = torch.Generator().manual_seed(0)
     gray, sol, norm = A.RandomGrayscale(0.5), A.RandomSolarize(0.5, 0.5), A.Normalize()
-    pg, ps = gray.params(6, x.device, g), sol.params(6, x.device, g)
+    sizes = torch.tensor([list(x.shape[-2:])]).expand(6, 2)
+    pg, ps = gray.params(sizes, g), sol.params(sizes, g)
     out_g, out_s, out_n = gray.apply(x, pg), sol.apply(x, ps), norm.apply(x, {})
     for i in range(6):
         want = ref_gray(x[i].double())[None].expand(3, -1, -1) if pg["apply"][i] else x[i].double()
@@ -193,7 +193,7 @@ def ref_blur(img, k, sigma):
 def test_blur_matches_reflect_padded_conv(backend, k, size):
     x = float_images(n=4, h=size, w=size + 2, seed=3)
     blur = A.GaussianBlur(kernel_size=k, p=0.75)
-    p = blur.params(4, x.device, torch.Generator().manual_seed(4))
+    p = blur.params(torch.tensor([[size, size + 2]]).expand(4, 2), torch.Generator().manual_seed(4))
     got = A.blur_finish(x, (blur, p))
     for i in range(4):
         if not p["apply"][i]:
@@ -219,16 +219,17 @@ def test_crop_and_colour_view_against_references(backend):
     """One view: crop/resize/flip then jitter -> gray -> solarize (one kernel on the Triton
     path), against torch's antialiased interpolate and the float64 / colorsys colour ops."""
     x = images(n=6, h=23, w=29, seed=8)
-    aug = A.Augment(A.RandomResizedCrop(9, scale=(0.1, 1.0)),
+    aug = A.Augment(A.RandomResizedCrop(9, scale=(0.1, 1.0)), A.RandomHorizontalFlip(),
                     A.ColorJitter(0.4, 0.4, 0.3, 0.1, p=0.8), A.RandomGrayscale(0.3),
                     A.RandomSolarize(0.5, 0.4))
-    out, (pc, pj, pg, ps) = aug(x, generator=torch.Generator().manual_seed(9), return_params=True)
+    out, (pc, pf, pj, pg, ps) = aug(x, generator=torch.Generator().manual_seed(9),
+                                    return_params=True)
     batch, _ = A.as_batch(x)
     for i in range(6):
         t, l, h, w = (int(pc[k][i]) for k in ("top", "left", "height", "width"))
         want = tF.interpolate(batch[i:i + 1, :, t:t + h, l:l + w].double(), size=(9, 9),
                               mode="bilinear", antialias=True)[0].clamp(0, 1)
-        if pc["flip"][i]:
+        if pf["apply"][i]:
             want = want.flip(-1)
         if pj["apply"][i]:
             for op in pj["order"][i].tolist():
@@ -300,7 +301,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="channels"):
         A.SimCLRAugment(size=8)(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="tensor"):
-        A.SimCLRAugment(size=8)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+        A.SimCLRAugment(size=8)(torch.zeros(8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8 or floating"):
         A.SimCLRAugment(size=8)(torch.zeros(2, 3, 8, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="scale"):
@@ -312,7 +313,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="hue"):
         A.ColorJitter(hue=0.7)
     with pytest.raises(ValueError, match="first op"):
-        A.Augment(A.ColorJitter())
+        A.Augment(A.ColorJitter(0.4))([torch.zeros(3, 8, 8, dtype=torch.uint8),
+                                       torch.zeros(3, 9, 8, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="dtype"):
         A.Augment(A.RandomResizedCrop(8), dtype=torch.int8)
     with pytest.raises(ValueError, match="empty"):
@@ -324,7 +326,8 @@ def test_blur_solarize_normalize_cast_fused(backend, dtype):
     x = float_images(n=5, h=12, w=9, seed=6)
     g = torch.Generator().manual_seed(7)
     blur, sol, norm = A.GaussianBlur(kernel_size=5, p=0.5), A.RandomSolarize(0.55, 0.5), A.Normalize()
-    pb, ps = blur.params(5, x.device, g), sol.params(5, x.device, g)
+    sizes = torch.tensor([[12, 9]]).expand(5, 2)
+    pb, ps = blur.params(sizes, g), sol.params(sizes, g)
     got = A.blur_finish(x, (blur, pb), (sol, ps), (norm, {}), dtype, channels_last=True)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
     mean = torch.tensor(A.IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
