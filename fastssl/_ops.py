@@ -37,16 +37,18 @@ class _Op:
     The two give the same values and gradients (tests/test_ops.py); the eager call skips the
     custom-op dispatch, whose first use imports torch._dynamo (and Triton), about a second."""
 
-    def __init__(self, name, impl, fake, setup=None, backward=None):
+    def __init__(self, name, impl, fake, setup=None, backward=None, eager_forward=None):
         self.custom = torch.library.custom_op(name, mutates_args=())(impl)
         self.custom.register_fake(fake)
         self.eager = impl
         if backward is not None:
             self.custom.register_autograd(backward, setup_context=setup)
+            # ``eager_forward(ctx, *args)`` (optional) may keep intermediates on ctx that
+            # ``backward`` uses when present (a traced graph has none and recomputes).
+            methods = ({"forward": staticmethod(eager_forward)} if eager_forward else
+                       {"forward": staticmethod(impl), "setup_context": staticmethod(setup)})
             self.eager = type(name.split("::")[1], (torch.autograd.Function,), {
-                "forward": staticmethod(impl),
-                "setup_context": staticmethod(setup),
-                "backward": staticmethod(backward)}).apply
+                **methods, "backward": staticmethod(backward)}).apply
         self.__doc__ = impl.__doc__
 
     def __call__(self, *args):
@@ -245,19 +247,36 @@ def _siglip_setup(ctx, inputs, output):
     ctx.save_for_backward(rows, cols, pos_idx, scale, bias, output[1])
 
 
+def _siglip_eager_forward(ctx, rows, cols, pos_idx, scale, bias):
+    """Eager forward: the portable path keeps dl/dz (n x m) for the backward when that is
+    small (``_reference.KEEP_PAIRS``), saving the backward's recomputation of the logits."""
+    name, impl = _dispatch.implementation("siglip", rows, cols)
+    ctx.pairs = None
+    if name == "torch" and rows.shape[0] * cols.shape[0] <= impl.KEEP_PAIRS:
+        loss, stats, ctx.pairs = impl.forward(rows, cols, pos_idx, scale, bias, keep=True)
+    else:
+        loss, stats = impl.forward(rows, cols, pos_idx, scale, bias)
+    _siglip_setup(ctx, (rows, cols, pos_idx, scale, bias), (loss, stats))
+    return loss, stats
+
+
 def _siglip_backward(ctx, grad_loss, grad_stats):
     rows, cols, pos_idx, scale, bias, stats = ctx.saved_tensors
     need = ctx.needs_input_grad
     g = grad_loss.to(stats.dtype).contiguous()
     d_rows = d_cols = None
-    if need[0] or need[1]:
+    if getattr(ctx, "pairs", None) is not None:
+        d_rows, d_cols = _dispatch.implementation("siglip", rows, cols)[1].backward_kept(
+            rows, cols, ctx.pairs, scale, g, need[0], need[1])
+    elif need[0] or need[1]:
         d_rows, d_cols = siglip_backward(rows, cols, pos_idx, scale, bias, g, need[0], need[1])
     d_scale = (g * stats[1]).sum().reshape(scale.shape).to(scale.dtype) if need[3] else None
     d_bias = (g * stats[0]).sum().reshape(bias.shape).to(bias.dtype) if need[4] else None
     return (d_rows if need[0] else None, d_cols if need[1] else None, None, d_scale, d_bias)
 
 
-siglip = _Op("fastssl::siglip", _siglip, _siglip_fake, _siglip_setup, _siglip_backward)
+siglip = _Op("fastssl::siglip", _siglip, _siglip_fake, _siglip_setup, _siglip_backward,
+             _siglip_eager_forward)
 siglip_backward = _Op("fastssl::siglip_backward", _siglip_backward_impl, _siglip_backward_fake)
 
 

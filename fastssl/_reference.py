@@ -129,34 +129,68 @@ def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale,
     return d_rows, d_cols
 
 
-def _pair_terms(x, s, b, is_pos, with_loss=True):
-    """softplus(-t z) (or None) and d = -t sigmoid(-t z), with z = s x + b and t = +1 at
-    positives; u = -t z is built in place in the block x."""
-    u = x.mul_(s).add_(b)
-    u = torch.where(is_pos, -u, u)
-    loss = torch.nn.functional.softplus(u) if with_loss else None
-    d = u.sigmoid_()
-    return loss, torch.where(is_pos, -d, d)
+def _positives(pos_idx, c0, width):
+    """(rows, columns within the block) of the positive pairs in columns [c0, c0 + width)."""
+    rows = torch.nonzero((pos_idx >= c0) & (pos_idx < c0 + width)).flatten()
+    return rows, pos_idx[rows] - c0
 
 
-def _positives(pos_idx, c0, width, device):
-    cols = torch.arange(c0, c0 + width, device=device)
-    return cols[None, :] == pos_idx[:, None]
+def _flip(t, at):
+    """Negate the entries of t at the (rows, columns) ``at``, in place."""
+    t[at] = -t[at]
 
 
-def siglip_forward(rows, cols, pos_idx, scale, bias, block=None):
-    """Per-row sigmoid loss and statistics; returns (loss, stack([a, c])) (kernels/siglip.py)."""
+def _pair_derivative(v, at):
+    """d = dl/dz = -t sigmoid(-t z) from v = t z, in place: sigmoid(-v), then -1 times it at
+    the positives (t = +1)."""
+    d = v.neg_().sigmoid_()
+    _flip(d, at)
+    return d
+
+
+# The eager backward keeps dl/dz from the forward (instead of recomputing the logits) when
+# the n x m matrix has at most this many entries (64 MiB in float32): one matrix, where the
+# eager formulation holds several of that size.
+KEEP_PAIRS = 1 << 24
+
+
+def siglip_forward(rows, cols, pos_idx, scale, bias, block=None, keep=False):
+    """Per-row sigmoid loss and statistics; returns (loss, stack([a, c])) (kernels/siglip.py):
+    loss_i = sum_j softplus(-t_ij z_ij), a_i = sum_j d_ij, c_i = sum_j d_ij x_ij with
+    z = s x + b and d = dl/dz. Each block is a few in-place passes (v = t z is -z with the
+    positives negated back; no dense label matrix). ``keep``: also return d (n x m)."""
     acc = _acc(rows)
     s, b = scale.to(acc), bias.to(acc)
     n = rows.shape[0]
     loss, a, c = (torch.zeros(n, device=rows.device, dtype=acc) for _ in range(3))
+    kept = torch.empty(n, cols.shape[0], device=rows.device, dtype=acc) if keep else None
+    buf = None
     for c0, x, _ in _blocks(rows, cols, None, None, block):
-        xc = x.clone()
-        sp, d = _pair_terms(x, s, b, _positives(pos_idx, c0, x.shape[1], x.device))
-        loss += sp.sum(1)
+        width = x.shape[1]
+        if keep:
+            v = kept[:, c0:c0 + width]
+        else:
+            buf = torch.empty_like(x) if buf is None else buf
+            v = buf[:, :width]
+        at = _positives(pos_idx, c0, width)
+        torch.mul(x, -s, out=v).sub_(b)                      # -z
+        _flip(v, at)                                         # t z
+        loss -= torch.nn.functional.logsigmoid(v).sum(1)     # softplus(-t z)
+        d = _pair_derivative(v, at)
         a += d.sum(1)
-        c += (d * xc).sum(1)
-    return loss, torch.stack([a, c])
+        c += torch.linalg.vecdot(d, x, dim=1)
+    stats = torch.stack([a, c])
+    return (loss, stats, kept) if keep else (loss, stats)
+
+
+def siglip_backward_kept(rows, cols, kept, scale, grad, need_rows, need_cols):
+    """The gradients from the d = dl/dz that ``siglip_forward(keep=True)`` returned."""
+    acc = _acc(rows)
+    s = scale.to(acc)
+    gd = kept * grad.to(acc)[:, None]
+    d_rows = (gd @ cols.to(acc)).mul_(s) if need_rows else None
+    d_cols = (gd.T @ rows.to(acc)).mul_(s) if need_cols else None
+    return d_rows, d_cols
 
 
 def siglip_backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols, block=None):
@@ -164,17 +198,20 @@ def siglip_backward(rows, cols, pos_idx, scale, bias, grad, need_rows, need_cols
     acc = _acc(rows)
     s, b = scale.to(acc), bias.to(acc)
     r = rows.to(acc)
+    g = grad.to(acc)[:, None]
     d_rows = torch.zeros_like(r) if need_rows else None
     d_cols = torch.zeros(cols.shape, device=cols.device, dtype=acc) if need_cols else None
     for c0, x, _ in _blocks(rows, cols, None, None, block):
         width = x.shape[1]
-        _, d = _pair_terms(x, s, b, _positives(pos_idx, c0, width, x.device), with_loss=False)
-        gd = d.mul_(grad.to(acc)[:, None])
+        at = _positives(pos_idx, c0, width)
+        v = x.mul_(-s).sub_(b)
+        _flip(v, at)
+        gd = _pair_derivative(v, at).mul_(g)
         if need_rows:
-            d_rows += gd @ cols[c0:c0 + width].to(acc)
+            d_rows.addmm_(gd, cols[c0:c0 + width].to(acc))
         if need_cols:
-            d_cols[c0:c0 + width] = gd.T @ r
-    return (d_rows * s if need_rows else None), (d_cols * s if need_cols else None)
+            torch.mm(gd.T, r, out=d_cols[c0:c0 + width])
+    return (d_rows.mul_(s) if need_rows else None), (d_cols.mul_(s) if need_cols else None)
 
 
 def gram_inner(a, b, block=None):
@@ -216,9 +253,10 @@ def feature_stats(z, eps):
     zf = z.to(_acc(z))
     m = zf.abs().amax(0)
     m = torch.where(m > 0, m, torch.ones_like(m))
-    y = zf / m
-    mean_y = y.mean(0)
-    var_y = (y - mean_y).square().mean(0)
+    # torch's batch-norm statistics kernel (one fused pass; eps 0: invstd = 1 / sqrt(var),
+    # 0 for a constant feature).
+    _, mean_y, invstd_y = torch.native_batch_norm(zf / m, None, None, None, None, True, 0.0, 0.0)
+    var_y = torch.where(invstd_y > 0, 1.0 / invstd_y.square(), torch.zeros_like(invstd_y))
     return mean_y * m, 1.0 / scaled_std(var_y, m, eps)
 
 
@@ -231,12 +269,14 @@ def standardize(z, eps):
 def standardize_backward(z, grad_a, stats):
     """dz = rstd * (da - mean(da) - a * mean(da * a))."""
     mean, rstd = stats[0], stats[1]
-    a = (z.to(stats.dtype) - mean) * rstd
+    a = (z.to(stats.dtype) - mean).mul_(rstd)
     g = grad_a.to(stats.dtype)
-    return rstd * (g - g.mean(0) - a * (g * a).mean(0))
+    ga = torch.linalg.vecdot(g, a, dim=0) / g.shape[0]
+    return a.mul_(-ga).add_(g).sub_(g.mean(0)).mul_(rstd)
 
 
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
 barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardize=standardize,
                          standardize_backward=standardize_backward)
-siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward)
+siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward,
+                         backward_kept=siglip_backward_kept, KEEP_PAIRS=KEEP_PAIRS)

@@ -84,6 +84,14 @@ IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
          "vicreg": {"fastssl": fastssl.vicreg, "eager": eager_vicreg}}
 
 
+def implementation(op, impl):
+    """The loss for one bench row: fastssl's, the eager formulation, or that formulation
+    under torch.compile (inductor; compiled at the warm-up call, so not in the timings)."""
+    if impl == "torch.compile":
+        return torch.compile(IMPLS[op]["eager"])
+    return IMPLS[op][impl]
+
+
 def make_inputs(op, size, D, dtype, device, seed=0):
     """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's is n pairs."""
     rows = size // 2 if op == "infonce" else size
@@ -242,7 +250,7 @@ import ctypes, gc, json, statistics, sys, time, torch
 sys.path[:0] = {path!r}
 from fastssl import bench
 torch.set_num_threads({threads})
-fn = bench.IMPLS[{op!r}][{impl!r}]
+fn = bench.implementation({op!r}, {impl!r})
 a, b = bench.make_inputs({op!r}, {size}, {D}, getattr(torch, {dtype!r}), "cpu")
 def rss(field):
     for line in open("/proc/self/status"):
@@ -294,7 +302,7 @@ def bench_cpu(op, sizes, dims, dtypes, log, repeats=3, save=_noop):
     for dtype in dtypes:
         for D in dims:
             for size in sizes:
-                for impl in ("fastssl", "eager"):
+                for impl in ("fastssl", "eager", "torch.compile"):
                     row = {"op": op, "impl": "fastssl (portable)" if impl == "fastssl" else impl,
                            "rows": size, "D": D, "dtype": dtype}
                     row.update(cpu_case(op, impl, size, D, dtype, repeats))
@@ -706,8 +714,10 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
             sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
             dims = dims or ([64] if op == "infonce" else [256])
         dtypes = dtypes or ["float32"]
-        log("CPU run: the portable path (chunked PyTorch) against eager PyTorch; the Triton "
-            "kernels need a CUDA GPU. Peak extra memory: a child process per case, warmed up, "
+        log("CPU run: the portable path (chunked PyTorch) against eager PyTorch and "
+            "torch.compile of the same formulation (inductor's C++ backend, compiled during "
+            "the warm-up); the Triton kernels need a CUDA GPU. Peak extra memory: a child "
+            "process per case, warmed up, "
             "freed heap pages returned to the OS (malloc_trim), then its peak RSS during one "
             "forward+backward above its RSS before it.")
         rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)

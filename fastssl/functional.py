@@ -415,8 +415,9 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
         # rounded operands; the diagonal term uses the float32 views.
         fro2 = _fro2(a, b, gram) / (N * N)
         acc = a32.dtype
-        diag_sq = ((a.to(acc) * b.to(acc)).sum(0) / N).square().sum()
-        diag = (a32 * b32).sum(0) / N
+        diag = torch.linalg.vecdot(a32, b32, dim=0) / N
+        diag_sq = (diag if a is a32 else
+                   torch.linalg.vecdot(a.to(acc), b.to(acc), dim=0) / N).square().sum()
         loss = (1 - diag).square().sum() + lambda_param * (fro2 - diag_sq)
         return loss.to(z_a.dtype)
     diag_sq = diag.square().sum()

@@ -811,7 +811,7 @@ def test_bench_whose_every_case_failed_writes_nothing_and_fails(tmp_path, monkey
     monkeypatch.setattr(bench, "cpu_case", lambda *a, **k: {"error": "MemoryError: boom"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = cli.main(["bench", "barlow", "--sizes", "4", "--dims", "8", "--out", str(tmp_path)])
-    assert code == 1 and "every one of the 2 cases failed" in capsys.readouterr().err
+    assert code == 1 and "every one of the 3 cases failed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
