@@ -149,36 +149,45 @@ def _pair_derivative(v, at):
 
 
 # The eager backward keeps dl/dz from the forward (instead of recomputing the logits) when
-# the n x m matrix has at most this many entries (64 MiB in float32): one matrix, where the
-# eager formulation holds several of that size.
-KEEP_PAIRS = 1 << 24
+# the n x m matrix has at most this many entries (16 MiB in float32): one matrix, where the
+# eager formulation holds several of that size. Above it the recomputation costs a few
+# percent (n = 4096: ~5%) and keeping would double fastssl's peak memory.
+KEEP_PAIRS = 1 << 22
+
+
+def _siglip_fold(x, s, b, pos_idx, c0, loss, a, c, keep):
+    """Fold the column block x = rows . cols[c0:c0 + w]^T into the per-row loss, a and c,
+    in row chunks whose temporaries stay near 2 MiB (the allocator reuses those; a full-size
+    temporary would be fresh pages on every call). ``keep``: overwrite x with d = dl/dz."""
+    n, w = x.shape
+    step = max(1, (1 << 19) // max(w, 1))
+    for r0 in range(0, n, step):
+        xr = x[r0:r0 + step]
+        at = _positives(pos_idx[r0:r0 + step], c0, w)
+        v = torch.mul(xr, -s).sub_(b)                                 # -z
+        _flip(v, at)                                                  # t z
+        loss[r0:r0 + step] -= torch.nn.functional.logsigmoid(v).sum(1)  # softplus(-t z)
+        d = _pair_derivative(v, at)
+        a[r0:r0 + step] += d.sum(1)
+        c[r0:r0 + step] += torch.linalg.vecdot(d, xr, dim=1)
+        if keep:
+            xr.copy_(d)
 
 
 def siglip_forward(rows, cols, pos_idx, scale, bias, block=None, keep=False):
     """Per-row sigmoid loss and statistics; returns (loss, stack([a, c])) (kernels/siglip.py):
     loss_i = sum_j softplus(-t_ij z_ij), a_i = sum_j d_ij, c_i = sum_j d_ij x_ij with
-    z = s x + b and d = dl/dz. Each block is a few in-place passes (v = t z is -z with the
-    positives negated back; no dense label matrix). ``keep``: also return d (n x m)."""
+    z = s x + b and d = dl/dz, from column blocks of x folded in row chunks (v = t z is -z
+    with the positives negated back; no dense label matrix). ``keep``: one block, which
+    ends up holding d (n x m) and is returned too."""
     acc = _acc(rows)
     s, b = scale.to(acc), bias.to(acc)
     n = rows.shape[0]
     loss, a, c = (torch.zeros(n, device=rows.device, dtype=acc) for _ in range(3))
-    kept = torch.empty(n, cols.shape[0], device=rows.device, dtype=acc) if keep else None
-    buf = None
-    for c0, x, _ in _blocks(rows, cols, None, None, block):
-        width = x.shape[1]
-        if keep:
-            v = kept[:, c0:c0 + width]
-        else:
-            buf = torch.empty_like(x) if buf is None else buf
-            v = buf[:, :width]
-        at = _positives(pos_idx, c0, width)
-        torch.mul(x, -s, out=v).sub_(b)                      # -z
-        _flip(v, at)                                         # t z
-        loss -= torch.nn.functional.logsigmoid(v).sum(1)     # softplus(-t z)
-        d = _pair_derivative(v, at)
-        a += d.sum(1)
-        c += torch.linalg.vecdot(d, x, dim=1)
+    kept = None
+    for c0, x, _ in _blocks(rows, cols, None, None, max(cols.shape[0], 1) if keep else block):
+        _siglip_fold(x, s, b, pos_idx, c0, loss, a, c, keep)
+        kept = x
     stats = torch.stack([a, c])
     return (loss, stats, kept) if keep else (loss, stats)
 

@@ -269,14 +269,17 @@ first = time.perf_counter() - t0
 peak = rss("VmHWM:") - base
 a.grad = b.grad = None
 t = {{"fwd": [], "bwd": [], "fwd_bwd": []}}
-for _ in range({repeats}):
+# At least {repeats} timed runs, more while they fit in ~5 s (at most 25): a steadier median
+repeats = max({repeats}, min(25, int(5.0 / max(first, 1e-3)))) if {repeats} else 0
+for _ in range(repeats):
     t0 = time.perf_counter(); loss = fn(a, b); t1 = time.perf_counter()
     loss.backward(); t2 = time.perf_counter()
     t["fwd"].append(t1 - t0); t["bwd"].append(t2 - t1); t["fwd_bwd"].append(t2 - t0)
     a.grad = b.grad = None
 out = {{"peak_extra_mib": peak / 2**20, "first_fwd_bwd_ms": 1e3 * first}}
-if {repeats}:
+if repeats:
     out.update({{k + "_ms": 1e3 * statistics.median(v) for k, v in t.items()}})
+    out["repeats"] = repeats
 print(json.dumps(out))
 """
 
