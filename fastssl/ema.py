@@ -75,9 +75,9 @@ def _tensor_list(value, name):
     if isinstance(value, torch.Tensor) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
     items = list(value)
-    for i, t in enumerate(items):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if not all(map(torch.is_tensor, items)):
+        i = next(i for i, t in enumerate(items) if not torch.is_tensor(t))
+        raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(items[i]).__name__}")
     return items
 
 
@@ -87,18 +87,29 @@ def _momentum(m, name="momentum"):
 
 
 def _check(ema, online, m):
+    """Every check of ``ema_``; returns the tensor pairs grouped by (device, dtypes). One
+    pass per property over the lists (they hold hundreds of tensors, every step)."""
     if len(ema) != len(online):
         raise _checks.ShapeError(f"the teacher has {len(ema)} tensors but the student has "
                                  f"{len(online)}")
+    if [e.shape for e in ema] != [o.shape for o in online]:
+        i = next(i for i, (e, o) in enumerate(zip(ema, online)) if e.shape != o.shape)
+        raise _checks.ShapeError(f"tensor {i}: teacher shape {tuple(ema[i].shape)} != student "
+                                 f"{tuple(online[i].shape)}")
+    groups = {}
     for i, (e, o) in enumerate(zip(ema, online)):
-        if e.shape != o.shape:
-            raise _checks.ShapeError(f"tensor {i}: teacher shape {tuple(e.shape)} != student "
-                                     f"{tuple(o.shape)}")
-        if e.device != o.device:
-            raise ValueError(f"tensor {i}: teacher on {e.device}, student on {o.device}")
-        if not (e.is_floating_point() and o.is_floating_point()):
-            raise ValueError(f"tensor {i}: EMA needs floating tensors, got {e.dtype} / {o.dtype}")
+        key = (e.device, o.device, e.dtype, o.dtype)
+        if key not in groups:
+            if e.device != o.device:
+                raise ValueError(f"tensor {i}: teacher on {e.device}, student on {o.device}")
+            if not (e.dtype.is_floating_point and o.dtype.is_floating_point):
+                raise ValueError(f"tensor {i}: EMA needs floating tensors, got {e.dtype} / "
+                                 f"{o.dtype}")
+            groups[key] = ([], [])
+        groups[key][0].append(e)
+        groups[key][1].append(o)
     _momentum(m)
+    return groups
 
 
 @torch.no_grad()
@@ -110,17 +121,15 @@ def ema_(ema, online, m):
     failing call changes nothing.
     """
     ema, online = _tensor_list(ema, "ema"), _tensor_list(online, "online")
-    _check(ema, online, m)
-    if not ema:
-        return
-    groups = {}
-    for e, o in zip(ema, online):
-        groups.setdefault((e.device, e.dtype, o.dtype), []).append((e, o))
-    for (device, e_dtype, o_dtype), pairs in groups.items():
-        es, os_ = [p[0] for p in pairs], [p[1] for p in pairs]
+    _update(_check(ema, online, m), m)
+
+
+def _update(groups, m):
+    """The writes of ``ema_`` on groups from ``_check``: the CUDA kernel or foreach lerp."""
+    for (device, _, e_dtype, o_dtype), (es, os_) in groups.items():
         ext = _extension() if device.type == "cuda" else None
         fused = (ext is not None and e_dtype in _CODES and o_dtype in _CODES
-                 and all(e.is_contiguous() and o.is_contiguous() for e, o in pairs))
+                 and all(e.is_contiguous() and o.is_contiguous() for e, o in zip(es, os_)))
         if fused:
             m_t = m.reshape(()).float().to(device) if isinstance(m, torch.Tensor) else None
             stream = torch.cuda.current_stream(device).cuda_stream
@@ -246,7 +255,7 @@ class EMA(nn.Module):
         student = _unwrap(self._student[0])
         teacher_params = [p.data for p in self.module.parameters()]
         student_params = [p.data for p in student.parameters()]
-        _check(teacher_params, student_params, m)
+        groups = _check(teacher_params, student_params, m)
         teacher_buffers = student_buffers = []
         if self.include_buffers:
             teacher_buffers, student_buffers = list(self.module.buffers()), list(student.buffers())
@@ -257,9 +266,9 @@ class EMA(nn.Module):
                 if t.shape != s.shape or t.device != s.device:
                     raise (_checks.ShapeError if t.shape != s.shape else ValueError)(
                         f"buffer {i}: teacher {tuple(t.shape)} on {t.device}, "
-                                     f"student {tuple(s.shape)} on {s.device}")
+                        f"student {tuple(s.shape)} on {s.device}")
         # Every check above ran before this first write.
-        ema_(teacher_params, student_params, m)
+        _update(groups, m)
         if teacher_buffers:
             torch._foreach_copy_(teacher_buffers, student_buffers)
         return m
