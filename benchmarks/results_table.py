@@ -32,7 +32,7 @@ def newest(paths):
 
 
 def pretrain_section(path, result):
-    from fastssl.pretrain import table
+    from fastssl.pretrain import low_shot_table, table
     env, cfg = result["environment"], result["reports"][0]["config"]
     ds = result["reports"][0]["dataset"]
     png = path[:-len(".json")] + ".png"
@@ -44,7 +44,10 @@ def pretrain_section(path, result):
         f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}; "
         f"{ds['name']}, {ds['train']} train / {ds['test']} held-out images; "
         f"batch {cfg['batch_size']}, views {cfg['size']}², seed {cfg['seed']}",
-        "", table(result["reports"]), "", *plot,
+        "", table(result["reports"]), "",
+        *([low_shot_table(result["reports"]), ""]
+          if "low_shot" in result["reports"][0]["accuracy"][result["reports"][0]["method"]]
+          else []), *plot,
         f"(from `benchmarks/results/{os.path.basename(path)}`; command: `{result.get('command')}`)",
         ""])
 

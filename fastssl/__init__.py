@@ -15,6 +15,7 @@ from fastssl._checks import ShapeError  # noqa: E402
 from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E402
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
                                 negative_cosine_similarity, nt_xent, siglip_loss, vicreg)
+from fastssl.optim import LARS  # noqa: E402
 from fastssl.losses import (BarlowTwinsLoss, ClipLoss, InfoNCELoss, MoCoQueue,  # noqa: E402
                             NegativeCosineSimilarity, NTXentLoss, SigLipLoss, VICRegLoss)
 
@@ -22,4 +23,4 @@ __all__ = ["augment", "functional", "distributed", "nt_xent", "info_nce", "clip_
            "barlow_twins", "vicreg", "negative_cosine_similarity", "NTXentLoss", "InfoNCELoss",
            "ClipLoss", "SigLipLoss", "MoCoQueue", "BarlowTwinsLoss", "VICRegLoss",
            "NegativeCosineSimilarity", "EMA", "update_momentum", "cosine_schedule", "ema_",
-           "ShapeError", "__version__"]
+           "ShapeError", "LARS", "__version__"]

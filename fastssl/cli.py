@@ -1,4 +1,4 @@
-"""``fastssl`` command line: ``fastssl info``, ``fastssl pretrain`` and ``fastssl bench``."""
+"""``fastssl`` command line: ``fastssl info``, ``pretrain``, ``prepare`` and ``bench``."""
 import argparse
 import os
 import platform
@@ -67,47 +67,82 @@ def _bench(args, parser):
     return 0
 
 
-def _pretrain(args, parser):
+def _pretrain(args, parser, argv):
     from fastssl import pretrain
     methods = list(pretrain.METHODS) if args.method == "all" else [args.method]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.data is not None and not os.path.isdir(args.data):
-        parser.error(f"--data {args.data!r} is not a folder")
+    if args.data is not None and not os.path.exists(args.data):
+        parser.error(f"--data {args.data!r} is not a folder or a prepared array")
     if args.scale is not None and not (len(args.scale) == 2 and 0 < args.scale[0] <= args.scale[1] <= 1):
         parser.error(f"--scale takes two numbers 0 < lo <= hi <= 1, got {args.scale}")
+    if args.resume is not None and args.method == "all":
+        parser.error("--resume continues one run: name its --method")
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from fastssl.pretrain import launch
+        return launch.spawn(args.nproc, _without_nproc(argv))
     try:
         pretrain.run(methods, out_dir=args.out, data=args.data, epochs=args.epochs,
-                     batch_size=args.batch_size, lr=args.lr, width=args.width, size=args.size,
-                     scale=args.scale, flip_p=args.flip_p, test_fraction=args.test_fraction,
-                     knn_k=args.knn_k, seed=args.seed, device=args.device,
-                     progress=not args.no_progress)
+                     batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                     weight_decay=args.weight_decay, arch=args.arch, width=args.width,
+                     size=args.size, scale=args.scale, flip_p=args.flip_p,
+                     test_fraction=args.test_fraction, knn_k=args.knn_k, seed=args.seed,
+                     device=args.device, max_steps=args.max_steps, stop_after=args.stop_after,
+                     workers=args.workers, precision=args.precision, resume=args.resume,
+                     evaluate=not args.no_eval, progress=not args.no_progress)
     except ValueError as e:  # bad settings found once the data is known
         parser.error(str(e))
     return 0
 
 
-def _positive(kind):
+def _without_nproc(argv):
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _prepare(args, parser):
+    from fastssl.pretrain import prepare
+    if not os.path.isdir(args.folder):
+        parser.error(f"{args.folder!r} is not a folder")
+    try:
+        meta = prepare(args.folder, args.side, args.out, workers=args.workers)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"wrote {args.out}: {meta['images']} images of {args.side}x{args.side} in "
+          f"{len(meta['classes'])} classes ({len(meta['skipped'])} unreadable files left out; "
+          f"listed in {args.out}.json)")
+    return 0
+
+
+def _checked(kind, ok, rule):
+    """An argparse type: ``kind(text)`` that satisfies ``ok``, else a usage error."""
+    name = {int: "an integer", float: "a number"}[kind]
+
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
-            name = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
             raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
-        if not v > 0 or v == float("inf"):  # also refuses nan and inf
-            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+        if not ok(v):  # the comparisons also refuse nan
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return v
     return parse
 
 
-def _fraction(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return v
+def _positive(kind):
+    return _checked(kind, lambda v: 0 < v < float("inf"), "a positive finite number")
+
+
+_non_negative = _checked(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_non_negative_int = _checked(int, lambda v: v >= 0, ">= 0")
+_fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def main(argv=None):
@@ -120,18 +155,23 @@ def main(argv=None):
     from fastssl.pretrain import DEFAULTS, EPOCHS, METHODS
     p = sub.add_parser("pretrain", help="train a small CNN with an SSL method, then kNN and "
                        "linear-probe it on held-out images",
-                       description="Pretrain a small ResNet-style encoder with one SSL method (or "
-                       "all) built from fastssl's losses, EMA and augmentation, then evaluate the "
-                       "frozen encoder on held-out images (kNN, linear probe) beside the same "
-                       "encoder at random initialisation and raw pixels. Default data: "
-                       "scikit-learn's digits (no download). Writes runs/<method>-<time>/"
-                       "report.json and loss.png.")
+                       description="Pretrain an encoder with one SSL method (or all) built "
+                       "from fastssl's losses, EMA and augmentation, then evaluate the frozen "
+                       "encoder on held-out images (kNN, linear probe, and with 1/5/10 labels "
+                       "per class) beside the same encoder at random initialisation and raw "
+                       "pixels. Default data: scikit-learn's digits (no download). One process, "
+                       "or many under torchrun (--nproc N on one machine). Writes "
+                       "runs/<method>-<time>/report.json, loss.png, checkpoint.pt and encoder.pt.")
     p.add_argument("--method", required=True, choices=list(METHODS) + ["all"])
     p.add_argument("--data", help="image folder, one sub-folder per class (labels are used "
-                   "for evaluation only); default: scikit-learn's digits")
-    p.add_argument("--epochs", type=_positive(int), help="default: " + ", ".join(f"{m} {e}" for m, e in EPOCHS.items()))
-    p.add_argument("--batch-size", type=_positive(int), help=f"default {DEFAULTS['batch_size']}")
-    p.add_argument("--lr", type=_positive(float), help=f"AdamW learning rate, default {DEFAULTS['lr']}")
+                   "for evaluation only; streamed by --workers), or an array from `fastssl "
+                   "prepare`; default: scikit-learn's digits")
+    p.add_argument("--epochs", type=_positive(int), help="default: " + ", ".join(
+        f"{m} {e}" for m, e in EPOCHS.items()) + " on the digits; about 1000 steps on --data")
+    p.add_argument("--batch-size", type=_positive(int), help=f"per process; the global batch "
+                   f"is this x the number of processes (default {DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=_positive(float), help="learning rate per 256 images of the "
+                   "global batch (linear scaling), default 4e-3 (adamw), 0.3 (lars)")
     p.add_argument("--width", type=_positive(int), help=f"encoder base width, default {DEFAULTS['width']}")
     p.add_argument("--size", type=_positive(int), help="view side in pixels (default 16 for the "
                    "digits, 64 for --data)")
@@ -147,7 +187,36 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--out", default="runs", help="runs folder (default ./runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda a, parser=p: _pretrain(a, parser))
+    p.add_argument("--nproc", type=_positive(int), default=1, help="processes on this "
+                   "machine (runs torchrun; with torchrun itself, leave it out)")
+    p.add_argument("--optimizer", choices=["adamw", "lars"], help="default adamw (LARS for "
+                   "large global batches)")
+    p.add_argument("--weight-decay", type=_non_negative, help="default 1e-4 (adamw), 1e-6 (lars)")
+    p.add_argument("--arch", help="encoder: small (default), or a torchvision / timm model "
+                   "name (resnet18, resnet50, vit_small_patch16_224, ...) when installed")
+    p.add_argument("--max-steps", type=_positive(int), help="end the run (and its "
+                   "schedules) after this many optimiser steps")
+    p.add_argument("--stop-after", type=_positive(int), help="stop after this many steps "
+                   "with a checkpoint, schedules unchanged (continue with --resume)")
+    p.add_argument("--resume", help="a run folder or its checkpoint.pt: continue that run")
+    p.add_argument("--workers", type=_non_negative_int, help="data-loader processes "
+                   "(default 0: load in the training process)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): "
+                   "bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--no-eval", action="store_true", help="train and save only")
+    p.set_defaults(func=lambda a, parser=p: _pretrain(a, parser, argv))
+    p = sub.add_parser("prepare", help="decode an image folder once into a memory-mapped "
+                       "uint8 array for --data", description="Decode every image of FOLDER "
+                       "(one sub-folder per class) once, resized and centre-cropped to SIDE, "
+                       "into OUT (a .npy uint8 array (N, 3, SIDE, SIDE)) and OUT.json (labels, "
+                       "classes, unreadable files). `fastssl pretrain --data OUT` reads it by "
+                       "memory map.")
+    p.add_argument("folder")
+    p.add_argument("--side", type=_positive(int), required=True, help="image side in pixels "
+                   "(pretrain decodes folders at round(size * 8 / 7))")
+    p.add_argument("--out", required=True, help="the .npy file to write")
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="decoding processes")
+    p.set_defaults(func=lambda a, parser=p: _prepare(a, parser))
     p = sub.add_parser("bench", help="time fastssl against eager PyTorch and torch.compile")
     p.add_argument("op", nargs="?", default="infonce", choices=list(bench.OPS) + ["all"],
                    help="infonce (NT-Xent), siglip, maxbatch (largest NT-Xent batch), barlow, "
@@ -162,6 +231,7 @@ def main(argv=None):
     p.add_argument("--out", help="results folder (default ./fastssl-bench; the checkout's "
                    "benchmarks/results holds the committed results)")
     p.set_defaults(func=lambda a, parser=p: _bench(a, parser))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     return args.func(args)
 

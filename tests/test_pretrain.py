@@ -83,10 +83,10 @@ def test_a_training_step_on_the_kernels_matches_float64(method, family, monkeypa
     ref.criterion = _float64_criterion(method, model.criterion)
 
     monkeypatch.setenv("FASTSSL_BACKEND", "triton")
-    loss = model.loss(views)
+    loss = model(views)
     loss.backward()
     assert taken and set(taken) == {(family, "triton")}, taken
-    ref_loss = ref.loss([v.double() for v in views])
+    ref_loss = ref([v.double() for v in views])
     ref_loss.backward()
     grad, ref_grad = model.encoder.stem[0].weight.grad, ref.encoder.stem[0].weight.grad
     assert loss.dtype == torch.float32 and torch.isfinite(grad).all()
@@ -150,6 +150,7 @@ def test_image_folder(tmp_path):
     assert report["dataset"]["classes"] == ["class0", "class1", "class2"]
     assert report["dataset"]["train"] + report["dataset"]["test"] == 36
     assert report["dataset"]["image"] == [3, 18, 18]
+    assert report["skipped_files"] == 0
     assert report["config"]["flip_p"] == 0.5
     # Three solid colours: raw pixels separate them perfectly.
     assert report["accuracy"]["raw pixels"]["knn"] == 100.0
@@ -157,10 +158,10 @@ def test_image_folder(tmp_path):
 
 def test_bad_folders_are_reported(tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
-        P.load_folder(str(tmp_path / "missing"), 16)
+        P.ImageFolder(str(tmp_path / "missing"), 16)
     os.makedirs(tmp_path / "one" / "a")
     with pytest.raises(ValueError, match="at least two class"):
-        P.load_folder(str(tmp_path / "one"), 16)
+        P.ImageFolder(str(tmp_path / "one"), 16)
 
 
 def test_default_simclr_run_beats_random_init_by_ten_points(tmp_path):
@@ -187,7 +188,13 @@ def _cli(*args):
     (("--method", "simclr", "--test-fraction", "1.5"), "must be in [0, 1]"),
     (("--method", "simclr", "--test-fraction", "1"), "test_fraction must be in (0, 1)"),
     (("--method", "simclr", "--scale", "0.5", "0.2"), "--scale takes two numbers"),
-    (("--method", "simclr", "--data", "/no/such/folder"), "is not a folder"),
+    (("--method", "simclr", "--data", "/no/such/folder"), "is not a folder or a prepared"),
+    (("--method", "simclr", "--workers", "-1"), "must be >= 0"),
+    (("--method", "simclr", "--weight-decay", "nan"), "must be a finite number >= 0"),
+    (("--method", "simclr", "--optimizer", "sgd"), "invalid choice"),
+    (("--method", "simclr", "--arch", "no_such_net"), "unknown --arch 'no_such_net'"),
+    (("--method", "all", "--resume", "x"), "--resume continues one run"),
+    (("--method", "simclr", "--resume", "/no/such/run"), "no such checkpoint"),
 ])
 def test_cli_errors_give_usage(args, message):
     out = _cli("pretrain", *args)
@@ -202,5 +209,7 @@ def test_cli_pretrain_prints_the_table(tmp_path):
     assert "| vicreg |" in out.stdout and "| random init |" in out.stdout
     assert "| raw pixels |" in out.stdout
     assert "epoch   1/1" in out.stderr  # the progress line
+    assert "img/s" in out.stderr and "too few for SSL" in out.stdout
+    assert "1-shot kNN" in out.stdout
     (run_dir,) = tmp_path.glob("vicreg-*")
     assert json.loads((run_dir / "report.json").read_text())["command"].startswith("fastssl pretrain")

@@ -1,0 +1,145 @@
+"""Reports: the evaluation of a trained encoder beside its random initialisation and raw
+pixels, ``report.json``, the loss plots and the markdown tables."""
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import fastssl
+from fastssl.pretrain.evaluation import SHOTS, evaluate
+
+
+def environment(device):
+    env = {"fastssl": fastssl.__version__, "torch": torch.__version__,
+           "python": platform.python_version(), "platform": platform.platform(),
+           "device_type": device.type, "date": datetime.date.today().isoformat()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def command():
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return "fastssl " + " ".join(sys.argv[1:]) if argv0 in ("fastssl", "cli.py") else None
+
+
+def fresh(path):
+    """``path``, or ``path-2``, ``path-3``... when it exists (two runs in the same second)."""
+    candidate, k = path, 1
+    while os.path.exists(candidate):
+        k += 1
+        candidate = f"{path}-{k}"
+    os.makedirs(candidate)
+    return candidate
+
+
+def report(t, evaluate_encoders=True, draws=5, log=print):
+    """The run's report (evaluation on this process), written to its run folder."""
+    cfg, h = t.cfg, t.history
+    acc = None
+    eval_s = 0.0
+    if evaluate_encoders:
+        t0 = time.perf_counter()
+        t.encoder.eval(), t.initial.eval()
+        initial = t.initial.to(t.device)
+        kw = dict(dataset=t.dataset, train=t.train, test=t.test, size=cfg["size"],
+                  knn_k=cfg["knn_k"], device=t.device, workers=int(cfg["workers"]), draws=draws)
+        acc = {t.method: evaluate(t.encoder, **kw), "random init": evaluate(initial, **kw),
+               "raw pixels": evaluate(lambda x: x.flatten(1), **kw)}
+        eval_s = time.perf_counter() - t0
+    out = {"method": t.method, "config": cfg,
+           "dataset": {"name": t.dataset.name, "train": len(t.train), "test": len(t.test),
+                       "classes": t.dataset.classes,
+                       "image": [3, t.dataset.side, t.dataset.side]},
+           "encoder_parameters": t.params, "steps": t.step, "planned_steps": t.total,
+           "epoch_loss": h["epoch_loss"], "step_loss": h["step_loss"],
+           "epoch_seconds": h["epoch_seconds"], "skipped_files": h["skipped"],
+           "throughput": h["throughput"], "accuracy": acc,
+           "knn_margin_over_random_init":
+               acc[t.method]["knn"] - acc["random init"]["knn"] if acc else None,
+           "timings": {"train_s": h["train_s"], "data_wait_s": h["data_wait_s"],
+                       "eval_s": eval_s},
+           "environment": environment(t.device), "command": command(),
+           "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if t.run_dir is not None:
+        with open(os.path.join(t.run_dir, "report.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        if h["epoch_loss"]:
+            plot_losses({t.method: h["epoch_loss"]}, os.path.join(t.run_dir, "loss.png"))
+        out["run_dir"] = t.run_dir
+    return out
+
+
+def plot_losses(curves, path):
+    """One panel per method: training loss per epoch (losses of different methods live on
+    different scales, so they do not share an axis)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(curves)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, loss) in zip(axes.flat, curves.items()):
+        ax.plot(range(1, len(loss) + 1), loss, marker="o" if len(loss) < 30 else None)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(reports):
+    """A markdown table: kNN and linear-probe accuracy of each method, random init, pixels."""
+    lines = ["| encoder | kNN % | linear probe % | kNN - random init | steps | train s | "
+             "img/s | final loss |", "|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        a = r["accuracy"][r["method"]]
+        rate = r.get("throughput", {}).get("images_per_s")  # (absent from older reports)
+        lines.append(f"| {r['method']} | {a['knn']:.1f} | {a['linear']:.1f} | "
+                     f"{r['knn_margin_over_random_init']:+.1f} | "
+                     f"{r.get('steps', len(r['step_loss']))} | "
+                     f"{r['timings']['train_s']:.0f} | "
+                     f"{'' if rate is None else f'{rate:.0f}'} | "
+                     f"{(r['epoch_loss'] or r['step_loss'])[-1]:.4f} |")
+    base = reports[0]["accuracy"]
+    for name in ("random init", "raw pixels"):
+        lines.append(f"| {name} | {base[name]['knn']:.1f} | {base[name]['linear']:.1f} | "
+                     "| | | | |")
+    return "\n".join(lines)
+
+
+def low_shot_table(reports):
+    """Accuracy with 1, 5 and 10 labelled images per class (mean ± std over the draws)."""
+    head = " | ".join(f"{s}-shot kNN | {s}-shot linear" for s in SHOTS)
+    lines = [f"| encoder | {head} | all labels kNN | all labels linear |",
+             "|---|" + "---|" * (2 * len(SHOTS) + 2)]
+
+    def row(name, a):
+        cells = " | ".join(f"{a['low_shot'][str(s)]['knn'][0]:.1f} ± "
+                           f"{a['low_shot'][str(s)]['knn'][1]:.1f} | "
+                           f"{a['low_shot'][str(s)]['linear'][0]:.1f} ± "
+                           f"{a['low_shot'][str(s)]['linear'][1]:.1f}" for s in SHOTS)
+        return f"| {name} | {cells} | {a['knn']:.1f} | {a['linear']:.1f} |"
+    for r in reports:
+        lines.append(row(r["method"], r["accuracy"][r["method"]]))
+    for name in ("random init", "raw pixels"):
+        lines.append(row(name, reports[0]["accuracy"][name]))
+    return "\n".join(lines)
