@@ -35,5 +35,8 @@ t = time.perf_counter(); fastssl.nt_xent(z0, z1).backward(); torch.cuda.synchron
 print(f"2N=1048576 D=128 bf16: {time.perf_counter() - t:.2f} s, peak extra "
       f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB")
 PY
+echo "== the trainer on the GPU: SimCLR on the digits, 300 steps (bf16 autocast, channels-last)"
+timeout 90 python3 -m fastssl.cli pretrain --method simclr --max-steps 300 --no-progress \
+  --out "$out/runs" 2>&1 | tail -n 14 | tee -a "$out/bench.log"
 echo "== summary"
 cat "$out"/*.md 2>/dev/null | tail -n 60

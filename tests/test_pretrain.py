@@ -165,7 +165,7 @@ def test_bad_folders_are_reported(tmp_path):
 
 
 def test_default_simclr_run_beats_random_init_by_ten_points(tmp_path):
-    """The quality bar, with the default settings (the longest test: about four minutes on
+    """The quality bar, with the default settings (the longest test: about two minutes on
     two cores)."""
     report = P.pretrain("simclr", out_dir=str(tmp_path), progress=False, log=lambda *a: None)
     acc = report["accuracy"]

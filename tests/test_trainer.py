@@ -327,3 +327,34 @@ def test_torchvision_backbone():
     pytest.importorskip("torchvision")
     net = encoder("resnet18")
     assert net.dim == 512 and net(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_library_backbones_through_their_apis(monkeypatch):
+    """The adapter for torchvision's and timm's model registries (stand-ins with their
+    function names and return types, as neither is installed on the CI machine): the
+    classifier is removed and the feature width read from the model."""
+    import types
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, num_classes=10, img_size=None):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 24, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(24, num_classes) if num_classes else nn.Identity()
+            self.num_features, self.img_size = 24, img_size
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    models = types.SimpleNamespace(list_models=lambda: ["tvnet"],
+                                   get_model=lambda name, weights=None, **kw: Net())
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=models))
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(
+        list_models=lambda: ["timmnet"],
+        create_model=lambda name, pretrained, num_classes, **kw: Net(num_classes, **kw)))
+    for name in ("tvnet", "timmnet"):
+        net = encoder(name, size=20)
+        assert net.dim == 24 and net(torch.rand(2, 3, 20, 20)).shape == (2, 24)
+    assert encoder("timmnet", size=20).model.img_size == 20
+    with pytest.raises(ValueError, match="not a model of torchvision or timm"):
+        encoder("resnet-9000")

@@ -18,7 +18,7 @@ from fastssl.pretrain.methods import METHODS, build, views_for
 from fastssl.pretrain.models import encoder as build_encoder
 from fastssl.pretrain.models import sync_batchnorm
 
-# Epochs per method on the digits: about four minutes each on two CPU cores (MoCo and BYOL
+# Epochs per method on the digits: about two minutes each on two CPU cores (MoCo and BYOL
 # also run a momentum encoder on both views, so they get fewer epochs). On --data without
 # --epochs, enough epochs for about FOLDER_STEPS optimiser steps.
 EPOCHS = {"simclr": 100, "moco": 80, "byol": 80, "simsiam": 100, "barlow": 100, "vicreg": 100}
@@ -300,10 +300,13 @@ def train(method, ctx, given, out_dir, log=print, progress=True, fresh=None):
         if run_dir is not None:
             checkpoint.save(run_dir, model, opt, step, gen, history, cfg)
     del net, loader
+    tp = history["throughput"] = throughput(history, B, world)
+    say(f"{method}: {step} steps, {history['train_s']:.1f} s of training: "
+        f"{tp['images_per_s']:.0f} images/s ({tp['images_per_s_per_rank']:.0f} per process), "
+        f"{100 * tp['data_wait_share']:.1f}% of step time waiting for data")
     if history["skipped"]:
         say(f"{history['skipped']} reads of unreadable files skipped ({len(seen_bad)} files "
             f"named above on rank 0)")
-    history["throughput"] = throughput(history, B, world)
     return Trained(method=method, cfg=cfg, encoder=enc, initial=initial, dataset=dataset,
                    train=train_idx, test=test_idx, history=history, run_dir=run_dir,
                    step=step, total=total, params=params, device=device)
