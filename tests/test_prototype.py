@@ -1,0 +1,121 @@
+"""Prototype cross-entropy (DINO pairing, iBOT row weights) against the textbook float64
+formula with the (rows x K) matrices materialised; chunk sizes forced small so that every
+case crosses several chunks."""
+import pytest
+import torch
+import torch.nn.functional as tF
+
+from fastssl import ShapeError
+from fastssl import prototype as PR
+
+
+def reference(s, W, t, V, c, tau_s, tau_t, pairs):
+    """mean / weighted sum over (student row, teacher row, weight) of -p_t . log softmax_s."""
+    ls = torch.log_softmax(s @ W.T / tau_s, 1)
+    pt = torch.softmax((t @ V.T - (0 if c is None else c)) / tau_t, 1)
+    return sum(w * -(pt[j] * ls[i]).sum() for i, j, w in pairs)
+
+
+def dino_pairs(S, T, B):
+    n = sum(1 for v in range(S) for u in range(T) if u != v)
+    return [(v * B + b, u * B + b, 1.0 / (n * B)) for v in range(S) for u in range(T) if u != v
+            for b in range(B)]
+
+
+def data(rows_s, rows_t, K, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda n: tF.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1)  # noqa: E731
+    return mk(rows_s), mk(rows_t), mk(K), mk(K), 0.1 * torch.randn(K, generator=g,
+                                                                   dtype=torch.float64)
+
+
+def check(loss, grads, ref, ref_grads, dtype):
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2,
+           torch.float16: 5e-3}[dtype]
+    assert loss.dtype == dtype
+    assert abs(loss.double().item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert (g.double() - r).norm() <= tol * max(r.norm().item(), 1e-3), \
+            ((g.double() - r).norm().item(), r.norm().item())
+
+
+@pytest.mark.parametrize("S,T,B,K,D", [(2, 2, 5, 7, 3), (6, 2, 3, 1000, 257), (4, 2, 1, 1, 1),
+                                       (3, 1, 4, 130, 16), (2, 2, 1, 65, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tau_t", [0.01, 0.04, 0.1])
+def test_dino_pairing_matches_float64(S, T, B, K, D, dtype, tau_t, monkeypatch):
+    monkeypatch.setattr(PR, "CHUNK", 17)
+    s, t, W, V, c = data(S * B, T * B, K, D, dtype, seed=S * 100 + K)
+    s_, W_ = s.to(dtype).requires_grad_(), W.to(dtype).requires_grad_()
+    loss = PR.prototype_cross_entropy(s_, t.to(dtype), W_, V.to(dtype), 0.1, tau_t,
+                                      c.to(dtype), teacher_crops=T)
+    grads = torch.autograd.grad(loss, (s_, W_))
+    # The reference sees the same (rounded) inputs, in float64.
+    s64, W64 = s_.detach().double().requires_grad_(), W_.detach().double().requires_grad_()
+    ref = reference(s64, W64, t.to(dtype).double(), V.to(dtype).double(),
+                    c.to(dtype).double(), 0.1, tau_t, dino_pairs(S, T, B))
+    ref_grads = torch.autograd.grad(ref, (s64, W64))
+    check(loss, grads, ref, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("rows,K,D", [(1, 5, 4), (37, 300, 33)])
+def test_row_pairing_with_weights(rows, K, D, monkeypatch):
+    """iBOT: row r against teacher row r, weight 1 / masked tokens of its image / images."""
+    monkeypatch.setattr(PR, "CHUNK", 64)
+    s, t, W, V, c = data(rows, rows, K, D, torch.float64, seed=rows)
+    image = torch.arange(rows) % 3
+    counts = torch.bincount(image).double()
+    w = 1.0 / counts[image] / len(counts)
+    s_, W_ = s.clone().requires_grad_(), W.clone().requires_grad_()
+    loss = PR.prototype_cross_entropy(s_, t, W_, V, 0.1, 0.05, c, pairing="rows", weights=w)
+    ref = reference(s_, W_, t, V, c, 0.1, 0.05, [(r, r, w[r]) for r in range(rows)])
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(loss, (s_, W_), retain_graph=True),
+                    torch.autograd.grad(ref, (s_, W_))):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_center_statistic_and_teacher_gets_no_gradient():
+    s, t, W, V, c = data(8, 4, 50, 6, torch.float64, seed=3)
+    t, V = t.requires_grad_(), V.requires_grad_()
+    loss, stat = PR.prototype_cross_entropy(s, t, W, V, center=c, return_center_stat=True)
+    torch.testing.assert_close(stat, (t @ V.T).mean(0).detach())
+    assert not loss.requires_grad  # nothing on the student side requires grad here
+
+
+def test_sharp_teacher_is_finite():
+    s, t, W, V, _ = data(4, 4, 2000, 8, torch.float64, seed=5)
+    t = t * 1e3  # scores of 1e3 at tau_t = 0.01: exp(1e5) overflows a naive softmax
+    loss = PR.prototype_cross_entropy(s.float(), t.float(), W.float(), V.float(), 0.1, 0.01)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(student=torch.ones(4, 3), teacher=torch.ones(4, 2)), ShapeError, "common D"),
+    (dict(teacher=torch.ones(5, 3)), ShapeError, "not a multiple of teacher_crops"),
+    (dict(student=torch.ones(5, 3)), ShapeError, "not a multiple of the batch"),
+    (dict(student_temp=0.0), ValueError, "student_temp must be > 0"),
+    (dict(teacher_temp=-1.0), ValueError, "teacher_temp must be > 0"),
+    (dict(center=torch.ones(3)), ShapeError, "center must have shape"),
+    (dict(pairing="swav"), ValueError, "pairing"),
+    (dict(student=torch.ones(2, 3), teacher=torch.ones(2, 3), teacher_crops=1), ValueError,
+     "make no pair"),
+    (dict(pairing="rows", student=torch.ones(3, 3)), ShapeError, "as many student as teacher"),
+    (dict(student=torch.ones(4, 3, dtype=torch.long)), ValueError, "floating dtype"),
+])
+def test_bad_inputs(kwargs, error, match):
+    args = dict(student=torch.ones(4, 3), teacher=torch.ones(4, 3),
+                student_prototypes=torch.ones(5, 3), teacher_crops=2)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        PR.prototype_cross_entropy(**args)
+
+
+def test_memory_is_linear_in_rows_and_k():
+    """No (rows x K) buffer: the saved tensors are O((rows + K) D + rows)."""
+    s, t, W, V, c = data(64, 32, 4096, 16, torch.float32, seed=1)
+    s = s.float().requires_grad_()
+    loss = PR.prototype_cross_entropy(s, t.float(), W.float(), V.float())
+    saved = loss.grad_fn.saved_tensors
+    assert max(x.numel() for x in saved if x is not None) <= 4096 * 16
