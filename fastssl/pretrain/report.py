@@ -4,36 +4,35 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
 
-import fastssl
 from fastssl.pretrain.evaluation import SHOTS, evaluate
 
 
 def environment(device):
-    env = {"fastssl": fastssl.__version__, "torch": torch.__version__,
-           "python": platform.python_version(), "platform": platform.platform(),
-           "device_type": device.type, "date": datetime.date.today().isoformat()}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = None
+    """``fastssl bench``'s environment record (versions, commit, device), for ``device``."""
+    from fastssl.bench import environment as common
+    env = common()
+    env.pop("command", None)  # the report has its own, with the process count
+    env["device_type"] = device.type
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)
     else:
-        env["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
         env["threads"] = torch.get_num_threads()
     return env
 
 
 def command():
+    """The command line that ran (under torchrun, with its process count)."""
     argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return "fastssl " + " ".join(sys.argv[1:]) if argv0 in ("fastssl", "cli.py") else None
+    if argv0 not in ("fastssl", "cli.py"):
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun ({world} processes) -m fastssl.cli " if world > 1 else "fastssl "
+    return launcher + " ".join(sys.argv[1:])
 
 
 def fresh(path):
