@@ -200,3 +200,30 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
     with torch.no_grad():
         stat = V.detach().to(acc) @ teacher.detach().to(acc).mean(0)
     return loss, stat
+
+
+def koleo(x, p=2, eps=1e-8):
+    """KoLeo (DINOv2's spreading regulariser): rows normalised, each row's nearest other row
+    by cosine, loss = -mean_i log(||x_i - x_nn(i) + eps||_p + eps); the gradient flows
+    through the chosen pairs. Nearest neighbours are found in row chunks (no N x N matrix).
+    """
+    _checks.floating(x, "x")
+    if x.dim() != 2:
+        raise _checks.ShapeError(f"x must be 2-D (n, D), got shape {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError(f"KoLeo needs at least 2 rows (a nearest neighbour), got {x.shape[0]}")
+    p = _checks.number(p, "p", lo=0.0, lo_open=True)
+    eps = _checks.number(eps, "eps", lo=0.0)
+    z = torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
+    n = z.shape[0]
+    nearest = torch.empty(n, dtype=torch.long, device=x.device)
+    chunk = _chunk(n)
+    with torch.no_grad():
+        zd = z.detach()
+        for i0 in range(0, n, chunk):
+            dots = zd[i0:i0 + chunk] @ zd.T
+            rows = torch.arange(i0, min(i0 + chunk, n), device=x.device)
+            dots[rows - i0, rows] = -float("inf")  # not itself
+            nearest[i0:i0 + chunk] = dots.argmax(1)
+    d = torch.nn.functional.pairwise_distance(z, z[nearest], p=p, eps=eps)
+    return -torch.log(d + eps).mean()

@@ -119,3 +119,35 @@ def test_memory_is_linear_in_rows_and_k():
     loss = PR.prototype_cross_entropy(s, t.float(), W.float(), V.float())
     saved = loss.grad_fn.saved_tensors
     assert max(x.numel() for x in saved if x is not None) <= 4096 * 16
+
+
+def koleo_dense(x, p=2, eps=1e-8):
+    """The textbook KoLeo: the whole n x n similarity matrix, diagonal excluded."""
+    z = tF.normalize(x, p=2, dim=-1, eps=eps)
+    dots = z @ z.T
+    dots.fill_diagonal_(-2.0)
+    nearest = dots.argmax(1)
+    return -torch.log(tF.pairwise_distance(z, z[nearest], p=p, eps=eps) + eps).mean()
+
+
+@pytest.mark.parametrize("n,D", [(2, 1), (3, 5), (130, 17), (257, 64)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_koleo_matches_the_dense_formula(n, D, dtype, monkeypatch):
+    monkeypatch.setattr(PR, "CHUNK", 16)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    loss = PR.koleo(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = x.detach().double().requires_grad_()
+    ref = koleo_dense(x64)
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert abs(loss.double().item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    assert (grad.double() - ref_grad).norm() <= tol * max(ref_grad.norm().item(), 1e-6)
+
+
+def test_koleo_errors():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        PR.koleo(torch.ones(1, 3))
+    with pytest.raises(ShapeError, match="2-D"):
+        PR.koleo(torch.ones(3))
