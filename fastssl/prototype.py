@@ -227,3 +227,139 @@ def koleo(x, p=2, eps=1e-8):
             nearest[i0:i0 + chunk] = dots.argmax(1)
     d = torch.nn.functional.pairwise_distance(z, z[nearest], p=p, eps=eps)
     return -torch.log(d + eps).mean()
+
+
+def _lse(x, scale, shift, chunk):
+    """log-sum-exp over dim 1 of (x - shift) * scale, in column chunks."""
+    m_run = torch.full((x.shape[0],), -float("inf"), dtype=torch.float32 if x.dtype !=
+                       torch.float64 else x.dtype, device=x.device)
+    z = torch.zeros_like(m_run)
+    for k0 in range(0, x.shape[1], chunk):
+        y = x[:, k0:k0 + chunk].to(m_run.dtype)
+        if shift is not None:
+            y = y - shift[k0:k0 + chunk].to(m_run.dtype)
+        y = y * scale
+        m_new = torch.maximum(m_run, y.amax(1))
+        z = z * torch.exp(m_run - m_new) + torch.exp(y - m_new[:, None]).sum(1)
+        m_run = m_new
+    return m_run + torch.log(z)
+
+
+class _LogitsCE(torch.autograd.Function):
+    """sum_pairs w * (-softmax_t(teacher_j) . log_softmax(student_i / tau_s)) on given
+    logits, with (rows x chunk) temporaries only; gradient to the student logits."""
+
+    @staticmethod
+    def forward(ctx, s, t, center, si, tj, w, tau_s, tau_t):
+        chunk = _chunk(max(s.shape[0], t.shape[0]))
+        lse_s = _lse(s, 1.0 / tau_s, None, chunk)
+        lse_t = _lse(t, 1.0 / tau_t, center, chunk)
+        acc = lse_s.dtype
+        cross = torch.zeros(len(si), dtype=acc, device=s.device)
+        for k0 in range(0, s.shape[1], chunk):
+            tc = t[tj, k0:k0 + chunk].to(acc)
+            if center is not None:
+                tc = tc - center[k0:k0 + chunk].to(acc)
+            p = torch.exp(tc / tau_t - lse_t[tj, None])
+            cross += (p * s[si, k0:k0 + chunk].to(acc)).sum(1)
+        loss = (w.to(acc) * (lse_s[si] - cross / tau_s)).sum()
+        ctx.save_for_backward(s, t, center, si, tj, w, lse_s, lse_t)
+        ctx.taus = (tau_s, tau_t)
+        return loss.to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t, center, si, tj, w, lse_s, lse_t = ctx.saved_tensors
+        tau_s, tau_t = ctx.taus
+        acc = lse_s.dtype
+        g = w.to(acc) * grad.to(acc)
+        a = torch.zeros(s.shape[0], dtype=acc, device=s.device).index_add_(0, si, g)
+        ds = torch.empty_like(s)
+        chunk = _chunk(max(s.shape[0], t.shape[0]))
+        for k0 in range(0, s.shape[1], chunk):
+            k1 = min(k0 + chunk, s.shape[1])
+            d = torch.exp(s[:, k0:k1].to(acc) / tau_s - lse_s[:, None]) * a[:, None]
+            tc = t[tj, k0:k1].to(acc)
+            if center is not None:
+                tc = tc - center[k0:k1].to(acc)
+            d.index_add_(0, si, -g[:, None] * torch.exp(tc / tau_t - lse_t[tj, None]))
+            ds[:, k0:k1] = d / tau_s
+        return ds, None, None, None, None, None, None, None
+
+
+class DINOLoss(torch.nn.Module):
+    """lightly's DINOLoss on given prototype scores: ``forward(teacher_out, student_out,
+    teacher_temp=None, epoch=None)`` with lists of (B, K) tensors, crop-major; the teacher
+    temperature warms up linearly from ``warmup_teacher_temp`` over
+    ``warmup_teacher_temp_epochs`` epochs when ``epoch`` is given; the centre (a buffer of
+    shape (1, output_dim)) follows the mean teacher score with ``center_momentum`` after
+    each call. The cross-entropy is computed in column chunks (no log-softmax tensor)."""
+
+    def __init__(self, output_dim=65536, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                 warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.output_dim = _checks.integer(output_dim, "output_dim", lo=1)
+        self.warmup_teacher_temp = _checks.number(warmup_teacher_temp, "warmup_teacher_temp",
+                                                  lo=0.0, lo_open=True)
+        self.teacher_temp = _checks.number(teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
+        self.warmup_teacher_temp_epochs = _checks.integer(warmup_teacher_temp_epochs,
+                                                          "warmup_teacher_temp_epochs", lo=0)
+        self.student_temp = _checks.number(student_temp, "student_temp", lo=0.0, lo_open=True)
+        self.center_momentum = _checks.number(center_momentum, "center_momentum", lo=0.0,
+                                              hi=1.0)
+        self.register_buffer("center", torch.zeros(1, self.output_dim))
+
+    def temperature(self, teacher_temp=None, epoch=None):
+        if teacher_temp is not None:
+            return _checks.number(teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
+        if epoch is not None:
+            epoch = _checks.integer(epoch, "epoch", lo=0)
+            n = self.warmup_teacher_temp_epochs
+            if epoch < n:
+                return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) \
+                    * (epoch / (n - 1) if n > 1 else 0.0)
+        return self.teacher_temp
+
+    def forward(self, teacher_out, student_out, teacher_temp=None, epoch=None):
+        tau_t = self.temperature(teacher_temp, epoch)
+        t, s = _stack(teacher_out, "teacher_out"), _stack(student_out, "student_out")
+        if t.shape[1:] != s.shape[1:] or t.shape[2] != self.output_dim:
+            raise _checks.ShapeError(f"teacher crops {tuple(t.shape[1:])} and student crops "
+                                     f"{tuple(s.shape[1:])} must be (B, output_dim="
+                                     f"{self.output_dim})")
+        T, S, B = t.shape[0], s.shape[0], t.shape[1]
+        if T * S - min(T, S) == 0:
+            raise ValueError("DINOLoss needs at least two views: one teacher and one student "
+                             "crop of the same view make no pair")
+        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+        si, tj, w = _pairs(S * B, T * B, "dino", S, T, None, s.device, acc)
+        loss = _LogitsCE.apply(s.reshape(S * B, -1), t.detach().reshape(T * B, -1),
+                               self.center[0].detach().clone(), si, tj, w, self.student_temp,
+                               tau_t)  # a copy: the centre moves before the backward
+        self.update_center(t)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        from fastssl import distributed
+        batch = teacher_out.detach().reshape(-1, self.output_dim).to(self.center.dtype)
+        total = batch.sum(0, keepdim=True)
+        count = torch.tensor(float(batch.shape[0]), device=batch.device)
+        if distributed.is_distributed():
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(total / count,
+                                                    alpha=1 - self.center_momentum)
+
+
+def _stack(crops, name):
+    if isinstance(crops, torch.Tensor):
+        crops = [crops]
+    if not isinstance(crops, (list, tuple)) or not crops:
+        raise TypeError(f"{name} must be a non-empty list of (B, K) tensors")
+    for i, c in enumerate(crops):
+        _checks.floating(c, f"{name}[{i}]")
+        if c.dim() != 2 or c.shape != crops[0].shape:
+            raise _checks.ShapeError(f"{name}[{i}] has shape {tuple(c.shape)}; every crop must "
+                                     f"be (B, K) like {name}[0] {tuple(crops[0].shape)}")
+    return torch.stack(list(crops))

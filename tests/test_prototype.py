@@ -151,3 +151,52 @@ def test_koleo_errors():
         PR.koleo(torch.ones(1, 3))
     with pytest.raises(ShapeError, match="2-D"):
         PR.koleo(torch.ones(3))
+
+
+def dino_textbook(teacher, student, center, tau_t, tau_s):
+    """The DINO loss as written in the papers' code: softmax, log-softmax, einsum."""
+    t = torch.softmax((torch.stack(teacher) - center) / tau_t, -1)
+    s = torch.log_softmax(torch.stack(student) / tau_s, -1)
+    loss = -torch.einsum("tbk,sbk->tsb", t, s)
+    n = min(len(teacher), len(student))
+    loss[range(n), range(n)] = 0
+    return loss.sum() / ((len(teacher) * len(student) - n) * t.shape[1])
+
+
+@pytest.mark.parametrize("T,S,B,K", [(2, 2, 4, 9), (2, 10, 3, 300), (1, 3, 5, 65), (2, 1, 2, 7)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dino_loss_module_matches_the_textbook(T, S, B, K, dtype, monkeypatch):
+    monkeypatch.setattr(PR, "CHUNK", 32)
+    g = torch.Generator().manual_seed(K)
+    teacher = [torch.randn(B, K, generator=g, dtype=torch.float64).to(dtype) for _ in range(T)]
+    student = [torch.randn(B, K, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+               for _ in range(S)]
+    crit = PR.DINOLoss(output_dim=K, warmup_teacher_temp=0.02, teacher_temp=0.07,
+                       warmup_teacher_temp_epochs=5)
+    crit.center.copy_(0.3 * torch.randn(1, K, generator=g, dtype=torch.float64))
+    center0 = crit.center.clone()
+    loss = crit(teacher, student, epoch=2)
+    grads = torch.autograd.grad(loss, student)
+    s64 = [x.detach().double().requires_grad_() for x in student]
+    tau = 0.02 + (0.07 - 0.02) * 2 / 4
+    ref = dino_textbook([x.double() for x in teacher], s64, center0.double(), tau, 0.1)
+    ref_grads = torch.autograd.grad(ref, s64)
+    check(loss, list(grads), ref, list(ref_grads), dtype)
+    # The centre moved towards the batch mean of the teacher's scores.
+    expected = 0.9 * center0 + 0.1 * torch.stack(teacher).double().reshape(-1, K).mean(0)
+    torch.testing.assert_close(crit.center.double(), expected.to(crit.center.dtype).double(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dino_loss_temperatures_and_errors():
+    crit = PR.DINOLoss(output_dim=4, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                       warmup_teacher_temp_epochs=30)
+    assert crit.temperature(epoch=0) == 0.04 and crit.temperature(epoch=29) == pytest.approx(0.07)
+    assert crit.temperature(epoch=100) == 0.07 and crit.temperature(teacher_temp=0.5) == 0.5
+    assert crit.temperature() == 0.07
+    with pytest.raises(ValueError, match="at least two views"):
+        crit([torch.ones(2, 4)], [torch.ones(2, 4)])
+    with pytest.raises(ShapeError, match="output_dim=4"):
+        crit([torch.ones(2, 5)] * 2, [torch.ones(2, 5)] * 2)
+    with pytest.raises(ShapeError, match="every crop must be"):
+        crit([torch.ones(2, 4), torch.ones(3, 4)], [torch.ones(2, 4)] * 2)
