@@ -363,3 +363,49 @@ def _stack(crops, name):
             raise _checks.ShapeError(f"{name}[{i}] has shape {tuple(c.shape)}; every crop must "
                                      f"be (B, K) like {name}[0] {tuple(crops[0].shape)}")
     return torch.stack(list(crops))
+
+
+class IBOTPatchLoss(torch.nn.Module):
+    """lightly's IBOTPatchLoss on given scores of the masked patch tokens:
+    ``forward(teacher_out, student_out, mask, teacher_temp=None)``, scores (B*N, K) in the
+    order of ``mask`` (B, H, W) bool's True entries; each token's cross-entropy weighs
+    1 / (masked tokens of its image, at least 1), summed and divided by B. The centre
+    (1, output_dim) follows the mean teacher score after each call."""
+
+    def __init__(self, output_dim=65536, teacher_temp=0.04, student_temp=0.1,
+                 center_mode="mean", center_momentum=0.9):
+        super().__init__()
+        self.output_dim = _checks.integer(output_dim, "output_dim", lo=1)
+        self.teacher_temp = _checks.number(teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
+        self.student_temp = _checks.number(student_temp, "student_temp", lo=0.0, lo_open=True)
+        self.center_mode = _checks.choice(center_mode, "center_mode", ("mean",))
+        self.center_momentum = _checks.number(center_momentum, "center_momentum", lo=0.0,
+                                              hi=1.0)
+        self.register_buffer("center", torch.zeros(1, self.output_dim))
+
+    def forward(self, teacher_out, student_out, mask, teacher_temp=None):
+        tau_t = self.teacher_temp if teacher_temp is None else _checks.number(
+            teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
+        _checks.floating(teacher_out, "teacher_out")
+        _checks.floating(student_out, "student_out")
+        _checks.tensor(mask, "mask")
+        if mask.dtype != torch.bool or mask.dim() < 2:
+            raise ValueError(f"mask must be a bool tensor (B, H, W), got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+        rows = int(mask.sum())
+        for x, name in ((teacher_out, "teacher_out"), (student_out, "student_out")):
+            if x.shape != (rows, self.output_dim):
+                raise _checks.ShapeError(f"{name} must be (masked tokens = {rows}, output_dim="
+                                         f"{self.output_dim}), got {tuple(x.shape)}")
+        flat = mask.reshape(mask.shape[0], -1)
+        per_image = flat.sum(1, keepdim=True).clamp(min=1).to(torch.float64)
+        acc = torch.float64 if student_out.dtype == torch.float64 else torch.float32
+        weights = (1.0 / per_image / mask.shape[0]).expand_as(flat)[flat].to(acc)
+        idx = torch.arange(rows, device=student_out.device)
+        loss = _LogitsCE.apply(student_out, teacher_out.detach(), self.center[0].detach().clone(),
+                               idx, idx, weights.to(student_out.device), self.student_temp, tau_t)
+        with torch.no_grad():
+            batch = teacher_out.detach().to(self.center.dtype)
+            mean = batch.mean(0, keepdim=True) if rows else torch.zeros_like(self.center)
+            self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
+        return loss

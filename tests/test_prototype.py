@@ -200,3 +200,33 @@ def test_dino_loss_temperatures_and_errors():
         crit([torch.ones(2, 5)] * 2, [torch.ones(2, 5)] * 2)
     with pytest.raises(ShapeError, match="every crop must be"):
         crit([torch.ones(2, 4), torch.ones(3, 4)], [torch.ones(2, 4)] * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_ibot_patch_loss_matches_the_textbook(dtype, monkeypatch):
+    monkeypatch.setattr(PR, "CHUNK", 16)
+    g = torch.Generator().manual_seed(0)
+    B, H, W, K = 3, 4, 5, 70
+    mask = torch.rand(B, H, W, generator=g) < 0.4
+    mask[2] = False  # an image with no masked token
+    rows = int(mask.sum())
+    teacher = torch.randn(rows, K, generator=g, dtype=torch.float64).to(dtype)
+    student = torch.randn(rows, K, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    crit = PR.IBOTPatchLoss(output_dim=K, teacher_temp=0.05)
+    crit.center.copy_(0.2 * torch.randn(1, K, generator=g, dtype=torch.float64))
+    center0 = crit.center.clone().double()
+    loss = crit(teacher, student, mask)
+    (grad,) = torch.autograd.grad(loss, student)
+    s64 = student.detach().double().requires_grad_()
+    per_token = -(torch.softmax((teacher.double() - center0) / 0.05, -1)
+                  * torch.log_softmax(s64 / 0.1, -1)).sum(-1)
+    counts = mask.flatten(1).sum(1).clamp(min=1).double()
+    weight = (1 / counts)[:, None].expand(B, H * W)[mask.flatten(1)]
+    ref = (per_token * weight).sum() / B
+    (ref_grad,) = torch.autograd.grad(ref, s64)
+    check(loss, [grad], ref, [ref_grad], dtype)
+    torch.testing.assert_close(crit.center.double(),
+                               (0.9 * center0 + 0.1 * teacher.double().mean(0)).to(
+                                   crit.center.dtype).double(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ShapeError, match="masked tokens"):
+        crit(teacher[1:], student[1:], mask)
