@@ -409,3 +409,82 @@ class IBOTPatchLoss(torch.nn.Module):
             mean = batch.mean(0, keepdim=True) if rows else torch.zeros_like(self.center)
             self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
         return loss
+
+
+@torch.no_grad()
+def sinkhorn(probabilities, iterations=3, gather_distributed=False):
+    """lightly's / SwAV's Sinkhorn-Knopp on (B, K) non-negative scores (``exp(scores / eps)``):
+    Q = probabilities^T / its total; ``iterations`` times, each prototype's row scaled to
+    1 / K (sums all-reduced across ranks with ``gather_distributed``) and each sample's column
+    to 1 / B_global; returns B_global * Q^T, each sample's code summing to 1."""
+    from fastssl import distributed
+    _checks.floating(probabilities, "probabilities")
+    if probabilities.dim() != 2:
+        raise _checks.ShapeError(f"probabilities must be (B, K), got {tuple(probabilities.shape)}")
+    iterations = _checks.integer(iterations, "iterations", lo=0)
+    active = bool(gather_distributed) and distributed.is_distributed()
+    world = distributed.world_size() if active else 1
+    q = probabilities.t().to(torch.float64 if probabilities.dtype == torch.float64
+                             else torch.float32)
+    K, n = q.shape[0], q.shape[1] * world
+
+    def summed(x):
+        if active:
+            torch.distributed.all_reduce(x)
+        return x
+    q = q / summed(q.sum())
+    for _ in range(iterations):
+        q = q / summed(q.sum(1, keepdim=True)) / K
+        q = q / q.sum(0, keepdim=True) / n
+    return (q * n).t().to(probabilities.dtype)
+
+
+class SwaVLoss(torch.nn.Module):
+    """lightly's SwaVLoss: ``forward(high_resolution_outputs, low_resolution_outputs,
+    queue_outputs=None)`` with lists of (B, K) prototype scores; each high-resolution crop's
+    Sinkhorn codes (of exp(scores / sinkhorn_epsilon), the queue's scores appended when
+    given) are predicted from every other crop's softmax at ``temperature``."""
+
+    def __init__(self, temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
+                 sinkhorn_gather_distributed=False):
+        super().__init__()
+        self.temperature = _checks.number(temperature, "temperature", lo=0.0, lo_open=True)
+        self.sinkhorn_iterations = _checks.integer(sinkhorn_iterations, "sinkhorn_iterations",
+                                                   lo=0)
+        self.sinkhorn_epsilon = _checks.number(sinkhorn_epsilon, "sinkhorn_epsilon", lo=0.0,
+                                               lo_open=True)
+        self.sinkhorn_gather_distributed = _checks.flag(sinkhorn_gather_distributed,
+                                                        "sinkhorn_gather_distributed")
+
+    def subloss(self, z, q):
+        return -(q * torch.log_softmax(z / self.temperature, dim=1)).sum(1).mean()
+
+    def forward(self, high_resolution_outputs, low_resolution_outputs, queue_outputs=None):
+        high = list(high_resolution_outputs)
+        crops = high + list(low_resolution_outputs)
+        if not high or len(crops) < 2:
+            raise ValueError("SwaVLoss needs at least one high-resolution crop and two crops")
+        _stack(crops, "outputs")
+        if queue_outputs is not None and len(queue_outputs) != len(high):
+            raise ValueError(f"queue_outputs must hold one tensor per high-resolution crop "
+                             f"({len(high)}), got {len(queue_outputs)}")
+        loss = 0.0
+        for i, h in enumerate(high):
+            with torch.no_grad():
+                scores = h.detach()
+                if queue_outputs is not None:
+                    scores = torch.cat([scores, queue_outputs[i].detach()])
+                # exp((s - max) / eps): the global scale cancels in the normalisation
+                acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+                scores = scores.to(acc)
+                top = scores.amax().reshape(1)
+                if self.sinkhorn_gather_distributed:
+                    from fastssl import distributed
+                    if distributed.is_distributed():
+                        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+                codes = sinkhorn(torch.exp((scores - top) / self.sinkhorn_epsilon),
+                                 self.sinkhorn_iterations, self.sinkhorn_gather_distributed)
+                codes = codes[:len(h)]
+            sub = sum(self.subloss(crops[v], codes) for v in range(len(crops)) if v != i)
+            loss = loss + sub / (len(crops) - 1)
+        return loss / len(high)

@@ -230,3 +230,60 @@ def test_ibot_patch_loss_matches_the_textbook(dtype, monkeypatch):
                                    crit.center.dtype).double(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ShapeError, match="masked tokens"):
         crit(teacher[1:], student[1:], mask)
+
+
+def sinkhorn_loops(p, iterations):
+    """SwAV's Sinkhorn written element by element in float64 (B, K)."""
+    Q = p.double().t().clone()
+    K, B = Q.shape
+    Q /= Q.sum()
+    for _ in range(iterations):
+        for k in range(K):
+            Q[k] /= Q[k].sum() * K
+        for b in range(B):
+            Q[:, b] /= Q[:, b].sum() * B
+    return (Q * B).t()
+
+
+@pytest.mark.parametrize("B,K,it", [(1, 3, 3), (7, 5, 1), (16, 30, 3), (4, 1, 2)])
+def test_sinkhorn_matches_the_loops(B, K, it):
+    g = torch.Generator().manual_seed(B + K)
+    p = torch.exp(torch.randn(B, K, generator=g, dtype=torch.float64) / 0.5)
+    q = PR.sinkhorn(p, it)
+    torch.testing.assert_close(q, sinkhorn_loops(p, it), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(q.sum(1), torch.ones(B, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n_high,n_low,queue", [(2, 0, False), (2, 4, False), (2, 2, True)])
+def test_swav_loss_matches_the_textbook(n_high, n_low, queue):
+    g = torch.Generator().manual_seed(n_low)
+    B, K = 6, 20
+    mk = lambda: tF.normalize(torch.randn(B, K, generator=g, dtype=torch.float64), dim=1)  # noqa: E731
+    high = [mk().requires_grad_() for _ in range(n_high)]
+    low = [mk().requires_grad_() for _ in range(n_low)]
+    queue_out = [torch.randn(12, K, generator=g, dtype=torch.float64) for _ in range(n_high)] \
+        if queue else None
+    loss = PR.SwaVLoss()(high, low, queue_out)
+    grads = torch.autograd.grad(loss, high + low)
+    crops, total = high + low, 0.0
+    for i in range(n_high):
+        scores = high[i].detach() if not queue else torch.cat([high[i].detach(), queue_out[i]])
+        codes = sinkhorn_loops(torch.exp(scores / 0.05), 3)[:B]
+        sub = 0.0
+        for v in range(len(crops)):
+            if v != i:
+                sub = sub - (codes * torch.log(torch.softmax(crops[v] / 0.1, 1))).sum(1).mean()
+        total = total + sub / (len(crops) - 1)
+    ref = total / n_high
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad(ref, high + low)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_swav_errors():
+    with pytest.raises(ValueError, match="two crops"):
+        PR.SwaVLoss()([torch.ones(2, 3)], [])
+    with pytest.raises(ValueError, match="one tensor per high-resolution crop"):
+        PR.SwaVLoss()([torch.ones(2, 3)] * 2, [], [torch.ones(4, 3)])
+    with pytest.raises(ValueError, match="sinkhorn_epsilon must be > 0"):
+        PR.SwaVLoss(sinkhorn_epsilon=0)
