@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from fastssl import LARS
 from fastssl import pretrain as P
 from fastssl.pretrain.data import BatchOrder, open_prepared
 from fastssl.pretrain.models import encoder
+from test_distributed import free_port
 
 def _quiet(*args):
     pass
@@ -37,27 +39,45 @@ def _checkpoint(run_dir):
     return state, dict(_tensors(state["model"]))
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank, world, port, method, out, kw):
+    """One rank as torchrun starts it; an exception is written to ``out/rank<r>.err`` (the
+    tests check that every rank raised the same one) and re-raised."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from fastssl import pretrain
-    pretrain.pretrain(method, out_dir=out, **kw)
+    try:
+        pretrain.pretrain(method, out_dir=out, **kw)
+    except Exception as e:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+
+
+def _spawn(world, method, out, timeout=240, **kw):
+    """``pretrain`` on ``world`` gloo ranks, bounded in time; True when every rank ended
+    without an exception."""
+    ctx = mp.start_processes(_rank, args=(world, free_port(), method, out, dict(TINY, **kw)),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail(f"{world} ranks did not finish in {timeout} s")
+    except mp.ProcessRaisedException:
+        return False
+    return True
 
 
 def _run_ranks(world, method, out, **kw):
-    """``pretrain`` on ``world`` gloo ranks (spawned; each joins the group as under
-    torchrun); returns rank 0's run folder."""
+    """``pretrain`` on ``world`` gloo ranks (each joins the group as under torchrun);
+    returns rank 0's run folder."""
     before = set(os.listdir(out)) if os.path.isdir(out) else set()
-    mp.start_processes(_rank, args=(world, _free_port(), method, out, dict(TINY, **kw)),
-                       nprocs=world, start_method="spawn")
+    assert _spawn(world, method, out, **kw), [
+        open(os.path.join(out, f)).read() for f in os.listdir(out) if f.endswith(".err")]
     (new,) = set(os.listdir(out)) - before
     return os.path.join(out, new)
 
@@ -115,9 +135,8 @@ def test_resume_is_bitwise_on_one_process(method, tmp_path):
 def test_resume_on_two_ranks(tmp_path):
     whole = _run_ranks(2, "moco", str(tmp_path / "a"), batch_size=16, max_steps=6)
     part = _run_ranks(2, "moco", str(tmp_path / "b"), batch_size=16, max_steps=6, stop_after=2)
-    mp.start_processes(_rank, args=(2, _free_port(), "moco", str(tmp_path / "c"),
-                                    dict(TINY, batch_size=16, max_steps=6, resume=part)),
-                       nprocs=2, start_method="spawn")  # continues in its own folder
+    # continues in its own folder
+    assert _spawn(2, "moco", str(tmp_path / "c"), batch_size=16, max_steps=6, resume=part)
     (sa, ta), (sb, tb) = _checkpoint(whole), _checkpoint(part)
     assert sb["step"] == 6
     np.testing.assert_allclose(sb["history"]["step_loss"], sa["history"]["step_loss"], rtol=1e-5)
@@ -134,6 +153,47 @@ def test_resume_refuses_changed_settings(tmp_path):
                        **dict(TINY, **{"batch_size": 64, **change}))
     with pytest.raises(ValueError, match="is a simclr run, not byol"):
         P.pretrain("byol", out_dir=str(tmp_path), resume=part["run_dir"], **TINY)
+
+
+@pytest.mark.parametrize("settings,error,match", [
+    (dict(optimizer="sgd"), ValueError, "optimizer must be one of adamw, lars"),
+    (dict(precision="fp16"), ValueError, "precision must be auto, fp32 or bf16"),
+    (dict(workers=-1), ValueError, "workers must be >= 0"),
+    (dict(max_steps=0), ValueError, "max_steps must be >= 1"),
+    (dict(stop_after=0), ValueError, "stop_after must be >= 1"),
+    (dict(batch_size=1), ValueError, "batch_size must be >= 2"),
+    (dict(epochs=0), ValueError, "epochs must be >= 1"),
+    (dict(width=0), ValueError, "width must be >= 1"),
+    (dict(test_fraction=1.0), ValueError, "test_fraction must be in"),
+    (dict(arch="no_such_net"), ValueError, "unknown --arch 'no_such_net'"),
+    (dict(resume="/no/such/run"), ValueError, "no such checkpoint"),
+])
+def test_bad_settings_are_refused_before_training(settings, error, match):
+    with pytest.raises(error, match=match):
+        P.pretrain("simclr", out_dir=None, **dict(TINY, **settings))
+    with pytest.raises(ValueError, match="unknown method 'dino'"):
+        P.pretrain("dino", out_dir=None, **TINY)
+
+
+def test_bad_data_files_are_refused(tmp_path):
+    (tmp_path / "x.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match="x.npy.json' is missing"):
+        P.pretrain("simclr", data=str(tmp_path / "x.npy"), out_dir=None, **TINY)
+    torch.save({"something": 1}, tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match="not a fastssl pretrain checkpoint"):
+        P.pretrain("simclr", resume=str(tmp_path / "ck.pt"), out_dir=None, **TINY)
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(batch_size=700), "a global batch of 700 x 2 ranks needs at least 1400 training images"),
+    (dict(batch_size=16, optimizer="sgd"), "optimizer must be one of adamw, lars"),
+])
+def test_every_rank_raises_the_same_error(settings, match, tmp_path):
+    """A setting that cannot run fails on every rank with the same message, in bounded time
+    (no rank waits alone in a collective)."""
+    assert not _spawn(2, "simclr", str(tmp_path), timeout=120, **settings)
+    errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and match in errors[0], errors
 
 
 @pytest.mark.parametrize("n,rank_batch,world", [(37, 4, 1), (37, 4, 2), (100, 7, 3), (64, 8, 4),

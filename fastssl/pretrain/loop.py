@@ -53,7 +53,8 @@ def settings(method, given):
     cfg["lr"] = cfg["lr"] if cfg["lr"] is not None else LR[cfg["optimizer"]]
     if cfg["weight_decay"] is None:
         cfg["weight_decay"] = WEIGHT_DECAY[cfg["optimizer"]]
-    for key in ("batch_size", "width", "size", "knn_k") + (("epochs",) if cfg["epochs"] else ()):
+    for key in ("batch_size", "width", "size", "knn_k") + (
+            ("epochs",) if cfg["epochs"] is not None else ()):
         if int(cfg[key]) < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     for key in ("max_steps", "stop_after"):
@@ -188,7 +189,7 @@ def train(method, ctx, given, out_dir, log=print, progress=True, fresh=None):
     B = b * world
     order = BatchOrder(train_idx, b, ctx.rank, world, cfg["seed"])
     steps = order.steps  # full global batches only (BatchNorm, equal-size views)
-    if not cfg["epochs"]:
+    if cfg["epochs"] is None:
         cfg["epochs"] = EPOCHS[method] if cfg["data"] is None else \
             max(1, math.ceil(FOLDER_STEPS / steps))
     total = steps * cfg["epochs"]
