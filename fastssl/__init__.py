@@ -16,6 +16,9 @@ from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E40
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
                                 negative_cosine_similarity, nt_xent, siglip_loss, vicreg)
 from fastssl.optim import LARS  # noqa: E402
+from fastssl.prototype import (DINOLoss, IBOTPatchLoss, KoLeoLoss,  # noqa: E402
+                               PrototypeCrossEntropy, SwaVLoss, koleo, prototype_cross_entropy,
+                               sinkhorn, sinkhorn_knopp)
 from fastssl.losses import (BarlowTwinsLoss, ClipLoss, InfoNCELoss, MoCoQueue,  # noqa: E402
                             NegativeCosineSimilarity, NTXentLoss, SigLipLoss, VICRegLoss)
 
@@ -23,4 +26,6 @@ __all__ = ["augment", "functional", "distributed", "nt_xent", "info_nce", "clip_
            "barlow_twins", "vicreg", "negative_cosine_similarity", "NTXentLoss", "InfoNCELoss",
            "ClipLoss", "SigLipLoss", "MoCoQueue", "BarlowTwinsLoss", "VICRegLoss",
            "NegativeCosineSimilarity", "EMA", "update_momentum", "cosine_schedule", "ema_",
-           "ShapeError", "LARS", "__version__"]
+           "ShapeError", "LARS", "prototype_cross_entropy", "PrototypeCrossEntropy",
+           "sinkhorn_knopp", "sinkhorn", "koleo", "KoLeoLoss", "DINOLoss", "IBOTPatchLoss",
+           "SwaVLoss", "__version__"]

@@ -356,3 +356,88 @@ standardize = _Op("fastssl::standardize", _standardize, _standardize_fake, _stan
                   _standardize_bwd)
 standardize_backward = _Op("fastssl::standardize_backward", _standardize_backward,
                            _standardize_backward_fake)
+
+
+# ----------------------------------------------------------------------------- prototype heads
+
+def _prototype_impl(*tensors):
+    return _dispatch.implementation("prototype", *tensors)[1]
+
+
+def _prototype_ce(student: Tensor, prototypes: Tensor, teacher: Tensor,
+                  teacher_prototypes: Tensor, center: Optional[Tensor], student_idx: Tensor,
+                  teacher_idx: Tensor, weights: Tensor, student_temp: float,
+                  teacher_temp: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """sum_p weights_p CE(student_idx_p, teacher_idx_p) (fastssl.prototype's docstring) and
+    the statistics the backward uses: m (student softmax means), q (teacher targets),
+    lse_s, lse_t. Two ``rows`` passes over the prototypes (kernels/prototype.py)."""
+    impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
+    lse_t, q = impl.rows(teacher, teacher_prototypes, prototypes, center, 1.0 / teacher_temp)
+    lse_s, m = impl.rows(student, prototypes, prototypes, None, 1.0 / student_temp)
+    acc = lse_s.dtype
+    cross = torch.linalg.vecdot(student.to(acc)[student_idx], q[teacher_idx])
+    loss = (weights.to(acc) * (lse_s[student_idx] - cross / student_temp)).sum()
+    return loss, m, q, lse_s, lse_t
+
+
+def _prototype_ce_fake(student, prototypes, teacher, teacher_prototypes, center, student_idx,
+                       teacher_idx, weights, student_temp, teacher_temp):
+    acc = acc_dtype(student)
+    D = student.shape[1]
+    return (student.new_empty((), dtype=acc), student.new_empty(student.shape[0], D, dtype=acc),
+            student.new_empty(teacher.shape[0], D, dtype=acc),
+            student.new_empty(student.shape[0], dtype=acc),
+            student.new_empty(teacher.shape[0], dtype=acc))
+
+
+def _prototype_ce_backward_impl(
+        student: Tensor, prototypes: Tensor, teacher: Tensor, teacher_prototypes: Tensor,
+        center: Optional[Tensor], student_idx: Tensor, teacher_idx: Tensor, weights: Tensor,
+        student_temp: float, teacher_temp: float, m: Tensor, q: Tensor, lse_s: Tensor,
+        lse_t: Tensor, grad: Tensor, need_student: bool,
+        need_prototypes: bool) -> tuple[Tensor, Tensor]:
+    """d/d student = (a_i m_i - r_i) / tau_s and d/d prototypes =
+    (cols(student; a_i s_i) - cols(teacher; h_j)) / tau_s, with a_i = sum_p g_p [i_p = i],
+    r_i = sum_p g_p q_{j_p}, h_j = sum_p g_p s_{i_p}, g = weights * grad."""
+    acc = m.dtype
+    g = weights.to(acc) * grad.to(acc)
+    s = student.to(acc)
+    a = torch.zeros(s.shape[0], dtype=acc, device=s.device).index_add_(0, student_idx, g)
+    d_s = d_w = None
+    if need_student:
+        r = torch.zeros_like(m).index_add_(0, student_idx, g[:, None] * q[teacher_idx])
+        d_s = ((a[:, None] * m - r) / student_temp).to(student.dtype)
+    if need_prototypes:
+        impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
+        h = torch.zeros_like(q).index_add_(0, teacher_idx, g[:, None] * s[student_idx])
+        d_w = impl.cols(student, prototypes, None, 1.0 / student_temp, lse_s, a[:, None] * s)
+        d_w = d_w - impl.cols(teacher, teacher_prototypes, center, 1.0 / teacher_temp, lse_t, h)
+        d_w = (d_w / student_temp).to(prototypes.dtype)
+    return (student.new_empty(0) if d_s is None else d_s,
+            prototypes.new_empty(0) if d_w is None else d_w)
+
+
+def _prototype_ce_backward_fake(student, prototypes, teacher, teacher_prototypes, center,
+                                student_idx, teacher_idx, weights, student_temp, teacher_temp,
+                                m, q, lse_s, lse_t, grad, need_student, need_prototypes):
+    return _grad_like(student, need_student), _grad_like(prototypes, need_prototypes)
+
+
+def _prototype_ce_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*inputs[:8], *output[1:])
+    ctx.temps = inputs[8:10]
+
+
+def _prototype_ce_grad(ctx, grad_loss, *unused):
+    saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d_s, d_w = prototype_ce_backward(*saved[:8], *ctx.temps, *saved[8:], grad_loss,
+                                     need[0], need[1])
+    return (d_s if need[0] else None, d_w if need[1] else None) + (None,) * 8
+
+
+prototype_ce = _Op("fastssl::prototype_ce", _prototype_ce, _prototype_ce_fake,
+                   _prototype_ce_setup, _prototype_ce_grad)
+prototype_ce_backward = _Op("fastssl::prototype_ce_backward", _prototype_ce_backward_impl,
+                            _prototype_ce_backward_fake)

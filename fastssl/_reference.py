@@ -284,8 +284,52 @@ def standardize_backward(z, grad_a, stats):
     return a.mul_(-ga).add_(g).sub_(g.mean(0)).mul_(rstd)
 
 
+# ----------------------------------------------------------------------------- prototype passes
+
+def prototype_rows(x, keys, vals, bias, scale, block=None):
+    """(lse (n,), out (n, E) or None) of kernels/prototype.py's ``rows`` pass, in prototype
+    chunks with an online softmax (max over the products, as the kernel)."""
+    acc = _acc(x)
+    n, K = x.shape[0], keys.shape[0]
+    block = block or BLOCK or _block_width(n)
+    xa = x.to(acc)
+    m_run = torch.full((n,), -float("inf"), dtype=acc, device=x.device)
+    z = torch.zeros(n, dtype=acc, device=x.device)
+    out = None if vals is None else torch.zeros(n, vals.shape[1], dtype=acc, device=x.device)
+    for k0 in range(0, K, block):
+        t = xa @ keys[k0:k0 + block].to(acc).T
+        if bias is not None:
+            t -= bias[k0:k0 + block].to(acc)
+        m_new = torch.maximum(m_run, t.amax(1))
+        alpha = torch.exp((m_run - m_new) * scale)
+        t = t.sub_(m_new[:, None]).mul_(scale).exp_()
+        z = z * alpha + t.sum(1)
+        if out is not None:
+            out = torch.addmm(out * alpha[:, None], t, vals[k0:k0 + block].to(acc))
+        m_run = m_new
+    lse = m_run * scale + torch.log(z)
+    return lse, None if out is None else out / z[:, None]
+
+
+def prototype_cols(x, keys, bias, scale, lse, y, block=None):
+    """out (K, E) = sum_i exp(score_ik - lse_i) y_i (kernels/prototype.py's ``cols``)."""
+    acc = _acc(x)
+    K = keys.shape[0]
+    block = block or BLOCK or _block_width(x.shape[0])
+    xa, ya, la = x.to(acc), y.to(acc), lse.to(acc)
+    out = torch.empty(K, y.shape[1], dtype=acc, device=x.device)
+    for k0 in range(0, K, block):
+        t = xa @ keys[k0:k0 + block].to(acc).T
+        if bias is not None:
+            t -= bias[k0:k0 + block].to(acc)
+        t = t.mul_(scale).sub_(la[:, None]).clamp_(max=0).exp_()
+        out[k0:k0 + block] = t.T @ ya
+    return out
+
+
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
 barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardize=standardize,
                          standardize_backward=standardize_backward)
 siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward,
                          backward_kept=siglip_backward_kept, KEEP_PAIRS=KEEP_PAIRS)
+prototype = SimpleNamespace(rows=prototype_rows, cols=prototype_cols)

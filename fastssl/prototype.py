@@ -25,7 +25,7 @@ with g_ij the weight of pair (i, j) in the loss. Memory O((rows + K) x D + rows 
 """
 import torch
 
-from fastssl import _checks
+from fastssl import _checks, _ops
 
 CHUNK = None  # prototypes per chunk; None: about 2^21 scores per chunk
 
@@ -53,84 +53,11 @@ def _pairs(student_rows, teacher_rows, pairing, student_crops, teacher_crops, we
     return si, tj, torch.full((len(si),), 1.0 / (n_pairs * B), device=device, dtype=dtype)
 
 
-def _teacher_pass(t, V, W, center, tau_t, chunk):
-    """(q (rows_t, D): sum_k p_jk w_k, lse_t (rows_t,): teacher log-partition at tau_t)."""
-    m_run = torch.full((t.shape[0],), -float("inf"), dtype=t.dtype, device=t.device)
-    z = torch.zeros_like(m_run)
-    q = torch.zeros(t.shape[0], W.shape[1], dtype=t.dtype, device=t.device)
-    for k0 in range(0, V.shape[0], chunk):
-        x = t @ V[k0:k0 + chunk].T
-        if center is not None:
-            x -= center[k0:k0 + chunk]
-        x /= tau_t
-        m_new = torch.maximum(m_run, x.amax(1))
-        scale = torch.exp(m_run - m_new)
-        x = torch.exp(x - m_new[:, None])
-        z = z * scale + x.sum(1)
-        q = q * scale[:, None] + x @ W[k0:k0 + chunk]
-        m_run = m_new
-    return q / z[:, None], m_run + torch.log(z)
-
-
-def _student_lse(s, W, tau_s, chunk):
-    m_run = torch.full((s.shape[0],), -float("inf"), dtype=s.dtype, device=s.device)
-    z = torch.zeros_like(m_run)
-    for k0 in range(0, W.shape[0], chunk):
-        x = (s @ W[k0:k0 + chunk].T) / tau_s
-        m_new = torch.maximum(m_run, x.amax(1))
-        z = z * torch.exp(m_run - m_new) + torch.exp(x - m_new[:, None]).sum(1)
-        m_run = m_new
-    return m_run + torch.log(z)
-
-
-class _PrototypeCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, W, t, V, center, si, tj, w, tau_s, tau_t):
-        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-        s_, W_, t_, V_ = (x.detach().to(acc) for x in (s, W, t, V))
-        c_ = None if center is None else center.detach().to(acc)
-        chunk = _chunk(max(s.shape[0], t.shape[0]))
-        q, lse_t = _teacher_pass(t_, V_, W_, c_, tau_t, chunk)
-        lse_s = _student_lse(s_, W_, tau_s, chunk)
-        ce = lse_s[si] - (s_[si] * q[tj]).sum(1) / tau_s
-        loss = (w.to(acc) * ce).sum()
-        ctx.save_for_backward(s, W, t, V, center, si, tj, w, q, lse_t, lse_s)
-        ctx.taus = (tau_s, tau_t)
-        return loss.to(s.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        s, W, t, V, center, si, tj, w, q, lse_t, lse_s = ctx.saved_tensors
-        tau_s, tau_t = ctx.taus
-        acc = q.dtype
-        s_, W_, t_, V_ = (x.detach().to(acc) for x in (s, W, t, V))
-        g = w.to(acc) * grad.to(acc)
-        a = torch.zeros(s.shape[0], dtype=acc, device=s.device).index_add_(0, si, g)
-        r = torch.zeros_like(s_).index_add_(0, si, g[:, None] * q[tj])
-        h = torch.zeros(t.shape[0], s.shape[1], dtype=acc, device=s.device).index_add_(
-            0, tj, g[:, None] * s_[si])
-        ds = -r
-        dW = torch.empty_like(W_)
-        chunk = _chunk(max(s.shape[0], t.shape[0]))
-        for k0 in range(0, W.shape[0], chunk):
-            Wc = W_[k0:k0 + chunk]
-            ps = torch.exp((s_ @ Wc.T) / tau_s - lse_s[:, None]) * a[:, None]
-            x = t_ @ V_[k0:k0 + chunk].T
-            if center is not None:
-                x -= center[k0:k0 + chunk].to(acc)
-            pt = torch.exp(x / tau_t - lse_t[:, None])
-            ds += ps @ Wc
-            dW[k0:k0 + chunk] = ps.T @ s_ - pt.T @ h
-        ds /= tau_s
-        dW /= tau_s
-        return (ds.to(s.dtype), dW.to(W.dtype), None, None, None, None, None, None, None,
-                None)
-
-
 def prototype_cross_entropy(student, teacher, student_prototypes, teacher_prototypes=None,
                             student_temp=0.1, teacher_temp=0.04, center=None, pairing="dino",
                             student_crops=None, teacher_crops=2, weights=None,
-                            return_center_stat=False):
+                            return_center_stat=False, teacher_target="softmax",
+                            sinkhorn_iterations=3, gather_distributed=False):
     """The DINO / iBOT cross-entropy of student rows against the teacher's distribution over
     K prototypes, never storing a (rows x K) matrix (see the module docstring).
 
@@ -138,7 +65,13 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
     and ``teacher_prototypes`` (K, D; default: the student's, detached); ``center`` (K,) is
     subtracted from the teacher's scores before ``teacher_temp``. Gradients reach the student
     rows and the student prototypes only. With ``return_center_stat`` also returns
-    mean_j teacher_j . v_k, the batch statistic for the centre's momentum update.
+    mean_j teacher_j . v_k, the batch statistic for the centre's momentum update (over every
+    rank's rows with ``gather_distributed`` under torch.distributed).
+
+    ``teacher_target="sinkhorn"``: the teacher's distribution is instead its Sinkhorn-Knopp
+    codes at epsilon = ``teacher_temp`` (``sinkhorn_knopp``, ``sinkhorn_iterations``, the
+    column sums all-reduced with ``gather_distributed``; DINOv2's and SwAV's target);
+    ``center`` must then be None.
     """
     for x, name in ((student, "student"), (teacher, "teacher"),
                     (student_prototypes, "student_prototypes")):
@@ -162,6 +95,13 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
             raise _checks.ShapeError(f"center must have shape ({K},), got {tuple(center.shape)}")
         center = center.reshape(K)
     pairing = _checks.choice(pairing, "pairing", ("dino", "rows"))
+    teacher_target = _checks.choice(teacher_target, "teacher_target", ("softmax", "sinkhorn"))
+    gather_distributed = _checks.flag(gather_distributed, "gather_distributed")
+    if teacher_target == "sinkhorn":
+        if center is not None:
+            raise ValueError("teacher_target='sinkhorn' computes its own centre: pass "
+                             "center=None")
+        center = sinkhorn_knopp(teacher, V, tau_t, sinkhorn_iterations, gather_distributed)
     if pairing == "rows":
         if student.shape[0] != teacher.shape[0]:
             raise _checks.ShapeError(f"pairing='rows' needs as many student as teacher rows, "
@@ -192,15 +132,130 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     si, tj, w = _pairs(student.shape[0], teacher.shape[0], pairing, student_crops,
                        teacher_crops, weights, student.device, acc)
-    loss = _PrototypeCE.apply(student, student_prototypes, teacher.detach(), V.detach(),
-                              None if center is None else center.detach(), si, tj, w, tau_s,
-                              tau_t)
+    c = None if center is None else center.detach().to(acc).contiguous()
+    loss = _ops.prototype_ce(student, student_prototypes, teacher.detach(), V.detach(), c, si,
+                             tj, w, float(tau_s), float(tau_t))[0].to(student.dtype)
     if not return_center_stat:
         return loss
-    with torch.no_grad():
-        stat = V.detach().to(acc) @ teacher.detach().to(acc).mean(0)
+    from fastssl import distributed
+    with torch.no_grad():  # mean_j t_j . v_k = v_k . (mean_j t_j): one (K x D) product
+        total = teacher.detach().to(acc).sum(0)
+        count = torch.tensor(float(teacher.shape[0]), dtype=acc, device=total.device)
+        if gather_distributed and distributed.is_distributed():
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+        stat = V.detach().to(acc) @ (total / count)
     return loss, stat
 
+
+
+class PrototypeCrossEntropy(torch.nn.Module):
+    """The fused DINO / iBOT / DINOv2 head loss as a module: ``prototype_cross_entropy`` with
+    DINOLoss's state. ``forward(student, teacher, prototypes, teacher_prototypes=None,
+    teacher_temp=None, epoch=None, weights=None)`` on bottleneck features (crop-major rows)
+    and (K, D) prototypes; the teacher temperature warms up as in ``DINOLoss``; with
+    ``teacher_target="softmax"`` the centre (a (1, K) buffer) follows the mean teacher score
+    with ``center_momentum`` after each call (over every rank under torch.distributed), and
+    with ``"sinkhorn"`` the target is the Sinkhorn-Knopp codes (no centre)."""
+
+    def __init__(self, output_dim=65536, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                 warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
+                 teacher_crops=2, pairing="dino", teacher_target="softmax",
+                 sinkhorn_iterations=3):
+        super().__init__()
+        self.schedule = DINOLoss(output_dim, warmup_teacher_temp, teacher_temp,
+                                 warmup_teacher_temp_epochs, student_temp, center_momentum)
+        self.teacher_crops = _checks.integer(teacher_crops, "teacher_crops", lo=1)
+        self.pairing = _checks.choice(pairing, "pairing", ("dino", "rows"))
+        self.teacher_target = _checks.choice(teacher_target, "teacher_target",
+                                             ("softmax", "sinkhorn"))
+        self.sinkhorn_iterations = _checks.integer(sinkhorn_iterations, "sinkhorn_iterations",
+                                                   lo=1)
+
+    @property
+    def center(self):
+        return self.schedule.center
+
+    def forward(self, student, teacher, prototypes, teacher_prototypes=None, teacher_temp=None,
+                epoch=None, weights=None):
+        sched = self.schedule
+        tau_t = sched.temperature(teacher_temp, epoch)
+        if prototypes.dim() == 2 and prototypes.shape[0] != sched.output_dim:
+            raise _checks.ShapeError(f"prototypes must be (output_dim={sched.output_dim}, D), "
+                                     f"got {tuple(prototypes.shape)}")
+        sink = self.teacher_target == "sinkhorn"
+        out = prototype_cross_entropy(
+            student, teacher, prototypes, teacher_prototypes, sched.student_temp, tau_t,
+            None if sink else sched.center[0], self.pairing, None, self.teacher_crops, weights,
+            return_center_stat=not sink, teacher_target=self.teacher_target,
+            sinkhorn_iterations=self.sinkhorn_iterations, gather_distributed=True)
+        if sink:
+            return out
+        loss, stat = out
+        with torch.no_grad():
+            sched.center.mul_(sched.center_momentum).add_(
+                stat.to(sched.center.dtype)[None], alpha=1 - sched.center_momentum)
+        return loss
+
+
+@torch.no_grad()
+def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_distributed=False):
+    """SwAV's / DINOv2's Sinkhorn-Knopp codes in factored form, with no (rows x K) matrix.
+
+    Q_jk proportional to exp(features_j . prototypes_k / epsilon), scaled ``iterations``
+    times so that each prototype's column sums to 1 / K (sums all-reduced across ranks with
+    ``gather_distributed``) and then each row to 1 / B (B the global batch). The prototype
+    scalings exp(-c_k / epsilon) are all that is kept: returns ``c`` (K,) float32 (float64
+    for float64 inputs) such that the codes are
+
+        Q_jk = softmax_k((features_j . prototypes_k - c_k) / epsilon)
+
+    -- the teacher's target of ``prototype_cross_entropy(..., center=c,
+    teacher_temp=epsilon)``, which ``teacher_target="sinkhorn"`` there computes itself.
+    Each iteration is a pass over the rows (their log-partitions) and a pass over the
+    prototypes (their column sums), both tiled (kernels/prototype.py). The first column pass
+    uses one shift for every row (the total's normalisation, as SwAV's), so the result is
+    SwAV's: ``sinkhorn(exp(scores / epsilon), iterations)`` row by row.
+    """
+    from fastssl import distributed
+    for x, name in ((features, "features"), (prototypes, "prototypes")):
+        _checks.floating(x, name)
+        if x.dim() != 2:
+            raise _checks.ShapeError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+    if features.shape[1] != prototypes.shape[1]:
+        raise _checks.ShapeError(f"features {tuple(features.shape)} and prototypes "
+                                 f"{tuple(prototypes.shape)} need a common D")
+    if prototypes.shape[0] == 0:
+        raise _checks.ShapeError("need at least one prototype")
+    eps = _checks.number(epsilon, "epsilon", lo=0.0, lo_open=True)
+    iterations = _checks.integer(iterations, "iterations", lo=1)
+    active = _checks.flag(gather_distributed, "gather_distributed") and \
+        distributed.is_distributed()
+    impl = _ops._prototype_impl(features, prototypes)
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    K = prototypes.shape[0]
+    c = torch.zeros(K, dtype=acc, device=features.device)
+    n = torch.tensor(float(features.shape[0]), dtype=acc, device=features.device)
+    lse, _ = impl.rows(features, prototypes, None, None, 1.0 / eps)
+    top = lse.amax().reshape(1) if lse.numel() else lse.new_full((1,), -float("inf"))
+    if active:
+        torch.distributed.all_reduce(n)
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    if not torch.isfinite(n) or n.item() == 0:
+        raise ValueError("sinkhorn_knopp needs at least one row (on some rank)")
+    lse = top.expand_as(lse).to(acc)  # the first pass: one shift, as Q / sum(Q)
+    for _ in range(iterations):
+        col = impl.cols(features, prototypes, c, 1.0 / eps, lse,
+                        torch.ones(features.shape[0], 1, dtype=acc, device=features.device))
+        col = col[:, 0].to(acc)
+        if active:
+            torch.distributed.all_reduce(col)
+        # prototype k's column to 1 / K: exp(-c_k / eps) *= 1 / (K * colsum_k), up to one
+        # factor for all k (the row softmax removes it). An empty column (every row's
+        # exponential underflowed) takes the smallest normal sum: a large boost, not inf.
+        c = c + eps * torch.log(col.clamp(min=torch.finfo(acc).tiny) * K)
+        lse = impl.rows(features, prototypes, None, c, 1.0 / eps)[0].to(acc)
+    return c
 
 def koleo(x, p=2, eps=1e-8):
     """KoLeo (DINOv2's spreading regulariser): rows normalised, each row's nearest other row
@@ -228,6 +283,19 @@ def koleo(x, p=2, eps=1e-8):
     d = torch.nn.functional.pairwise_distance(z, z[nearest], p=p, eps=eps)
     return -torch.log(d + eps).mean()
 
+
+
+class KoLeoLoss(torch.nn.Module):
+    """lightly's KoLeoLoss: ``KoLeoLoss(p=2, eps=1e-8)``, ``forward(x)`` on (n, D) rows
+    (``koleo``: nearest neighbours by a chunked max, no n x n matrix)."""
+
+    def __init__(self, p=2, eps=1e-8):
+        super().__init__()
+        self.p = _checks.number(p, "p", lo=0.0, lo_open=True)
+        self.eps = _checks.number(eps, "eps", lo=0.0)
+
+    def forward(self, x):
+        return koleo(x, self.p, self.eps)
 
 def _lse(x, scale, shift, chunk):
     """log-sum-exp over dim 1 of (x - shift) * scale, in column chunks."""

@@ -49,4 +49,5 @@ def test_both_architectures_and_every_kernel(compiled):
                            "barlow._gram_inner_kernel", "barlow._gram_apply_kernel",
                            "barlow._standardize_kernel", "barlow._standardize_bwd_kernel",
                            "augment._colour_kernel", "augment._blur_rows_kernel",
-                           "augment._blur_cols_kernel", "augment._resize_kernel"}
+                           "augment._blur_cols_kernel", "augment._resize_kernel",
+                           "prototype._rows_kernel", "prototype._cols_kernel"}

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
-from fastssl import ShapeError
+from fastssl import ShapeError, _reference
 from fastssl import prototype as PR
 
 
@@ -29,23 +29,27 @@ def data(rows_s, rows_t, K, D, dtype, seed):
                                                                    dtype=torch.float64)
 
 
-def check(loss, grads, ref, ref_grads, dtype):
+def check(loss, grads, ref, ref_grads, dtype, scales=(0.0, 0.0)):
+    """Relative errors within the dtype's tolerance. ``scales``: the norms of the terms whose
+    difference a gradient is (the prototypes' gradient is the student's softmax term minus
+    the teacher's, each rounded to the operand dtype in the tile matmuls), the error's scale
+    where the gradient itself cancels (K = 1: exactly zero)."""
     tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2,
            torch.float16: 5e-3}[dtype]
     assert loss.dtype == dtype
     assert abs(loss.double().item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
-    for g, r in zip(grads, ref_grads):
+    for g, r, sc in zip(grads, ref_grads, scales):
         assert g.dtype == dtype
-        assert (g.double() - r).norm() <= tol * max(r.norm().item(), 1e-3), \
-            ((g.double() - r).norm().item(), r.norm().item())
+        assert (g.double() - r).norm() <= tol * max(r.norm().item(), sc, 1e-3), \
+            ((g.double() - r).norm().item(), r.norm().item(), sc)
 
 
 @pytest.mark.parametrize("S,T,B,K,D", [(2, 2, 5, 7, 3), (6, 2, 3, 1000, 257), (4, 2, 1, 1, 1),
                                        (3, 1, 4, 130, 16), (2, 2, 1, 65, 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tau_t", [0.01, 0.04, 0.1])
-def test_dino_pairing_matches_float64(S, T, B, K, D, dtype, tau_t, monkeypatch):
-    monkeypatch.setattr(PR, "CHUNK", 17)
+def test_dino_pairing_matches_float64(backend, S, T, B, K, D, dtype, tau_t, monkeypatch):
+    monkeypatch.setattr(_reference, "BLOCK", 17)
     s, t, W, V, c = data(S * B, T * B, K, D, dtype, seed=S * 100 + K)
     s_, W_ = s.to(dtype).requires_grad_(), W.to(dtype).requires_grad_()
     loss = PR.prototype_cross_entropy(s_, t.to(dtype), W_, V.to(dtype), 0.1, tau_t,
@@ -56,13 +60,15 @@ def test_dino_pairing_matches_float64(S, T, B, K, D, dtype, tau_t, monkeypatch):
     ref = reference(s64, W64, t.to(dtype).double(), V.to(dtype).double(),
                     c.to(dtype).double(), 0.1, tau_t, dino_pairs(S, T, B))
     ref_grads = torch.autograd.grad(ref, (s64, W64))
-    check(loss, grads, ref, ref_grads, dtype)
+    lse = torch.logsumexp(s64 @ W64.T / 0.1, 1)
+    term = torch.autograd.grad(sum(w * lse[i] for i, _, w in dino_pairs(S, T, B)), W64)[0]
+    check(loss, grads, ref, ref_grads, dtype, (0.0, term.norm().item()))
 
 
 @pytest.mark.parametrize("rows,K,D", [(1, 5, 4), (37, 300, 33)])
-def test_row_pairing_with_weights(rows, K, D, monkeypatch):
+def test_row_pairing_with_weights(backend, rows, K, D, monkeypatch):
     """iBOT: row r against teacher row r, weight 1 / masked tokens of its image / images."""
-    monkeypatch.setattr(PR, "CHUNK", 64)
+    monkeypatch.setattr(_reference, "BLOCK", 64)
     s, t, W, V, c = data(rows, rows, K, D, torch.float64, seed=rows)
     image = torch.arange(rows) % 3
     counts = torch.bincount(image).double()
@@ -76,7 +82,7 @@ def test_row_pairing_with_weights(rows, K, D, monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
-def test_center_statistic_and_teacher_gets_no_gradient():
+def test_center_statistic_and_teacher_gets_no_gradient(backend):
     s, t, W, V, c = data(8, 4, 50, 6, torch.float64, seed=3)
     t, V = t.requires_grad_(), V.requires_grad_()
     loss, stat = PR.prototype_cross_entropy(s, t, W, V, center=c, return_center_stat=True)
@@ -84,7 +90,7 @@ def test_center_statistic_and_teacher_gets_no_gradient():
     assert not loss.requires_grad  # nothing on the student side requires grad here
 
 
-def test_sharp_teacher_is_finite():
+def test_sharp_teacher_is_finite(backend):
     s, t, W, V, _ = data(4, 4, 2000, 8, torch.float64, seed=5)
     t = t * 1e3  # scores of 1e3 at tau_t = 0.01: exp(1e5) overflows a naive softmax
     loss = PR.prototype_cross_entropy(s.float(), t.float(), W.float(), V.float(), 0.1, 0.01)
@@ -112,7 +118,7 @@ def test_bad_inputs(kwargs, error, match):
         PR.prototype_cross_entropy(**args)
 
 
-def test_memory_is_linear_in_rows_and_k():
+def test_memory_is_linear_in_rows_and_k(backend):
     """No (rows x K) buffer: the saved tensors are O((rows + K) D + rows)."""
     s, t, W, V, c = data(64, 32, 4096, 16, torch.float32, seed=1)
     s = s.float().requires_grad_()
@@ -287,3 +293,135 @@ def test_swav_errors():
         PR.SwaVLoss()([torch.ones(2, 3)] * 2, [], [torch.ones(4, 3)])
     with pytest.raises(ValueError, match="sinkhorn_epsilon must be > 0"):
         PR.SwaVLoss(sinkhorn_epsilon=0)
+
+
+# ----------------------------------------------------------------------------- the two passes
+
+@pytest.mark.parametrize("n,K,D,E", [(1, 1, 1, 1), (3, 130, 257, 257), (70, 65, 16, 3),
+                                     (129, 200, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_and_cols_passes_match_float64(backend, n, K, D, E, dtype, bias):
+    """lse, the softmax-weighted values (rows) and the transposed sums (cols) against the
+    dense float64 softmax, on the operands rounded to ``dtype``."""
+    from fastssl import _dispatch
+    g = torch.Generator().manual_seed(n + K + D)
+    x = (torch.randn(n, D, generator=g) / D ** 0.5).to(dtype)  # scores of order `scale`
+    P = torch.randn(K, D, generator=g).to(dtype)
+    U = torch.randn(K, E, generator=g).to(dtype)
+    c = torch.randn(K, generator=g) if bias else None
+    Y = torch.randn(n, E, generator=g)
+    scale = 7.0
+    impl = _dispatch.implementation("prototype", x)[1]
+    lse, out = impl.rows(x, P, U, c, scale)
+    S = (x.double() @ P.double().T - (0 if c is None else c.double())) * scale
+    ref_lse = torch.logsumexp(S, 1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    torch.testing.assert_close(out.double(), torch.softmax(S, 1) @ U.double(), **tol)
+    lse_only, none = impl.rows(x, P, None, c, scale)
+    assert none is None and torch.equal(lse_only, lse)
+    cols = impl.cols(x, P, c, scale, lse, Y)
+    want = torch.exp(S - lse.double()[:, None]).T @ Y.to(dtype).double()
+    # Y is rounded to the operand dtype in the tile matmul: compare against that rounding,
+    # relative to the norm (the sums cancel).
+    rel = 1e-5 if dtype == torch.float32 else 3e-3
+    assert (cols.double() - want).norm() <= rel * want.norm()
+
+
+def test_bitwise_reproducible(backend):
+    s, t, W, V, c = data(40, 20, 300, 24, torch.float32, seed=9)
+    runs = []
+    for _ in range(2):
+        s_, W_ = s.bfloat16().requires_grad_(), W.bfloat16().requires_grad_()
+        loss = PR.prototype_cross_entropy(s_, t.bfloat16(), W_, V.bfloat16(), 0.1, 0.04,
+                                          c.float())
+        runs.append((loss, *torch.autograd.grad(loss, (s_, W_))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sharp_teacher_16bit_is_stable(backend, dtype):
+    """tau_t = 0.01 on 16-bit unit features: finite values and gradients close to float64."""
+    s, t, W, V, c = data(24, 12, 500, 32, torch.float64, seed=2)
+    s_, W_ = s.to(dtype).requires_grad_(), W.to(dtype).requires_grad_()
+    loss = PR.prototype_cross_entropy(s_, t.to(dtype), W_, V.to(dtype), 0.1, 0.01,
+                                      c.to(dtype), teacher_crops=2)
+    gs, gw = torch.autograd.grad(loss, (s_, W_))
+    assert torch.isfinite(loss) and torch.isfinite(gs).all() and torch.isfinite(gw).all()
+    s64, W64 = s_.detach().double().requires_grad_(), W_.detach().double().requires_grad_()
+    ref = reference(s64, W64, t.to(dtype).double(), V.to(dtype).double(), c.to(dtype).double(),
+                    0.1, 0.01, dino_pairs(4, 2, 6))
+    assert abs(loss.double().item() - ref.item()) <= 2e-2 * abs(ref.item())
+
+
+# ----------------------------------------------------------------------------- Sinkhorn-Knopp
+
+@pytest.mark.parametrize("B,K,D,it", [(1, 1, 1, 1), (7, 130, 9, 3), (64, 33, 257, 5),
+                                      (200, 70, 16, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sinkhorn_knopp_factored_equals_the_dense_codes(backend, B, K, D, it, dtype):
+    g = torch.Generator().manual_seed(B * K)
+    f = tF.normalize(torch.randn(B, D, generator=g), dim=1).to(dtype)
+    P = tF.normalize(torch.randn(K, D, generator=g), dim=1).to(dtype)
+    eps = 0.05
+    c = PR.sinkhorn_knopp(f, P, eps, it)
+    scores = f.double() @ P.double().T
+    codes = torch.softmax((scores - c.double()) / eps, 1)
+    want = PR.sinkhorn(torch.exp((scores - scores.max()) / eps), it)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(codes, want, rtol=tol, atol=tol)
+
+
+def test_sinkhorn_target_inside_the_loss(backend):
+    s, t, W, V, _ = data(12, 6, 90, 10, torch.float64, seed=4)
+    s_ = s.clone().requires_grad_()
+    loss = PR.prototype_cross_entropy(s_, t, W, V, 0.1, 0.05, teacher_target="sinkhorn",
+                                      teacher_crops=2, sinkhorn_iterations=3)
+    ls = torch.log_softmax(s_ @ W.T / 0.1, 1)
+    q = PR.sinkhorn(torch.exp((t @ V.T - (t @ V.T).max()) / 0.05), 3)
+    ref = sum(w * -(q[j] * ls[i]).sum() for i, j, w in dino_pairs(4, 2, 3))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, s_, retain_graph=True)[0],
+                               torch.autograd.grad(ref, s_)[0])
+    with pytest.raises(ValueError, match="pass center=None"):
+        PR.prototype_cross_entropy(s, t, W, V, center=torch.zeros(90),
+                                   teacher_target="sinkhorn")
+
+
+def test_sinkhorn_knopp_errors():
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        PR.sinkhorn_knopp(torch.ones(3, 2), torch.ones(4, 2), iterations=0)
+    with pytest.raises(ShapeError, match="common D"):
+        PR.sinkhorn_knopp(torch.ones(3, 2), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        PR.sinkhorn_knopp(torch.ones(3, 2), torch.ones(4, 2), epsilon=0)
+    with pytest.raises(ValueError, match="at least one row"):
+        PR.sinkhorn_knopp(torch.ones(0, 2), torch.ones(4, 2))
+
+
+# ----------------------------------------------------------------------------- modules
+
+def test_prototype_cross_entropy_module_tracks_the_centre(backend):
+    s, t, W, V, _ = data(12, 8, 40, 6, torch.float64, seed=8)
+    mod = PR.PrototypeCrossEntropy(output_dim=40, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                                   warmup_teacher_temp_epochs=3, center_momentum=0.8)
+    center = torch.zeros(40, dtype=torch.float64)
+    for epoch in range(4):
+        tau_t = [0.04, 0.055, 0.07, 0.07][epoch]
+        loss = mod(s, t, W, V, epoch=epoch)
+        ref = reference(s, W, t, V, center, 0.1, tau_t, dino_pairs(3, 2, 4))
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        center = 0.8 * center + 0.2 * (t @ V.T).mean(0)
+        torch.testing.assert_close(mod.center[0].double(), center, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ShapeError, match="output_dim=40"):
+        mod(s, t, W[:30], V[:30])
+
+
+def test_koleo_loss_module():
+    x = torch.randn(33, 7, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(PR.KoLeoLoss(p=2, eps=1e-8)(x), koleo_dense(x))
+    torch.testing.assert_close(PR.KoLeoLoss(p=1)(x), koleo_dense(x, p=1))
+    with pytest.raises(ValueError, match="p must be > 0"):
+        PR.KoLeoLoss(p=0)
