@@ -132,7 +132,8 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     si, tj, w = _pairs(student.shape[0], teacher.shape[0], pairing, student_crops,
                        teacher_crops, weights, student.device, acc)
-    c = None if center is None else center.detach().to(acc).contiguous()
+    # a copy: a caller's centre buffer may move before the backward reads it
+    c = None if center is None else center.detach().to(acc, copy=True).contiguous()
     loss = _ops.prototype_ce(student, student_prototypes, teacher.detach(), V.detach(), c, si,
                              tj, w, float(tau_s), float(tau_t))[0].to(student.dtype)
     if not return_center_stat:

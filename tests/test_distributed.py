@@ -481,3 +481,100 @@ RANK1_WITHOUT_ROWS = {
     "BarlowTwinsLoss(global)": lambda A, B: ref_barlow(A, B, 0.05),
     "VICRegLoss": lambda A, B: ref_vicreg(A, B) - 25.0 * ((A - B) ** 2).mean(),
 }
+
+
+# ----------------------------------------------------------------------------- prototype heads
+
+PROTO_K, PROTO_S, PROTO_T = 37, 3, 2
+
+
+def proto_data(B, seed):
+    """Global batch: student rows (S x B, D) and teacher rows (T x B, D), crop-major; the
+    prototypes (K, D); all unit rows in float64."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda n: tF.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1)  # noqa: E731
+    return mk(PROTO_S * B), mk(PROTO_T * B), mk(PROTO_K)
+
+
+def proto_local(x, crops, B, o, n):
+    """This rank's samples [o, o + n) of every crop, crop-major."""
+    return torch.cat([x[v * B + o:v * B + o + n] for v in range(crops)])
+
+
+def proto_worker(rank, world, port, sizes, seed, out_dir, backend):
+    os.environ["FASTSSL_BACKEND"] = backend
+    if backend == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        B, o, n = sum(sizes), offsets(sizes)[rank], sizes[rank]
+        s, t, W = proto_data(B, seed)
+        s = proto_local(s, PROTO_S, B, o, n).float().requires_grad_()
+        t = proto_local(t, PROTO_T, B, o, n).float()
+        W = W.float().requires_grad_()
+        results = {}
+        module = fastssl.PrototypeCrossEntropy(output_dim=PROTO_K, center_momentum=0.5)
+        module.center.fill_(0.25)
+        loss = module(s, t, W)
+        ds, dW = torch.autograd.grad(loss, [s, W])
+        results["softmax"] = {"loss": loss.detach(), "ds": ds, "dW": dW,
+                              "center": module.center.clone()}
+        results["sinkhorn_c"] = fastssl.sinkhorn_knopp(t, W.detach(), 0.05, 3,
+                                                       gather_distributed=True)
+        loss = fastssl.prototype_cross_entropy(s, t, W, teacher_target="sinkhorn",
+                                               teacher_temp=0.05, gather_distributed=True)
+        ds, dW = torch.autograd.grad(loss, [s, W])
+        results["sinkhorn"] = {"loss": loss.detach(), "ds": ds, "dW": dW}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prototype_heads_across_ranks_equal_one_process(backend):
+    """Centre statistics and Sinkhorn column sums all-reduced: every rank's centre and
+    Sinkhorn scalings equal one process's on the global batch, and the rank-averaged
+    gradients (what DDP applies) equal the global batch's."""
+    sizes, seed = [3, 3], 5
+    world = len(sizes)
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.spawn(proto_worker, args=(world, free_port(), sizes, seed, out, backend),
+                       nprocs=world, join=False)
+        deadline = time.monotonic() + 240
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail("distributed run did not finish in 240 s")
+        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+    B = sum(sizes)
+    s, t, W = proto_data(B, seed)
+    s, W = s.requires_grad_(), W.requires_grad_()
+    # One process, float64: the module's loss and centre, then the Sinkhorn target.
+    center = torch.full((PROTO_K,), 0.25, dtype=torch.float64)
+    ls = torch.log_softmax(s @ W.T / 0.1, 1)
+    pairs = [(v, u) for v in range(PROTO_S) for u in range(PROTO_T) if u != v]
+    for target in ("softmax", "sinkhorn"):
+        if target == "softmax":
+            q = torch.softmax((t @ W.detach().T - center) / 0.04, 1)
+        else:
+            sc = t @ W.detach().T
+            q = fastssl.sinkhorn(torch.exp((sc - sc.max()) / 0.05), 3)
+        loss = sum(-(q[u * B:(u + 1) * B] * ls[v * B:(v + 1) * B]).sum(1).mean()
+                   for v, u in pairs) / len(pairs)
+        ds, dW = torch.autograd.grad(loss, [s, W], retain_graph=True)
+        got_dW = sum(r[target]["dW"] for r in results) / world  # DDP's average
+        check(got_dW, dW, 1e-4, f"{target}: averaged prototype gradient")
+        for r, (o, n) in enumerate(zip(offsets(sizes), sizes)):
+            # each rank's loss is its samples' mean; DDP averages: d/ds_local = world * global
+            check(results[r][target]["ds"], world * proto_local(ds, PROTO_S, B, o, n), 1e-4,
+                  f"{target}: student gradient on rank {r}")
+    want_center = 0.5 * center + 0.5 * (t @ W.detach().T).mean(0)
+    sc = t @ W.detach().T
+    for r in range(world):
+        check(results[r]["softmax"]["center"][0], want_center, 1e-5, f"centre on rank {r}")
+        c = results[r]["sinkhorn_c"].double()
+        codes = torch.softmax((sc - c) / 0.05, 1)
+        check(codes, fastssl.sinkhorn(torch.exp((sc - sc.max()) / 0.05), 3), 1e-4,
+              f"Sinkhorn codes from rank {r}'s scalings")

@@ -410,9 +410,13 @@ def test_prototype_cross_entropy_module_tracks_the_centre(backend):
     center = torch.zeros(40, dtype=torch.float64)
     for epoch in range(4):
         tau_t = [0.04, 0.055, 0.07, 0.07][epoch]
-        loss = mod(s, t, W, V, epoch=epoch)
-        ref = reference(s, W, t, V, center, 0.1, tau_t, dino_pairs(3, 2, 4))
+        s_ = s.clone().requires_grad_()
+        loss = mod(s_, t, W, V, epoch=epoch)
+        ref = reference(s_, W, t, V, center, 0.1, tau_t, dino_pairs(3, 2, 4))
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        # the backward (after the centre moved) uses the centre of the forward
+        torch.testing.assert_close(torch.autograd.grad(loss, s_)[0],
+                                   torch.autograd.grad(ref, s_)[0], rtol=1e-5, atol=1e-7)
         center = 0.8 * center + 0.2 * (t @ V.T).mean(0)
         torch.testing.assert_close(mod.center[0].double(), center, rtol=1e-5, atol=1e-6)
     with pytest.raises(ShapeError, match="output_dim=40"):
