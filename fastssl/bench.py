@@ -21,7 +21,9 @@ import torch.nn.functional as tF
 
 import fastssl
 
-OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment")
+OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment", "dino", "ibot")
+PROTOTYPES = 65536  # K of the prototype-head benchmarks (DINO's and DINOv2's)
+DINO_CROPS = (10, 2)  # student crops (2 global + 8 local), teacher crops
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 
 
@@ -78,7 +80,71 @@ def fastssl_siglip(img, txt):
     return fastssl.siglip_loss(img, txt, SIGLIP_SCALE, SIGLIP_BIAS)
 
 
+_TEACHER = {}
+
+
+def _teacher(op, student, prototypes):
+    """Fixed teacher rows, teacher prototypes and centre for a prototype-head row (made once
+    per shape, at the untimed warm-up call): unit rows like a DINO head's."""
+    rows, D = student.shape
+    K = prototypes.shape[0]
+    key = (op, rows, K, D, student.dtype, student.device)
+    if key not in _TEACHER:
+        _TEACHER.clear()
+        g = torch.Generator(device=student.device).manual_seed(rows + K + D)
+        n = rows * DINO_CROPS[1] // DINO_CROPS[0] if op == "dino" else rows
+        mk = lambda m: torch.nn.functional.normalize(torch.randn(  # noqa: E731
+            m, D, device=student.device, generator=g), dim=1).to(student.dtype)
+        _TEACHER[key] = (mk(n), mk(K), 0.01 * torch.randn(K, device=student.device,
+                                                          generator=g))
+    return _TEACHER[key]
+
+
+def _ibot_weights(rows, device):
+    """iBOT's token weights: rows split over images of 80 masked tokens (1 / 80 / images)."""
+    images = max(1, rows // 80)
+    image = torch.arange(rows, device=device) * images // rows
+    counts = torch.bincount(image, minlength=images).float()
+    return 1.0 / counts[image] / images
+
+
+def eager_dino(s, W):
+    """DINO's loss as lightly writes it on the head's logits: both (rows x K) score
+    matrices, the teacher softmax, the student log-softmax, an einsum per crop pair."""
+    t, V, c = _teacher("dino", s, W)
+    S, T = DINO_CROPS
+    B = t.shape[0] // T
+    teacher = torch.softmax((t @ V.T - c) / 0.04, dim=-1).view(T, B, -1)
+    student = torch.log_softmax((s @ W.T) / 0.1, dim=-1).view(S, B, -1)
+    loss = -torch.einsum("tbk,sbk->tsb", teacher, student).mean(-1)  # (T, S) pair means
+    return sum(loss[u, v] for u in range(T) for v in range(S) if u != v) / (T * S - min(T, S))
+
+
+def fastssl_dino(s, W):
+    t, V, c = _teacher("dino", s, W)
+    return fastssl.prototype_cross_entropy(s, t, W, V, 0.1, 0.04, c,
+                                           teacher_crops=DINO_CROPS[1])
+
+
+def eager_ibot(s, W):
+    """iBOT's patch loss as lightly writes it: the masked tokens' score matrices, softmax,
+    log-softmax, per-token weights."""
+    t, V, c = _teacher("ibot", s, W)
+    w = _ibot_weights(s.shape[0], s.device)
+    teacher = torch.softmax((t @ V.T - c) / 0.04, dim=-1)
+    loss = torch.sum(-teacher * torch.log_softmax((s @ W.T) / 0.1, dim=-1), dim=-1)
+    return (loss * w).sum()
+
+
+def fastssl_ibot(s, W):
+    t, V, c = _teacher("ibot", s, W)
+    return fastssl.prototype_cross_entropy(s, t, W, V, 0.1, 0.04, c, pairing="rows",
+                                           weights=_ibot_weights(s.shape[0], s.device))
+
+
 IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
+         "dino": {"fastssl": fastssl_dino, "eager": eager_dino},
+         "ibot": {"fastssl": fastssl_ibot, "eager": eager_ibot},
          "siglip": {"fastssl": fastssl_siglip, "eager": eager_siglip},
          "barlow": {"fastssl": fastssl.barlow_twins, "eager": eager_barlow},
          "vicreg": {"fastssl": fastssl.vicreg, "eager": eager_vicreg}}
@@ -96,6 +162,10 @@ def make_inputs(op, size, D, dtype, device, seed=0):
     """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's is n pairs."""
     rows = size // 2 if op == "infonce" else size
     g = torch.Generator(device=device).manual_seed(seed + size + D)
+    if op in ("dino", "ibot"):  # student rows and the K prototypes (unit rows)
+        return [torch.nn.functional.normalize(torch.randn(
+            n, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
+            for n in (size, PROTOTYPES)]
     return [torch.randn(rows, D, device=device, dtype=dtype, generator=g).requires_grad_()
             for _ in range(2)]
 
@@ -108,6 +178,9 @@ def model_flops(op, size, D):
         return 6 * size * D * D
     if op == "vicreg":
         return 12 * size * D * D
+    if op in ("dino", "ibot"):  # student and teacher scores, dS, dW: rows x K x D each
+        teacher = size * DINO_CROPS[1] // DINO_CROPS[0] if op == "dino" else size
+        return 2 * (3 * size + teacher) * PROTOTYPES * D
     return 6 * size * size * D
 
 
@@ -317,11 +390,11 @@ def bench_cpu(op, sizes, dims, dtypes, log, repeats=3, save=_noop):
 
 # ----------------------------------------------------------------------------- max batch
 
-def _fits_gpu(fn, size, D, dtype):
+def _fits_gpu(fn, size, D, dtype, op="infonce"):
     import time
     a = b = None
     try:
-        a, b = make_inputs("infonce", size, D, dtype, "cuda")
+        a, b = make_inputs(op, size, D, dtype, "cuda")
         torch.cuda.synchronize()
         t = time.perf_counter()
         fn(a, b).backward()
@@ -334,8 +407,8 @@ def _fits_gpu(fn, size, D, dtype):
         torch.cuda.empty_cache()
 
 
-def _fits_cpu(impl, size, D, dtype, budget_mib):
-    r = cpu_case("infonce", impl, size, D, dtype, repeats=0, warm=False)
+def _fits_cpu(impl, size, D, dtype, budget_mib, op="infonce"):
+    r = cpu_case(op, impl, size, D, dtype, repeats=0, warm=False)
     if "error" in r:
         return False, None
     return r["peak_extra_mib"] <= budget_mib, r["first_fwd_bwd_ms"] / 1e3
@@ -395,6 +468,30 @@ def bench_maxbatch(quick, log, save=_noop, dims=None, dtypes=None):
     for r in rows:
         log(f"  {r['impl']}: max 2N = {r['max_rows']} (stopped by {r['stopped_by']})")
     return rows, {}
+
+
+def prototype_max_rows(op, D, dtype, quick, log):
+    """The largest student-rows count of a prototype-head forward+backward (K = 65,536) for
+    fastssl and the eager formulation: on the GPU what completes, on the CPU what stays
+    within a memory budget (a child process's peak RSS), as ``maxbatch``."""
+    out = {}
+    step = DINO_CROPS[0] * 64 if op == "dino" else 512
+    if torch.cuda.is_available():
+        cap = (1 << 16) if quick else (1 << 20)
+        for name, fn in IMPLS[op].items():
+            size, why = max_batch(lambda s: _fits_gpu(fn, s, D, getattr(torch, dtype), op),
+                                  step, cap, step, log, name)
+            out[name] = {"max_rows": size, "stopped_by": why, "budget": "the GPU"}
+    else:
+        budget, cap = (512, 4 * step) if quick else (2048, 16 * step)
+        for name in IMPLS[op]:
+            size, why = max_batch(lambda s: _fits_cpu(name, s, D, dtype, budget, op), step,
+                                  cap, step, log, name)
+            out[name] = {"max_rows": size, "stopped_by": why, "budget": f"{budget} MiB extra"}
+    for name, r in out.items():
+        log(f"  {name}: largest rows = {r['max_rows']} (stopped by {r['stopped_by']}, "
+            f"budget {r['budget']})")
+    return out
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -612,6 +709,11 @@ def markdown(result):
         if not cpu:
             cells.append(f"{r['tflops']:.1f}" if "tflops" in r else "")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if result.get("max_rows"):
+        lines += ["", f"K = {PROTOTYPES}: the largest rows count whose forward+backward fits",
+                  "", "| impl | largest rows | stopped by | memory budget |", "|---|---|---|---|"]
+        lines += [f"| {k} | {r['max_rows']} | {r['stopped_by']} | {r['budget']} |"
+                  for k, r in result["max_rows"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -622,7 +724,8 @@ def _slug(device):
 
 # The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
 # samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
-MIN_SIZE = {"infonce": 2, "siglip": 1, "barlow": 2, "vicreg": 2, "augment": 1}
+MIN_SIZE = {"infonce": 2, "siglip": 1, "barlow": 2, "vicreg": 2, "augment": 1,
+            "dino": DINO_CROPS[0], "ibot": 1}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -643,10 +746,12 @@ def check_args(op, sizes=None, dims=None, dtypes=None):
         low = MIN_SIZE.get(o)
         if low is None or not sizes:
             continue
-        small = [v for v in sizes if v < low or (o == "infonce" and v % 2)]
+        small = [v for v in sizes if v < low or (o == "infonce" and v % 2)
+                 or (o == "dino" and v % DINO_CROPS[0])]
         if small:
             need = "an even number >= 2 (2N rows: two views of N)" if o == "infonce" \
-                else f">= {low}"
+                else f"a multiple of {DINO_CROPS[0]} (student crops x images)" \
+                if o == "dino" else f">= {low}"
             raise ValueError(f"--sizes for {o} must be {need}, got {small[0]}")
     unknown = [d for d in dtypes or [] if d not in DTYPES]
     if unknown:
@@ -703,6 +808,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         elif op == "siglip":
             sizes = sizes or ([4096] if quick else [4096, 16384, 32768])
             dims = dims or [768]
+        elif op in ("dino", "ibot"):
+            sizes = sizes or ([2560] if quick else [640, 2560, 8192, 16384])
+            dims = dims or [256]
         else:
             sizes = sizes or ([256] if quick else [256, 2048])
             dims = dims or ([2048] if quick else [2048, 8192])
@@ -713,6 +821,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         if op in ("barlow", "vicreg"):
             sizes = sizes or ([256] if quick else [256, 1024, 2048])
             dims = dims or ([1024] if quick else [4096])
+        elif op in ("dino", "ibot"):
+            sizes = sizes or ([320] if quick else [640, 1280, 2560])
+            dims = dims or [256]
         else:
             sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
             dims = dims or ([64] if op == "infonce" else [256])
@@ -724,6 +835,10 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
             "freed heap pages returned to the OS (malloc_trim), then its peak RSS during one "
             "forward+backward above its RSS before it.")
         rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
+    if op in ("dino", "ibot") and any("error" not in r for r in rows):
+        log(f"largest {op} rows count (K = {PROTOTYPES}, D = {dims[0]}, {dtypes[0]})")
+        extra = dict(extra, max_rows=prototype_max_rows(op, dims[0], str(dtypes[0]).replace(
+            "torch.", ""), quick, log))
     result = save(rows)
     if not any("error" not in r for r in rows):
         raise BenchmarkFailed(f"bench {op}: every one of the {len(rows)} cases failed "

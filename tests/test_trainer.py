@@ -107,7 +107,9 @@ def test_two_ranks_give_the_one_process_run(method, tmp_path):
     s2, t2 = _checkpoint(two)
     assert s2["step"] == 4 and len(s2["history"]["step_loss"]) == 4
     np.testing.assert_allclose(s2["history"]["step_loss"], one["step_loss"], rtol=2e-5, atol=1e-6)
-    _close(t2, t1, rtol=1e-4)
+    # DINO's teacher at temperature 0.02 multiplies the summation-order rounding of the
+    # scores by 50; after Adam's steps its weights agree to ~2e-3 (relative).
+    _close(t2, t1, rtol=5e-3 if method == "dino" else 1e-4)
     report = json.loads(open(os.path.join(two, "report.json")).read())
     assert report["throughput"]["world"] == 2 and report["throughput"]["global_batch"] == 32
 

@@ -11,6 +11,12 @@ byol       ``NegativeCosineSimilarity`` of online predictions against ``EMA`` ta
 simsiam    ``NegativeCosineSimilarity`` of predictions against stop-gradient projections
 barlow     ``BarlowTwinsLoss`` on 512-d projections (global-batch statistics under DDP)
 vicreg     ``VICRegLoss`` on 512-d projections (embeddings gathered under DDP)
+dino       multi-crop self-distillation: ``PrototypeCrossEntropy`` of every student crop
+           against the ``EMA`` teacher's other global crops over weight-normalised
+           prototypes (centring, teacher-temperature warm-up); no rows x K matrix
+swav       multi-crop swapped prediction: each crop predicts the Sinkhorn-Knopp codes of
+           the other global crops (``prototype_cross_entropy(teacher_target="sinkhorn")``,
+           column sums all-reduced under DDP)
 =========  ==========================================================================
 
 ``forward(views)`` is the loss (so DistributedDataParallel wraps the method);
@@ -25,7 +31,8 @@ import fastssl
 from fastssl import augment as A
 from fastssl.pretrain.models import mlp
 
-METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg")
+METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav")
+MULTI_CROP = ("dino", "swav")
 
 
 class Method(nn.Module):
@@ -134,16 +141,112 @@ class VICReg(Method):
         return self.criterion(z0, z1)
 
 
+class PrototypeHead(nn.Module):
+    """MLP to a bottleneck, L2-normalised, and K prototypes used weight-normalised (unit
+    rows): the head of DINO and SwAV without its last linear layer, whose cosine scores
+    the fused loss computes tile by tile. ``forward`` returns the unit bottleneck rows."""
+
+    def __init__(self, dim, prototypes, bottleneck=64, hidden=256):
+        super().__init__()
+        self.mlp = mlp([dim, hidden, bottleneck])
+        self.weight = nn.Parameter(torch.randn(prototypes, bottleneck) / bottleneck ** 0.5)
+
+    def prototypes(self):
+        return tF.normalize(self.weight, dim=1)
+
+    def forward(self, h):
+        return tF.normalize(self.mlp(h), dim=1)
+
+
+def _crops(net, views):
+    """Features of every view, crop-major, one forward per resolution (views of the same
+    size are stacked, as DINO's multi-crop does)."""
+    out, i = [], 0
+    while i < len(views):
+        j = i
+        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+            j += 1
+        out.append(net(torch.cat(views[i:j])))
+        i = j
+    return torch.cat(out)
+
+
+class DINO(Method):
+    """DINO: the student sees every crop, the ``EMA`` teacher (cosine momentum schedule) the
+    two global crops; the teacher's centred, sharpened distribution over the prototypes is
+    the target of every other student crop. The teacher temperature warms up linearly over
+    the first ``warmup`` fraction of the steps."""
+
+    def __init__(self, encoder, prototypes=256, momentum=0.99, student_temp=0.1,
+                 teacher_temp=(0.02, 0.03), warmup=0.3, distributed=False):
+        super().__init__()
+        self.encoder = encoder
+        self.student = nn.Sequential(encoder, PrototypeHead(encoder.dim, prototypes))
+        self.teacher = fastssl.EMA(self.student, momentum=momentum, final_momentum=1.0)
+        self.criterion = fastssl.PrototypeCrossEntropy(
+            output_dim=prototypes, student_temp=student_temp, teacher_crops=2,
+            warmup_teacher_temp=teacher_temp[0], teacher_temp=teacher_temp[1])
+        self.temps, self.warmup = teacher_temp, warmup
+        self.register_buffer("progress", torch.zeros(()))  # fraction of the steps done
+
+    def teacher_temp(self):
+        lo, hi = self.temps
+        done = float(self.progress)
+        return hi if done >= self.warmup else lo + (hi - lo) * done / self.warmup
+
+    def forward(self, views):
+        s = _crops(self.student, views)
+        with torch.no_grad():
+            t = _crops(self.teacher.module, views[:2])
+            V = self.teacher.module[1].prototypes()
+        return self.criterion(s, t, self.student[1].prototypes(), V,
+                              teacher_temp=self.teacher_temp())
+
+    def after_step(self, step, total):
+        self.teacher.update(step, total)
+        self.progress.fill_((step + 1) / total)
+
+
+class SwAV(Method):
+    """SwAV: every crop's softmax over the prototypes (temperature 0.1) predicts the
+    Sinkhorn-Knopp codes (epsilon 0.05, 3 iterations) of the other global crops; the codes
+    come from the same network without gradient, in factored form."""
+
+    def __init__(self, encoder, prototypes=128, temperature=0.1, epsilon=0.02, iterations=3,
+                 distributed=False):
+        super().__init__()
+        self.encoder = encoder
+        self.net = nn.Sequential(encoder, PrototypeHead(encoder.dim, prototypes))
+        self.temperature, self.epsilon, self.iterations = temperature, epsilon, iterations
+
+    def forward(self, views):
+        z = _crops(self.net, views)
+        W = self.net[1].prototypes()
+        B = views[0].shape[0]
+        return fastssl.prototype_cross_entropy(
+            z, z[:2 * B].detach(), W, W.detach(), self.temperature, self.epsilon,
+            teacher_crops=2, teacher_target="sinkhorn", sinkhorn_iterations=self.iterations,
+            gather_distributed=True)
+
+
 def build(method, encoder, distributed=False):
     return {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam,
-            "barlow": Barlow, "vicreg": VICReg}[method](encoder, distributed=distributed)
+            "barlow": Barlow, "vicreg": VICReg, "dino": DINO,
+            "swav": SwAV}[method](encoder, distributed=distributed)
 
 
-def views_for(method, size, scale, flip_p, **kw):
-    """The method's augmentation preset at ``size`` (crop ``scale``, flip probability)."""
+def views_for(method, size, scale, flip_p, n_local=4, **kw):
+    """The method's augmentation preset at ``size`` (crop ``scale``, flip probability);
+    the multi-crop methods add ``n_local`` local crops at half the side, from crop scales
+    below the global ones."""
     kw = dict(size=size, scale=scale, flip_p=flip_p, **kw)
     if method == "simclr":
         return A.SimCLRAugment(**kw)
     if method in ("moco", "simsiam"):
         return A.MoCoV2Augment(**kw)
+    if method in MULTI_CROP:
+        kw.pop("size")
+        g_scale = kw.pop("scale")
+        return A.DINOAugment(global_size=size, local_size=max(size // 2, 4), n_local=n_local,
+                             global_scale=g_scale, local_scale=(0.25, g_scale[0]), **kw)
     return A.BYOLAugment(**kw)
