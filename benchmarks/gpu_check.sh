@@ -19,8 +19,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --fo
 echo "== CUDA tests"
 timeout 220 python3 -m pytest tests -q --maxfail=20 --ignore=tests/test_aot_compile.py \
   --junitxml="$out/cuda-tests.xml" 2>&1 | tail -n 25
-for op in infonce siglip maxbatch barlow vicreg ema augment; do
-  case "$op" in infonce) limit=120 ;; siglip|maxbatch) limit=45 ;; *) limit=30 ;; esac
+for op in infonce siglip maxbatch barlow vicreg ema augment dino ibot; do
+  case "$op" in infonce) limit=120 ;; siglip|maxbatch|dino|ibot) limit=45 ;; *) limit=30 ;; esac
   echo "== fastssl bench $op (at most ${limit} s; results are saved row by row)"
   timeout "$limit" python3 -m fastssl.cli bench "$op" --out "$out" 2>&1 | tee -a "$out/bench.log"
 done

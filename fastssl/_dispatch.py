@@ -127,4 +127,5 @@ def describe():
     return {"infonce (nt_xent, info_nce, clip_loss)": why, "siglip (siglip_loss)": why,
             "barlow (barlow_twins, vicreg: Gram formulation)": why,
             "augment (crop/resize, colour, blur passes)": why,
+            "prototype (prototype_cross_entropy, sinkhorn_knopp)": why,
             "ema (update_momentum, EMA)": ema}

@@ -410,9 +410,12 @@ def _prototype_ce_backward_impl(
     if need_prototypes:
         impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
         h = torch.zeros_like(q).index_add_(0, teacher_idx, g[:, None] * s[student_idx])
-        d_w = impl.cols(student, prototypes, None, 1.0 / student_temp, lse_s, a[:, None] * s)
-        d_w = d_w - impl.cols(teacher, teacher_prototypes, center, 1.0 / teacher_temp, lse_t, h)
-        d_w = (d_w / student_temp).to(prototypes.dtype)
+        # one (K, D) buffer: the teacher's term subtracted in place, 1 / tau_s folded in
+        d_w = impl.cols(student, prototypes, None, 1.0 / student_temp, lse_s, a[:, None] * s,
+                        alpha=1.0 / student_temp)
+        del s
+        d_w = impl.cols(teacher, teacher_prototypes, center, 1.0 / teacher_temp, lse_t, h,
+                        out=d_w, alpha=-1.0 / student_temp).to(prototypes.dtype)
     return (student.new_empty(0) if d_s is None else d_s,
             prototypes.new_empty(0) if d_w is None else d_w)
 

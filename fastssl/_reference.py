@@ -311,19 +311,27 @@ def prototype_rows(x, keys, vals, bias, scale, block=None):
     return lse, None if out is None else out / z[:, None]
 
 
-def prototype_cols(x, keys, bias, scale, lse, y, block=None):
-    """out (K, E) = sum_i exp(score_ik - lse_i) y_i (kernels/prototype.py's ``cols``)."""
+def prototype_cols(x, keys, bias, scale, lse, y, out=None, alpha=1.0, block=None):
+    """out (K, E) = sum_i exp(score_ik - lse_i) y_i, or out += alpha * that with ``out``
+    given (kernels/prototype.py's ``cols``)."""
     acc = _acc(x)
     K = keys.shape[0]
     block = block or BLOCK or _block_width(x.shape[0])
     xa, ya, la = x.to(acc), y.to(acc), lse.to(acc)
-    out = torch.empty(K, y.shape[1], dtype=acc, device=x.device)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(K, y.shape[1], dtype=acc, device=x.device)
     for k0 in range(0, K, block):
         t = xa @ keys[k0:k0 + block].to(acc).T
         if bias is not None:
             t -= bias[k0:k0 + block].to(acc)
         t = t.mul_(scale).sub_(la[:, None]).clamp_(max=0).exp_()
-        out[k0:k0 + block] = t.T @ ya
+        if accumulate:
+            out[k0:k0 + block].addmm_(t.T, ya, alpha=alpha)
+        else:
+            torch.mm(t.T, ya, out=out[k0:k0 + block])
+            if alpha != 1.0:
+                out[k0:k0 + block] *= alpha
     return out
 
 

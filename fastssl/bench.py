@@ -22,7 +22,9 @@ import torch.nn.functional as tF
 import fastssl
 
 OPS = ("infonce", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment", "dino", "ibot")
-PROTOTYPES = 65536  # K of the prototype-head benchmarks (DINO's and DINOv2's)
+# K of the prototype-head benchmarks (DINO's and DINOv2's); FASTSSL_BENCH_K overrides it
+# (read at import, so the child processes of a CPU run see the same K)
+PROTOTYPES = int(os.environ.get("FASTSSL_BENCH_K", 65536))
 DINO_CROPS = (10, 2)  # student crops (2 global + 8 local), teacher crops
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 
@@ -414,13 +416,13 @@ def _fits_cpu(impl, size, D, dtype, budget_mib, op="infonce"):
     return r["peak_extra_mib"] <= budget_mib, r["first_fwd_bwd_ms"] / 1e3
 
 
-def max_batch(fits, start, cap, step, log, name):
+def max_batch(fits, start, cap, step, log, name, label="2N"):
     """Doubling from ``start`` until a failure or ``cap``, then bisection to ``step`` rows.
     ``fits(size) -> (ok, seconds)``. Returns (largest size that fits, reason it stopped)."""
     good, bad, size = 0, None, start
     while size <= cap:
         ok, secs = fits(size)
-        log(f"  {name:>8} 2N={size:>9}: {'ok' if ok else 'does not fit'}"
+        log(f"  {name:>8} {label}={size:>9}: {'ok' if ok else 'does not fit'}"
             + (f" ({secs:.2f} s)" if secs else ""))
         if not ok:
             bad = size
@@ -434,7 +436,7 @@ def max_batch(fits, start, cap, step, log, name):
         if mid in (good, bad):
             break
         ok, secs = fits(mid)
-        log(f"  {name:>8} 2N={mid:>9}: {'ok' if ok else 'does not fit'}")
+        log(f"  {name:>8} {label}={mid:>9}: {'ok' if ok else 'does not fit'}")
         good, bad = (mid, bad) if ok else (good, mid)
     return good, "memory"
 
@@ -480,13 +482,13 @@ def prototype_max_rows(op, D, dtype, quick, log):
         cap = (1 << 16) if quick else (1 << 20)
         for name, fn in IMPLS[op].items():
             size, why = max_batch(lambda s: _fits_gpu(fn, s, D, getattr(torch, dtype), op),
-                                  step, cap, step, log, name)
+                                  step, cap, step, log, name, "rows")
             out[name] = {"max_rows": size, "stopped_by": why, "budget": "the GPU"}
     else:
         budget, cap = (512, 4 * step) if quick else (2048, 16 * step)
         for name in IMPLS[op]:
             size, why = max_batch(lambda s: _fits_cpu(name, s, D, dtype, budget, op), step,
-                                  cap, step, log, name)
+                                  cap, step, log, name, "rows")
             out[name] = {"max_rows": size, "stopped_by": why, "budget": f"{budget} MiB extra"}
     for name, r in out.items():
         log(f"  {name}: largest rows = {r['max_rows']} (stopped by {r['stopped_by']}, "
@@ -917,6 +919,9 @@ def headline(result):
         best_line = (f"size {size}, D {group[0]}, {group[1]}: {m['fwd_bwd_ms']:.1f} ms / "
                      f"{m['peak_extra_mib']:.0f} MiB vs {best['impl']} {best['fwd_bwd_ms']:.1f} ms / "
                      f"{best['peak_extra_mib']:.0f} MiB")
+    if result.get("max_rows"):
+        best_line += "; largest rows: " + ", ".join(
+            f"{k} {r['max_rows']}" for k, r in result["max_rows"].items())
     return best_line
 
 

@@ -14,14 +14,21 @@ sample, and the loss is the mean over pairs and samples (lightly's DINOLoss).
 ``pairing="rows"``: student row r against teacher row r with ``weights`` (iBOT's masked
 tokens: 1 / masked count of the row's image / images), loss = sum_r w_r CE(r, r).
 
-One pass over K in column chunks gives q_j (an online softmax that rescales its running
-sums as the maximum moves) and LSE_i; the backward recomputes both softmaxes chunk by chunk:
+The forward is two passes over K (``kernels/prototype.py``'s ``rows``: an online softmax
+that rescales its running sums as the maximum moves) giving q_j, LSE_i and the student's
+softmax mean m_i = sum_k softmax_ik w_k; the backward is
 
-    dL/ds_i = (a_i sum_k softmax_ik w_k - r_i) / tau_s,     a_i = sum_j g_ij,  r_i = sum_j g_ij q_j
-    dL/dw_k = (sum_i a_i softmax_ik s_i - sum_j p_jk h_j) / tau_s,            h_j = sum_i g_ij s_i
+    dL/ds_i = (a_i m_i - r_i) / tau_s,                 a_i = sum_j g_ij,  r_i = sum_j g_ij q_j
+    dL/dw_k = (sum_i a_i softmax_ik s_i - sum_j p_jk h_j) / tau_s,        h_j = sum_i g_ij s_i
 
-with g_ij the weight of pair (i, j) in the loss. Memory O((rows + K) x D + rows x chunk).
-``center_stat`` = mean_j t_j . v_k (the batch statistic DINO's centre follows) is V @ mean_j t_j.
+(two ``cols`` passes recomputing the softmaxes from the saved log-partitions), with g_ij the
+weight of pair (i, j) in the loss. Memory O((rows + K) x D). CUDA tensors take the Triton
+kernels, others the chunked PyTorch twin (``fastssl._dispatch``). ``center_stat`` =
+mean_j t_j . v_k (the batch statistic DINO's centre follows) is V @ mean_j t_j.
+
+The losses on given logits (``DINOLoss``, ``IBOTPatchLoss``, ``SwaVLoss``) keep lightly's
+signatures and compute in column chunks (no log-softmax tensor); ``koleo`` finds nearest
+neighbours in row chunks.
 """
 import torch
 
@@ -80,6 +87,9 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
             raise _checks.ShapeError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
     V = student_prototypes if teacher_prototypes is None else teacher_prototypes
     _checks.floating(V, "teacher_prototypes")
+    if V.shape != student_prototypes.shape:
+        raise _checks.ShapeError(f"teacher_prototypes must have the student_prototypes' shape "
+                                 f"{tuple(student_prototypes.shape)}, got {tuple(V.shape)}")
     D, K = student.shape[1], student_prototypes.shape[0]
     if teacher.shape[1] != D or student_prototypes.shape[1] != D or V.shape != (K, D):
         raise _checks.ShapeError(
@@ -87,6 +97,11 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
             f"{tuple(student_prototypes.shape)} / {tuple(V.shape)}: need a common D and K")
     if K == 0 or D == 0:
         raise _checks.ShapeError(f"need K >= 1 prototypes and D >= 1, got K={K}, D={D}")
+    for x, name in ((teacher, "teacher"), (student_prototypes, "student_prototypes"),
+                    (V, "teacher_prototypes")):
+        if x.device != student.device:
+            raise ValueError(f"{name} is on {x.device}, student on {student.device}: every "
+                             "tensor must be on one device")
     tau_s = _checks.number(student_temp, "student_temp", lo=0.0, lo_open=True)
     tau_t = _checks.number(teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
     if center is not None:

@@ -77,9 +77,9 @@ def _rows_kernel(X, P, U, BIAS, LSE, OUT, scale, n, K, D, E,
 
 
 @triton.jit
-def _cols_kernel(X, P, BIAS, LSE, Y, OUT, scale, n, K, D, E,
+def _cols_kernel(X, P, BIAS, LSE, Y, OUT, scale, ALPHA, n, K, D, E,
                  s_x0, s_x1, s_p0, s_p1, s_y0, s_y1, s_o0, s_o1,
-                 HAS_BIAS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -108,8 +108,12 @@ def _cols_kernel(X, P, BIAS, LSE, Y, OUT, scale, n, K, D, E,
             acc += tl.dot(p, y.to(tl.float32))
         else:
             acc = tl.dot(p.to(y.dtype), y, acc, input_precision=PRECISION)
-    tl.store(OUT + keys[:, None] * s_o0 + ee[None, :] * s_o1, acc,
-             mask=k_ok[:, None] & e_ok[None, :])
+    o = OUT + keys[:, None] * s_o0 + ee[None, :] * s_o1
+    o_ok = k_ok[:, None] & e_ok[None, :]
+    acc *= tl.load(ALPHA)
+    if ACCUMULATE:
+        acc += tl.load(o, mask=o_ok, other=0.0)
+    tl.store(o, acc, mask=o_ok)
 
 
 def config(dtype, D, interpret=None):
@@ -157,14 +161,17 @@ def rows(x, keys, vals, bias, scale):
     return lse, out
 
 
-def cols(x, keys, bias, scale, lse, y):
-    """out (K, E) float32 = sum_i exp(score_ik - lse_i) y_i (see the module docstring).
+def cols(x, keys, bias, scale, lse, y, out=None, alpha=1.0):
+    """out (K, E) float32 = sum_i exp(score_ik - lse_i) y_i (see the module docstring); with
+    ``out`` given (float32, contiguous), out += alpha * that sum, in place.
 
     y is scaled by a power of two into [-1, 1] and cast to x's dtype for the tile matmul
     (exact scaling; 16-bit y keeps its relative precision), and the result scaled back."""
     n, D = x.shape
     K, E = keys.shape[0], y.shape[1]
-    out = torch.zeros(K, E, device=x.device, dtype=torch.float32)
+    accumulate = out is not None
+    if out is None:
+        out = torch.zeros(K, E, device=x.device, dtype=torch.float32)
     if n == 0:
         return out
     keys = keys.to(x.dtype)
@@ -174,12 +181,14 @@ def cols(x, keys, bias, scale, lse, y):
     cfg = config(x.dtype, D)["cols"]
     b = lse if bias is None else bias.to(torch.float32).contiguous()
     grid = (triton.cdiv(K, cfg["BN"]), triton.cdiv(E, cfg["BE"]))
+    factor = (ys * alpha).float().reshape(1)  # on the device: no host sync
     _cols_kernel[grid](
-        x, keys, b, lse.contiguous(), yy, out, _scalar(scale), n, K, D, E, *x.stride(),
-        *keys.stride(), *yy.stride(), *out.stride(), HAS_BIAS=bias is not None,
+        x, keys, b, lse.contiguous(), yy, out, _scalar(scale), factor, n, K, D, E,
+        *x.stride(), *keys.stride(), *yy.stride(), *out.stride(),
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BE=cfg["BE"],
         PRECISION=_precision(x.dtype), INTERPRET=_interpret(), **_launch_opts(cfg))
-    return out.mul_(ys)
+    return out
 
 
 def shipped_configs():
@@ -198,11 +207,11 @@ def shipped_configs():
                 out.append((_rows_kernel, sig, dict(
                     HAS_VALS=has_vals, HAS_BIAS=has_bias, BM=r["BM"], BN=r["BN"], BK=r["BK"],
                     BE=r["BE"], PRECISION="tf32", INTERPRET=False), r))
-            for has_bias in (True, False):
+            for has_bias, accumulate in ((False, False), (True, True), (True, False)):
                 sig = {"X": ty, "P": ty, "BIAS": f32, "LSE": f32, "Y": ty, "OUT": f32,
-                       "scale": "fp32"}
+                       "scale": "fp32", "ALPHA": f32}
                 sig.update({a: i32 for a in ints + ("s_y0", "s_y1", "s_o0", "s_o1")})
                 out.append((_cols_kernel, sig, dict(
-                    HAS_BIAS=has_bias, BM=k["BM"], BN=k["BN"], BK=k["BK"], BE=k["BE"],
-                    PRECISION="tf32", INTERPRET=False), k))
+                    HAS_BIAS=has_bias, ACCUMULATE=accumulate, BM=k["BM"], BN=k["BN"],
+                    BK=k["BK"], BE=k["BE"], PRECISION="tf32", INTERPRET=False), k))
     return out

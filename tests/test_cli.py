@@ -1,5 +1,6 @@
 """The command line: `fastssl info` and `fastssl bench --quick` on this machine."""
 import json
+import os
 import subprocess
 import sys
 
@@ -114,3 +115,20 @@ def test_bench_writes_into_fastssl_bench_by_default(tmp_path):
     assert [p.suffix for p in sorted((tmp_path / "fastssl-bench").iterdir())] == [
         ".json", ".md", ".png"]
     assert [p.name for p in tmp_path.iterdir()] == ["fastssl-bench"]
+
+
+def test_bench_dino_quick_on_cpu(tmp_path):
+    """The prototype-head bench end to end at a small K: timing rows for fastssl, eager and
+    torch.compile, and the largest rows count each fits in the memory budget."""
+    env = dict(os.environ, FASTSSL_BENCH_K="256")
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "dino", "--quick",
+                          "--sizes", "40", "--dims", "16", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("*-dino.json")
+    result = json.loads(path.read_text())
+    assert {r["impl"] for r in result["rows"]} == {"fastssl (portable)", "eager", "torch.compile"}
+    assert all("error" not in r and r["fwd_bwd_ms"] > 0 for r in result["rows"])
+    assert set(result["max_rows"]) == {"fastssl", "eager"}
+    assert all(r["max_rows"] > 0 for r in result["max_rows"].values())
+    assert "largest rows" in (tmp_path / path.name.replace(".json", ".md")).read_text()

@@ -327,6 +327,10 @@ def test_rows_and_cols_passes_match_float64(backend, n, K, D, E, dtype, bias):
     # relative to the norm (the sums cancel).
     rel = 1e-5 if dtype == torch.float32 else 3e-3
     assert (cols.double() - want).norm() <= rel * want.norm()
+    # accumulating into a given float32 buffer: out += alpha * sum
+    base = torch.linspace(-1, 1, K * E).reshape(K, E)
+    acc = impl.cols(x, P, c, scale, lse, Y, out=base.clone(), alpha=-0.5)
+    assert (acc.double() - (base.double() - 0.5 * want)).norm() <= rel * want.norm() + 1e-6
 
 
 def test_bitwise_reproducible(backend):
@@ -429,3 +433,71 @@ def test_koleo_loss_module():
     torch.testing.assert_close(PR.KoLeoLoss(p=1)(x), koleo_dense(x, p=1))
     with pytest.raises(ValueError, match="p must be > 0"):
         PR.KoLeoLoss(p=0)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+BAD = [("list", lambda n: [[1.0, 2.0, 3.0]], TypeError, "Tensor"),
+       ("ndarray", lambda n: __import__("numpy").ones((n, 3), dtype="float32"), TypeError,
+        "Tensor"),
+       ("None", lambda n: None, TypeError, "Tensor"),
+       ("int64", lambda n: torch.ones(n, 3, dtype=torch.int64), ValueError, "floating"),
+       ("bool", lambda n: torch.ones(n, 3, dtype=torch.bool), ValueError, "floating"),
+       ("complex", lambda n: torch.ones(n, 3, dtype=torch.complex64), ValueError, "floating"),
+       ("1-D", lambda n: torch.ones(3), ShapeError, ""),
+       ("3-D", lambda n: torch.ones(n, 3, 2), ShapeError, ""),
+       ("width differs", lambda n: torch.ones(n, 2), ShapeError, ""),
+       ("no columns", lambda n: torch.ones(n, 0), ShapeError, ""),
+       ("device differs", lambda n: torch.empty(n, 3, device="meta"), ValueError, "device")]
+
+
+@pytest.mark.parametrize("arg", ["student", "teacher", "student_prototypes",
+                                 "teacher_prototypes"])
+@pytest.mark.parametrize("what,make,error,word", BAD, ids=[b[0] for b in BAD])
+def test_every_tensor_argument_is_checked(backend, arg, what, make, error, word):
+    """Each tensor argument of prototype_cross_entropy, replaced by a bad value, raises the
+    library's error naming it (None for teacher_prototypes means: the student's)."""
+    args = dict(student=torch.randn(4, 3), teacher=torch.randn(4, 3),
+                student_prototypes=torch.randn(5, 3), teacher_prototypes=torch.randn(5, 3),
+                teacher_crops=2)
+    bad = make(5 if arg.endswith("prototypes") else 4)
+    if arg == "teacher_prototypes" and bad is None:
+        PR.prototype_cross_entropy(**dict(args, teacher_prototypes=None))  # legal
+        return
+    args[arg] = bad
+    with pytest.raises(error) as e:
+        PR.prototype_cross_entropy(**args)
+    assert arg in str(e.value) or what in ("width differs", "no columns")
+    assert word.lower() in str(e.value).lower()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16)])
+def test_mixed_dtypes_compute_in_the_feature_dtype(backend, dtypes):
+    """16-bit features with float32 prototypes (a head under autocast): the prototypes are
+    cast to the features' dtype for the tile matmuls; gradients come back in each input's
+    dtype."""
+    feat, proto = dtypes
+    s, t, W, V, c = data(6, 6, 40, 8, torch.float64, seed=12)
+    s_, W_ = s.to(feat).requires_grad_(), W.to(proto).requires_grad_()
+    loss = PR.prototype_cross_entropy(s_, t.to(feat), W_, V.to(proto), center=c.float())
+    gs, gw = torch.autograd.grad(loss, (s_, W_))
+    assert loss.dtype == feat and gs.dtype == feat and gw.dtype == proto
+    ref = reference(s_.detach().double(), W_.detach().to(feat).double(), t.to(feat).double(),
+                    V.to(proto).to(feat).double(), c.float().double(), 0.1, 0.04,
+                    dino_pairs(2, 2, 3))
+    assert abs(loss.double().item() - ref.item()) <= 2e-2 * abs(ref.item())
+
+
+@pytest.mark.parametrize("op", ["dino", "ibot"])
+def test_bench_formulations_agree(op, monkeypatch):
+    """The benchmark's eager formulations (lightly's) and fastssl's compute the same loss
+    and gradients (float64, small K)."""
+    from fastssl import bench
+    monkeypatch.setattr(bench, "PROTOTYPES", 97)
+    s, W = bench.make_inputs(op, 170, 12, torch.float64, "cpu")
+    want = bench.IMPLS[op]["eager"](s, W)
+    got = bench.IMPLS[op]["fastssl"](s, W)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (s, W)), torch.autograd.grad(want, (s, W))):
+        torch.testing.assert_close(a, b)

@@ -1,4 +1,4 @@
-"""The six SSL methods, each written with fastssl's public pieces only.
+"""The eight SSL methods, each written with fastssl's public pieces only.
 
 =========  ==========================================================================
 method     objective
