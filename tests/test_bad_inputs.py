@@ -808,7 +808,7 @@ def test_cli_rejects_bad_values_with_its_own_usage(argv, word, capsys, tmp_path)
 
 def test_bench_whose_every_case_failed_writes_nothing_and_fails(tmp_path, monkeypatch, capsys):
     from fastssl import bench
-    monkeypatch.setattr(bench, "cpu_case", lambda *a, **k: {"error": "MemoryError: boom"})
+    monkeypatch.setattr(bench.timing, "cpu_case", lambda *a, **k: {"error": "MemoryError: boom"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = cli.main(["bench", "barlow", "--sizes", "4", "--dims", "8", "--out", str(tmp_path)])
     assert code == 1 and "every one of the 3 cases failed" in capsys.readouterr().err

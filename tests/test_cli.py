@@ -9,6 +9,12 @@ import torch
 from fastssl import _dispatch, cli
 
 
+def _peer_names(op):
+    """The peer libraries a bench row may add where they are installed."""
+    from fastssl.bench import peers
+    return {name for name, _, _ in peers.PEERS[op]}
+
+
 def test_info_lists_versions_and_paths(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
@@ -34,8 +40,9 @@ def test_bench_quick_writes_valid_json(tmp_path):
     result = json.loads(path.read_text())
     assert result["environment"]["torch"] == torch.__version__
     impls = {r["impl"] for r in result["rows"]}
-    assert impls == ({"fastssl", "eager", "torch.compile"} if torch.cuda.is_available()
-                     else {"fastssl (portable)", "eager", "torch.compile"})
+    ours = ({"fastssl", "eager", "torch.compile"} if torch.cuda.is_available()
+            else {"fastssl (portable)", "eager", "torch.compile"})
+    assert ours <= impls and impls - ours <= _peer_names("infonce")
     for row in result["rows"]:
         assert "error" not in row, row
         assert row["fwd_bwd_ms"] > 0 and row["peak_extra_mib"] >= 0
@@ -80,7 +87,7 @@ def test_bench_siglip_quick_on_cpu(tmp_path):
 
 def test_bench_all_runs_every_op_into_one_summary(tmp_path, monkeypatch):
     from fastssl import bench
-    monkeypatch.setattr(bench, "OPS", ("ema", "augment"))  # the two quickest on CPU
+    monkeypatch.setattr(bench.runner, "OPS", ("ema", "augment"))  # the two quickest on CPU
     logged = []
     results = bench.run("all", quick=True, dtypes=["float32"], out_dir=str(tmp_path),
                         log=logged.append)
@@ -120,14 +127,16 @@ def test_bench_writes_into_fastssl_bench_by_default(tmp_path):
 def test_bench_dino_quick_on_cpu(tmp_path):
     """The prototype-head bench end to end at a small K: timing rows for fastssl, eager and
     torch.compile, and the largest rows count each fits in the memory budget."""
-    env = dict(os.environ, FASTSSL_BENCH_K="256")
+    env = dict(os.environ, FASTSSL_BENCH_K="256", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "dino", "--quick",
                           "--sizes", "40", "--dims", "16", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     (path,) = tmp_path.glob("*-dino.json")
     result = json.loads(path.read_text())
-    assert {r["impl"] for r in result["rows"]} == {"fastssl (portable)", "eager", "torch.compile"}
+    impls = {r["impl"] for r in result["rows"]}
+    ours = {"fastssl (portable)", "eager", "torch.compile"}
+    assert ours <= impls and impls - ours <= _peer_names("dino")
     assert all("error" not in r and r["fwd_bwd_ms"] > 0 for r in result["rows"])
     assert set(result["max_rows"]) == {"fastssl", "eager"}
     assert all(r["max_rows"] > 0 for r in result["max_rows"].values())

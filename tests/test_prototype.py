@@ -494,7 +494,7 @@ def test_bench_formulations_agree(op, monkeypatch):
     """The benchmark's eager formulations (lightly's) and fastssl's compute the same loss
     and gradients (float64, small K)."""
     from fastssl import bench
-    monkeypatch.setattr(bench, "PROTOTYPES", 97)
+    monkeypatch.setattr(bench.formulations, "PROTOTYPES", 97)
     s, W = bench.make_inputs(op, 170, 12, torch.float64, "cpu")
     want = bench.IMPLS[op]["eager"](s, W)
     got = bench.IMPLS[op]["fastssl"](s, W)

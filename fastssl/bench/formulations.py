@@ -1,0 +1,197 @@
+"""The losses each benchmark times: the eager formulations users run today (as the
+incumbents write them), fastssl's calls, their inputs and the work they do, and the optional
+peer libraries found in this environment."""
+import os
+
+import torch
+import torch.nn.functional as tF
+
+import fastssl
+
+# K of the prototype-head benchmarks (DINO's and DINOv2's); FASTSSL_BENCH_K overrides it
+# (read at import, so the child processes of a CPU run see the same K)
+PROTOTYPES = int(os.environ.get("FASTSSL_BENCH_K", 65536))
+DINO_CROPS = (10, 2)  # student crops (2 global + 8 local), teacher crops
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
+CLIP_SCALE = 1 / 0.07  # CLIP's initial logit scale (exponentiated), on unit features
+
+
+def eager_nt_xent(z0, z1, temperature=0.5):
+    """NT-Xent as the incumbents write it: normalise, four similarity blocks with the
+    self-similarities removed, concatenated logits, cross-entropy (O(n^2) memory)."""
+    n = z0.shape[0]
+    a, b = tF.normalize(z0, dim=1), tF.normalize(z1, dim=1)
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=z0.device)
+    l_ab, l_ba = a @ b.T / temperature, b @ a.T / temperature
+    l_aa = (a @ a.T / temperature)[off_diag].view(n, n - 1)
+    l_bb = (b @ b.T / temperature)[off_diag].view(n, n - 1)
+    logits = torch.cat([torch.cat([l_ab, l_aa], 1), torch.cat([l_ba, l_bb], 1)])
+    labels = torch.arange(n, device=z0.device).repeat(2)
+    return tF.cross_entropy(logits, labels)
+
+
+def eager_siglip(img, txt, scale=SIGLIP_SCALE, bias=SIGLIP_BIAS):
+    """SigLIP as the incumbents write it: the full logits matrix and a +-1 label matrix."""
+    logits = scale * img @ txt.T + bias
+    labels = 2 * torch.eye(img.shape[0], device=img.device, dtype=img.dtype) - 1
+    return -tF.logsigmoid(labels * logits).sum() / img.shape[0]
+
+
+def eager_barlow(z_a, z_b, lambda_param=5e-3):
+    """Barlow Twins as the reference implementation writes it: batch-norm both views, the
+    D x D cross-correlation, on- and off-diagonal sums."""
+    N, D = z_a.shape
+    c = tF.batch_norm(z_a, None, None, training=True).T @ tF.batch_norm(z_b, None, None, training=True) / N
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.flatten()[:-1].view(D - 1, D + 1)[:, 1:].flatten().pow(2).sum()
+    return on_diag + lambda_param * off_diag
+
+
+def eager_vicreg(z_a, z_b, lam=25.0, mu=25.0, nu=1.0, eps=1e-4):
+    """VICReg as the reference implementation writes it (D x D covariance matrices)."""
+    N, D = z_a.shape
+    inv = tF.mse_loss(z_a, z_b)
+    a, b = z_a - z_a.mean(0), z_b - z_b.mean(0)
+    var = (torch.relu(1 - torch.sqrt(a.var(0) + eps)).mean()
+           + torch.relu(1 - torch.sqrt(b.var(0) + eps)).mean()) / 2
+    off = ~torch.eye(D, dtype=torch.bool, device=z_a.device)
+    cov = sum(((x.T @ x) / (N - 1))[off].pow(2).sum() / D for x in (a, b))
+    return lam * inv + mu * var + nu * cov
+
+
+def eager_clip(img, txt, scale=CLIP_SCALE):
+    """CLIP's symmetric loss as the incumbents write it: the (n x n) logits, their
+    transpose, a cross-entropy each way."""
+    logits = scale * img @ txt.T
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (tF.cross_entropy(logits, labels) + tF.cross_entropy(logits.T, labels)) / 2
+
+
+def fastssl_nt_xent(z0, z1):
+    return fastssl.nt_xent(z0, z1, 0.5)
+
+
+def fastssl_clip(img, txt):
+    return fastssl.clip_loss(img, txt, CLIP_SCALE)
+
+
+def fastssl_siglip(img, txt):
+    return fastssl.siglip_loss(img, txt, SIGLIP_SCALE, SIGLIP_BIAS)
+
+
+_TEACHERS = {}
+
+
+def teacher_inputs(op, student, prototypes):
+    """Fixed teacher rows, teacher prototypes and centre for a prototype-head row (made once
+    per shape, at the untimed warm-up call): unit rows like a DINO head's."""
+    rows, D = student.shape
+    K = prototypes.shape[0]
+    key = (op, rows, K, D, student.dtype, student.device)
+    if key not in _TEACHERS:
+        _TEACHERS.clear()
+        g = torch.Generator(device=student.device).manual_seed(rows + K + D)
+        n = rows * DINO_CROPS[1] // DINO_CROPS[0] if op == "dino" else rows
+        mk = lambda m: torch.nn.functional.normalize(torch.randn(  # noqa: E731
+            m, D, device=student.device, generator=g), dim=1).to(student.dtype)
+        _TEACHERS[key] = (mk(n), mk(K), 0.01 * torch.randn(K, device=student.device,
+                                                          generator=g))
+    return _TEACHERS[key]
+
+
+def ibot_weights(rows, device):
+    """iBOT's token weights: rows split over images of 80 masked tokens (1 / 80 / images)."""
+    images = max(1, rows // 80)
+    image = torch.arange(rows, device=device) * images // rows
+    counts = torch.bincount(image, minlength=images).float()
+    return 1.0 / counts[image] / images
+
+
+def eager_dino(s, W):
+    """DINO's loss as lightly writes it on the head's logits: both (rows x K) score
+    matrices, the teacher softmax, the student log-softmax, an einsum per crop pair."""
+    t, V, c = teacher_inputs("dino", s, W)
+    S, T = DINO_CROPS
+    B = t.shape[0] // T
+    teacher = torch.softmax((t @ V.T - c) / 0.04, dim=-1).view(T, B, -1)
+    student = torch.log_softmax((s @ W.T) / 0.1, dim=-1).view(S, B, -1)
+    loss = -torch.einsum("tbk,sbk->tsb", teacher, student).mean(-1)  # (T, S) pair means
+    return sum(loss[u, v] for u in range(T) for v in range(S) if u != v) / (T * S - min(T, S))
+
+
+def fastssl_dino(s, W):
+    t, V, c = teacher_inputs("dino", s, W)
+    return fastssl.prototype_cross_entropy(s, t, W, V, 0.1, 0.04, c,
+                                           teacher_crops=DINO_CROPS[1])
+
+
+def eager_ibot(s, W):
+    """iBOT's patch loss as lightly writes it: the masked tokens' score matrices, softmax,
+    log-softmax, per-token weights."""
+    t, V, c = teacher_inputs("ibot", s, W)
+    w = ibot_weights(s.shape[0], s.device)
+    teacher = torch.softmax((t @ V.T - c) / 0.04, dim=-1)
+    loss = torch.sum(-teacher * torch.log_softmax((s @ W.T) / 0.1, dim=-1), dim=-1)
+    return (loss * w).sum()
+
+
+def fastssl_ibot(s, W):
+    t, V, c = teacher_inputs("ibot", s, W)
+    return fastssl.prototype_cross_entropy(s, t, W, V, 0.1, 0.04, c, pairing="rows",
+                                           weights=ibot_weights(s.shape[0], s.device))
+
+
+IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
+         "clip": {"fastssl": fastssl_clip, "eager": eager_clip},
+         "dino": {"fastssl": fastssl_dino, "eager": eager_dino},
+         "ibot": {"fastssl": fastssl_ibot, "eager": eager_ibot},
+         "siglip": {"fastssl": fastssl_siglip, "eager": eager_siglip},
+         "barlow": {"fastssl": fastssl.barlow_twins, "eager": eager_barlow},
+         "vicreg": {"fastssl": fastssl.vicreg, "eager": eager_vicreg}}
+
+
+def implementation(op, impl):
+    """The loss for one bench row: fastssl's, the eager formulation, that formulation
+    under torch.compile (inductor; compiled at the warm-up call, so not in the timings),
+    or a peer library's (``peers.find``)."""
+    if impl == "torch.compile":
+        return torch.compile(IMPLS[op]["eager"])
+    if impl in IMPLS[op]:
+        return IMPLS[op][impl]
+    from .peers import find
+    found, missing = find(op, "cuda" if torch.cuda.is_available() else "cpu")
+    if impl not in found:
+        raise ValueError(f"{impl!r} is not available for {op}: "
+                         f"{missing.get(impl, 'no such implementation')}")
+    return found[impl]
+
+
+def make_inputs(op, size, D, dtype, device, seed=0):
+    """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's and CLIP's
+    is n pairs (CLIP's unit rows, as its models produce them)."""
+    rows = size // 2 if op == "infonce" else size
+    g = torch.Generator(device=device).manual_seed(seed + size + D)
+    if op == "clip":
+        return [torch.nn.functional.normalize(torch.randn(
+            rows, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
+            for _ in range(2)]
+    if op in ("dino", "ibot"):  # student rows and the K prototypes (unit rows)
+        return [torch.nn.functional.normalize(torch.randn(
+            n, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
+            for n in (size, PROTOTYPES)]
+    return [torch.randn(rows, D, device=device, dtype=dtype, generator=g).requires_grad_()
+            for _ in range(2)]
+
+
+def model_flops(op, size, D):
+    """Forward+backward work of the textbook formulation: 3 matmuls of size x size x D
+    (contrastive), or of N x D x D (cross-correlation: C and its two gradients; VICReg has
+    two covariance matrices)."""
+    if op == "barlow":
+        return 6 * size * D * D
+    if op == "vicreg":
+        return 12 * size * D * D
+    if op in ("dino", "ibot"):  # student and teacher scores, dS, dW: rows x K x D each
+        teacher = size * DINO_CROPS[1] // DINO_CROPS[0] if op == "dino" else size
+        return 2 * (3 * size + teacher) * PROTOTYPES * D
+    return 6 * size * size * D

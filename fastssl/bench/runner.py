@@ -1,0 +1,182 @@
+"""``run`` and ``run_all``: flags checked, defaults per op and device, rows measured and
+saved as they come, the result files written."""
+import json
+import os
+
+import torch
+
+from . import formulations
+from .augment import bench_augment
+from .ema import bench_ema
+from .machine import environment
+from .maxbatch import bench_maxbatch, prototype_max_rows
+from .report import markdown, plot, slug, summary
+from .timing import bench_cpu, bench_gpu
+
+OPS = ("infonce", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment", "dino",
+       "ibot")
+# The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
+# samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
+MIN_SIZE = {"infonce": 2, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2, "augment": 1,
+            "dino": formulations.DINO_CROPS[0], "ibot": 1}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class BenchmarkFailed(RuntimeError):
+    """Every row of a benchmark failed: nothing was measured and no result file written."""
+
+
+def check_args(op, sizes=None, dims=None, dtypes=None):
+    """ValueError naming the flag for values no op can measure, before anything runs."""
+    ops = OPS if op == "all" else (op,)
+    if op != "all" and op not in OPS:
+        raise ValueError(f"unknown benchmark {op!r}; available: {', '.join(OPS)}, all")
+    for flag, values in (("--sizes", sizes), ("--dims", dims)):
+        bad = [v for v in values or [] if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"{flag} takes positive integers, got {bad[0]}")
+    for o in ops:
+        low = MIN_SIZE.get(o)
+        if low is None or not sizes:
+            continue
+        small = [v for v in sizes if v < low or (o == "infonce" and v % 2)
+                 or (o == "dino" and v % formulations.DINO_CROPS[0])]
+        if small:
+            need = "an even number >= 2 (2N rows: two views of N)" if o == "infonce" \
+                else f"a multiple of {formulations.DINO_CROPS[0]} (student crops x images)" \
+                if o == "dino" else f">= {low}"
+            raise ValueError(f"--sizes for {o} must be {need}, got {small[0]}")
+    unknown = [d for d in dtypes or [] if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"--dtypes takes {', '.join(DTYPES)}, got {unknown[0]!r}")
+
+
+def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
+    """Run one benchmark; the JSON and markdown files are rewritten after every measured row,
+    so a run stopped early still leaves what it measured (a file is written only once a row
+    has succeeded). A PNG plot goes beside them. Raises ``BenchmarkFailed`` when every row
+    failed (no file is written then)."""
+    check_args(op, sizes, dims, dtypes)
+    if op == "all":
+        return run_all(sizes, dims, dtypes, quick, out_dir, log)
+    cuda = torch.cuda.is_available()
+    env = environment()
+    out_dir = out_dir or default_out()
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{slug(env['device'] if cuda else 'cpu')}-{env['date']}-{op}")
+    extra = {}
+    ignored = [name for name, v, used in (("--sizes", sizes, op not in ("maxbatch", "ema")),
+                                           ("--dims", dims, op not in ("augment", "ema")),
+                                           ("--dtypes", dtypes, op != "ema")) if v and not used]
+    if ignored:
+        log(f"note: {op} does not take {', '.join(ignored)} (ignored)")
+
+    def save(rows):
+        result = {"op": op, "cpu": not cuda, "environment": env, "rows": rows, **extra}
+        if not any("error" not in r for r in rows):
+            return result  # nothing measured yet: no file
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+        return result
+
+    if op == "maxbatch":
+        if not cuda:
+            log("CPU run: the portable path against eager PyTorch.")
+        rows, extra = bench_maxbatch(quick, log, save, dims, dtypes)
+    elif op == "augment":
+        if not cuda:
+            log("CPU run: the portable path (batched per-sample matrices and torch ops).")
+        rows, extra = bench_augment(quick, log, save, sizes, dtypes)
+    elif op == "ema":
+        if not cuda:
+            log("CPU run: fastssl takes torch._foreach_lerp_ on CPU tensors; the CUDA kernel "
+                "needs a GPU.")
+        rows, extra = bench_ema(quick, log, save)
+    elif cuda:
+        if op == "infonce":
+            sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])
+            dims = dims or ([128] if quick else [128, 256, 1024])
+        elif op == "siglip":
+            sizes = sizes or ([4096] if quick else [4096, 16384, 32768])
+            dims = dims or [768]
+        elif op == "clip":
+            sizes = sizes or ([4096] if quick else [4096, 16384, 65536])
+            dims = dims or [768]
+        elif op in ("dino", "ibot"):
+            sizes = sizes or ([2560] if quick else [640, 2560, 8192, 16384])
+            dims = dims or [256]
+        else:
+            sizes = sizes or ([256] if quick else [256, 2048])
+            dims = dims or ([2048] if quick else [2048, 8192])
+        dtypes = dtypes or (["bfloat16"] if quick else ["bfloat16", "float32"])
+        log(f"GPU run on {torch.cuda.get_device_name()}")
+        rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save)
+    else:
+        if op in ("barlow", "vicreg"):
+            sizes = sizes or ([256] if quick else [256, 1024, 2048])
+            dims = dims or ([1024] if quick else [4096])
+        elif op in ("dino", "ibot"):
+            sizes = sizes or ([320] if quick else [640, 1280, 2560])
+            dims = dims or [256]
+        else:
+            sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
+            dims = dims or ([64] if op == "infonce" else [256])
+        dtypes = dtypes or ["float32"]
+        log("CPU run: the portable path (chunked PyTorch) against eager PyTorch and "
+            "torch.compile of the same formulation (inductor's C++ backend, compiled during "
+            "the warm-up); the Triton kernels need a CUDA GPU. Peak extra memory: a child "
+            "process per case, warmed up, "
+            "freed heap pages returned to the OS (malloc_trim), then its peak RSS during one "
+            "forward+backward above its RSS before it.")
+        rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
+    if op in ("dino", "ibot") and any("error" not in r for r in rows):
+        log(f"largest {op} rows count (K = {formulations.PROTOTYPES}, D = {dims[0]}, {dtypes[0]})")
+        extra = dict(extra, max_rows=prototype_max_rows(op, dims[0], str(dtypes[0]).replace(
+            "torch.", ""), quick, log))
+    result = save(rows)
+    if not any("error" not in r for r in rows):
+        raise BenchmarkFailed(f"bench {op}: every one of the {len(rows)} cases failed "
+                              f"(first: {rows[0].get('error') if rows else 'no cases'}); no "
+                              "result file written")
+    written = [stem + ".json", stem + ".md"]
+    try:
+        plot(result, stem + ".png")
+        written.append(stem + ".png")
+    except ImportError:
+        log("note: matplotlib is not installed; no plot written")
+    log(f"wrote {', '.join(written)}")
+    result["files"] = written
+    return result
+
+
+def default_out():
+    """Where results go without ``--out``: ./fastssl-bench (never the checkout's committed
+    benchmarks/results, unless asked)."""
+    return os.path.join(os.getcwd(), "fastssl-bench")
+
+
+def run_all(sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
+    """Every benchmark in turn with the same flags; one markdown summary of all of them."""
+    out_dir = out_dir or default_out()
+    results, failed = [], []
+    for op in OPS:
+        log(f"== {op}")
+        try:
+            results.append(run(op, sizes, dims, dtypes, quick, out_dir, log))
+        except BenchmarkFailed as e:
+            log(str(e))
+            failed.append(str(e))
+    if not results:
+        raise BenchmarkFailed("bench all: every benchmark failed; no result file written")
+    env = results[0]["environment"]
+    cuda = not results[0]["cpu"]
+    path = os.path.join(out_dir, f"{slug(env['device'] if cuda else 'cpu')}-{env['date']}-all.md")
+    with open(path, "w") as f:
+        f.write(summary(results))
+    log(f"wrote {path}")
+    if failed:
+        raise BenchmarkFailed(f"bench all: {len(failed)} of {len(OPS)} benchmarks measured "
+                              f"nothing: " + "; ".join(failed))
+    return results
