@@ -107,10 +107,13 @@ def test_ema_times_timm_model_ema_when_it_imports(monkeypatch):
     import copy
     import types
 
+    made = []
+
     class ModelEmaV3(torch.nn.Module):  # the stand-in: a copy, lerped in place
         def __init__(self, model, decay):
             super().__init__()
             self.module, self.decay = copy.deepcopy(model), decay
+            made.append(self)
 
         @torch.no_grad()
         def update(self, model):
@@ -123,8 +126,14 @@ def test_ema_times_timm_model_ema_when_it_imports(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.utils", timm.utils)
     online = [torch.randn(3, 4), torch.randn(5)]
     methods = ema._ema_methods([t.clone() for t in online], online, 0.9)
-    assert "timm ModelEmaV3" in methods
+    assert "timm ModelEmaV3" in methods and len(made) == 1
+    before = [t.clone() for t in online]  # the EMA's copy, made at construction
+    for t in online:  # the training step moves the online tensors in place
+        t.add_(torch.randn_like(t))
     methods["timm ModelEmaV3"]()
+    # the update reads the bench's online tensors themselves (not a copy taken earlier)
+    for e, b, o in zip(made[0].module.parameters(), before, online):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * o)
     monkeypatch.setitem(sys.modules, "timm", None)
     monkeypatch.setitem(sys.modules, "timm.utils", None)
     lines = []

@@ -134,18 +134,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(sizes, seed, backend="torch", timeout=240):
-    world = len(sizes)
+def run_ranks(fn, world, *args, backend="torch", timeout=240,
+              failure="distributed run did not finish"):
+    """``fn(rank, world, port, *args, out, backend)`` on ``world`` spawned ranks; each rank
+    saves ``rank{r}.pt`` under ``out``. Fails the test (ranks terminated) past ``timeout``."""
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(worker, args=(world, free_port(), sizes, seed, out, backend),
-                       nprocs=world, join=False)
+        ctx = mp.spawn(fn, args=(world, free_port(), *args, out, backend), nprocs=world,
+                       join=False)
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     p.terminate()
-                pytest.fail(f"distributed run did not finish in {timeout} s")
+                pytest.fail(f"{failure} in {timeout} s")
         return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+
+
+def launch(sizes, seed, backend="torch", timeout=240):
+    return run_ranks(worker, len(sizes), sizes, seed, backend=backend, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- references
@@ -417,16 +423,7 @@ def test_a_fault_on_one_rank_raises_the_same_error_on_every_rank(backend):
     which is legal where the loss allows it): the same exception and message on both ranks,
     naming rank 1 (or the setting), within seconds; a legal empty rank gives rank 0 the
     single-process loss and gradients of its rows and rank 1 a zero loss."""
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(fault_worker, args=(2, free_port(), out, backend), nprocs=2,
-                       join=False)
-        deadline = time.monotonic() + 240
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("a fault left a rank blocked")
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    results = run_ranks(fault_worker, 2, backend=backend, failure="a fault left a rank blocked")
     legal_empty = {e for e, (_, ref) in FAULT_ENTRIES.items() if ref is not None} | {
         "MoCoQueue.enqueue", "distributed.gather", "NTXentLoss(bank)"}
     checked = 0
@@ -538,16 +535,7 @@ def test_prototype_heads_across_ranks_equal_one_process(backend):
     gradients (what DDP applies) equal the global batch's."""
     sizes, seed = [3, 3], 5
     world = len(sizes)
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(proto_worker, args=(world, free_port(), sizes, seed, out, backend),
-                       nprocs=world, join=False)
-        deadline = time.monotonic() + 240
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("distributed run did not finish in 240 s")
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+    results = run_ranks(proto_worker, world, sizes, seed, backend=backend)
     B = sum(sizes)
     s, t, W = proto_data(B, seed)
     s, W = s.requires_grad_(), W.requires_grad_()
