@@ -8,7 +8,7 @@
 
 extern "C" int fastssl_ema_update(int ema_dtype, int online_dtype, int n, void* const* ema,
                                   const void* const* online, const int64_t* numel,
-                                  float m_value, const float* m_ptr, void* stream);
+                                  double m_value, const double* m_ptr, void* stream);
 
 namespace {
 
@@ -17,12 +17,14 @@ int dtype_code(const at::Tensor& t) {
     case at::kFloat: return 0;
     case at::kHalf: return 1;
     case at::kBFloat16: return 2;
+    case at::kDouble: return 3;
     default: TORCH_CHECK(false, "fastssl EMA: unsupported dtype ", t.scalar_type());
   }
   return -1;
 }
 
-// ema <- m * ema + (1 - m) * online for one group of tensors sharing (ema dtype, online dtype).
+// ema <- m * ema + (1 - m) * online for one group of tensors sharing (ema dtype, online dtype),
+// computed in the wider of the two (float64 where either is float64, else float32).
 void ema_update(std::vector<at::Tensor> ema, std::vector<at::Tensor> online, double momentum,
                 std::optional<at::Tensor> momentum_tensor, int64_t stream) {
   TORCH_CHECK(ema.size() == online.size(), "fastssl EMA: ", ema.size(), " teacher tensors but ",
@@ -47,16 +49,17 @@ void ema_update(std::vector<at::Tensor> ema, std::vector<at::Tensor> online, dou
     o_ptr.push_back(o.data_ptr());
     numel.push_back(e.numel());
   }
-  const float* m_ptr = nullptr;
+  const double* m_ptr = nullptr;
   if (momentum_tensor.has_value()) {
     const at::Tensor& m = *momentum_tensor;
-    TORCH_CHECK(m.is_cuda() && m.scalar_type() == at::kFloat && m.numel() == 1,
-                "fastssl EMA: the momentum tensor must be one float32 on the GPU");
-    m_ptr = m.data_ptr<float>();
+    TORCH_CHECK(m.is_cuda() && m.device() == ema[0].device() && m.scalar_type() == at::kDouble &&
+                    m.numel() == 1,
+                "fastssl EMA: the momentum tensor must be one float64 on the tensors' GPU");
+    m_ptr = m.data_ptr<double>();
   }
   const int err = fastssl_ema_update(e_code, o_code, static_cast<int>(e_ptr.size()), e_ptr.data(),
-                                     o_ptr.data(), numel.data(), static_cast<float>(momentum),
-                                     m_ptr, reinterpret_cast<void*>(stream));
+                                     o_ptr.data(), numel.data(), momentum, m_ptr,
+                                     reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == 0, "fastssl EMA: CUDA launch failed with error ", err);
 }
 

@@ -4,9 +4,11 @@
 // torch ships no CUDA headers. The torch binding (ema.cpp) passes raw pointers, sizes and
 // the stream. One launch covers up to kMaxBlocks chunks of kChunk elements drawn from up to
 // kMaxTensors tensors; the tensor list travels in the kernel's parameter space (no host to
-// device copy), so the update can be captured in a CUDA graph. Arithmetic is fp32; loads
-// and stores are 16-byte vectors where both pointers allow it. The momentum is either a
-// value or a pointer to one fp32 on the device (read by every thread: no host sync).
+// device copy), so the update can be captured in a CUDA graph. Arithmetic is in the wider
+// of the two dtypes and at least fp32 (Acc<TE, TO>: fp64 where either tensor is fp64, fp32
+// otherwise), with one rounding to the teacher's dtype; loads and stores are 16-byte
+// vectors where both pointers allow it. The momentum is either a value or a pointer to one
+// fp64 on the device (read by every thread: no host sync).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -27,24 +29,50 @@ struct Meta {
   int32_t chunk_of_block[kMaxBlocks];
 };
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// The arithmetic type of a (teacher, student) pair: double if either is double, else float.
+template <typename TE, typename TO> struct Acc { using type = float; };
+template <typename TO> struct Acc<double, TO> { using type = double; };
+template <typename TE> struct Acc<TE, double> { using type = double; };
+template <> struct Acc<double, double> { using type = double; };
 
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+// Widening is exact (every fp16/bf16/fp32 value is a float and a double).
+template <typename A> __device__ __forceinline__ A widen(float x) { return static_cast<A>(x); }
+template <typename A> __device__ __forceinline__ A widen(double x) { return static_cast<A>(x); }
+template <typename A> __device__ __forceinline__ A widen(__half x) {
+  return static_cast<A>(__half2float(x));
+}
+template <typename A> __device__ __forceinline__ A widen(__nv_bfloat16 x) {
+  return static_cast<A>(__bfloat162float(x));
+}
+
+// Narrowing rounds once, to nearest even (a double goes straight to fp16/bf16: rounding it
+// through float first could round twice).
+template <typename T> __device__ __forceinline__ T narrow(float x);
+template <> __device__ __forceinline__ float narrow<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
+template <typename T> __device__ __forceinline__ T narrow(double x);
+template <> __device__ __forceinline__ double narrow<double>(double x) { return x; }
+template <> __device__ __forceinline__ float narrow<float>(double x) { return __double2float_rn(x); }
+template <> __device__ __forceinline__ __half narrow<__half>(double x) { return __double2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(double x) {
+  return __double2bfloat16(x);
+}
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 
 template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
 
 template <typename TE, typename TO>
-__global__ void __launch_bounds__(kThreads) ema_kernel(Meta meta, float m_value, const float* m_ptr) {
+__global__ void __launch_bounds__(kThreads) ema_kernel(Meta meta, double m_value, const double* m_ptr) {
+  using A = typename Acc<TE, TO>::type;
   constexpr int kVec = 16 / (sizeof(TE) > sizeof(TO) ? sizeof(TE) : sizeof(TO));
-  const float m = m_ptr != nullptr ? *m_ptr : m_value;
-  const float w = 1.0f - m;
+  // m in the arithmetic type (an fp32 pair rounds it to float once), w = 1 - m in it too.
+  const A m = static_cast<A>(m_ptr != nullptr ? *m_ptr : m_value);
+  const A w = static_cast<A>(1) - m;
   const int t = meta.tensor_of_block[blockIdx.x];
   const int64_t start = static_cast<int64_t>(meta.chunk_of_block[blockIdx.x]) * kChunk;
   const int64_t n = meta.numel[t];
@@ -62,20 +90,20 @@ __global__ void __launch_bounds__(kThreads) ema_kernel(Meta meta, float m_value,
       const Vec<TO, kVec> ov = reinterpret_cast<const Vec<TO, kVec>*>(o)[i];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        ev.v[j] = from_float<TE>(fmaf(m, to_float(ev.v[j]), w * to_float(ov.v[j])));
+        ev.v[j] = narrow<TE>(fma_acc(m, widen<A>(ev.v[j]), w * widen<A>(ov.v[j])));
       }
       reinterpret_cast<Vec<TE, kVec>*>(e)[i] = ev;
     }
     done = nvec * kVec;
   }
   for (int64_t i = done + threadIdx.x; i < len; i += blockDim.x) {
-    e[i] = from_float<TE>(fmaf(m, to_float(e[i]), w * to_float(o[i])));
+    e[i] = narrow<TE>(fma_acc(m, widen<A>(e[i]), w * widen<A>(o[i])));
   }
 }
 
 template <typename TE, typename TO>
 int launch_all(int n, void* const* ema, const void* const* online, const int64_t* numel,
-               float m_value, const float* m_ptr, cudaStream_t stream) {
+               double m_value, const double* m_ptr, cudaStream_t stream) {
   Meta meta;
   int tensors = 0, blocks = 0;
   for (int t = 0; t < n; ++t) {
@@ -112,27 +140,29 @@ int launch_all(int n, void* const* ema, const void* const* online, const int64_t
 
 template <typename TE>
 int dispatch_online(int online_dtype, int n, void* const* ema, const void* const* online,
-                    const int64_t* numel, float m_value, const float* m_ptr, cudaStream_t s) {
+                    const int64_t* numel, double m_value, const double* m_ptr, cudaStream_t s) {
   switch (online_dtype) {
     case 0: return launch_all<TE, float>(n, ema, online, numel, m_value, m_ptr, s);
     case 1: return launch_all<TE, __half>(n, ema, online, numel, m_value, m_ptr, s);
     case 2: return launch_all<TE, __nv_bfloat16>(n, ema, online, numel, m_value, m_ptr, s);
+    case 3: return launch_all<TE, double>(n, ema, online, numel, m_value, m_ptr, s);
     default: return -1;
   }
 }
 
 }  // namespace
 
-// dtype codes: 0 float32, 1 float16, 2 bfloat16. Returns 0 or a cudaError_t (-1: bad dtype).
+// dtype codes: 0 float32, 1 float16, 2 bfloat16, 3 float64. Returns 0 or a cudaError_t (-1: bad dtype).
 extern "C" int fastssl_ema_update(int ema_dtype, int online_dtype, int n, void* const* ema,
                                   const void* const* online, const int64_t* numel,
-                                  float m_value, const float* m_ptr, void* stream) {
+                                  double m_value, const double* m_ptr, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (ema_dtype) {
     case 0: return dispatch_online<float>(online_dtype, n, ema, online, numel, m_value, m_ptr, s);
     case 1: return dispatch_online<__half>(online_dtype, n, ema, online, numel, m_value, m_ptr, s);
     case 2:
       return dispatch_online<__nv_bfloat16>(online_dtype, n, ema, online, numel, m_value, m_ptr, s);
+    case 3: return dispatch_online<double>(online_dtype, n, ema, online, numel, m_value, m_ptr, s);
     default: return -1;
   }
 }

@@ -1,13 +1,19 @@
 """Momentum (EMA) teachers for BYOL / MoCo / DINO.
 
-    ema <- m * ema + (1 - m) * online          (every tensor, fp32 arithmetic)
+    ema <- m * ema + (1 - m) * online          (every tensor)
+
+The arithmetic runs in ``compute_dtype(teacher, student)``: the wider of the two dtypes and
+at least float32 (a float64 teacher stays float64 whatever the student's dtype, so a step
+of 5e-13 is kept; fp16/bf16 pairs compute in float32), rounded once to the teacher's dtype.
 
 On CUDA the update is one multi-tensor kernel launch per (teacher dtype, student dtype)
-pair and per ~320 chunks of 64 Ki elements (``csrc/ema.cu``), built on first use with
+pair and per ~320 chunks of 64 Ki elements (``csrc/ema.cu``, float32/float16/bfloat16/float64
+in any pair, float64 arithmetic where either is float64), built on first use with
 ``torch.utils.cpp_extension.load`` (ninja) and cached. Where it cannot be built (no nvcc,
-no CUDA) fastssl warns once and uses ``torch._foreach_lerp_``; CPU tensors always take
-that path. ``m`` may be a Python float or a 0-d tensor on the device (no host sync, so a
-schedule can run inside a captured CUDA graph).
+no CUDA) fastssl warns once and uses ``torch._foreach_lerp_`` in the same compute dtype;
+CPU and meta tensors always take that path (``route`` decides, per group). ``m`` may be a
+Python float or a 0-d tensor on the device (no host sync, so a schedule can run inside a
+captured CUDA graph).
 """
 import copy
 import math
@@ -59,16 +65,17 @@ def _self_check(ext):
     difference, so a broken build falls back instead of corrupting a teacher."""
     g = torch.Generator(device="cuda").manual_seed(0)
     for te, to in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                   (torch.float16, torch.bfloat16)):
+                   (torch.float16, torch.bfloat16), (torch.float64, torch.float32)):
         sizes = (3, 70001, 1 << 17, 1)
+        wide = compute_dtype(te, to)
         ema = [torch.randn(n, device="cuda", generator=g).to(te) for n in sizes]
         online = [torch.randn(n + 1, device="cuda", generator=g).to(to)[1:] for n in sizes]
-        want = [(0.9 * e.float() + 0.1 * o.float()).to(te) for e, o in zip(ema, online)]
+        want = [(0.9 * e.to(wide) + (1 - 0.9) * o.to(wide)).to(te) for e, o in zip(ema, online)]
         ext.ema_update(ema, online, 0.9, None, torch.cuda.current_stream().cuda_stream)
         for e, w in zip(ema, want):
             eps = torch.finfo(te).eps  # one rounding apart (fma against mul + add)
-            if not torch.allclose(e.float(), w.float(), rtol=2 * eps, atol=2 * eps):
-                raise RuntimeError("the EMA kernel disagrees with fp32 arithmetic")
+            if not torch.allclose(e.to(wide), w.to(wide), rtol=2 * eps, atol=2 * eps):
+                raise RuntimeError(f"the EMA kernel disagrees with {wide} arithmetic")
 
 
 def _tensor_list(value, name):
@@ -109,12 +116,18 @@ def _check(ema, online, m):
         groups[key][0].append(e)
         groups[key][1].append(o)
     _momentum(m)
+    if isinstance(m, torch.Tensor) and not _checks.has_values(m):
+        real = next((d for d, *_ in groups if d.type != "meta"), None)
+        if real is not None:
+            raise ValueError(f"momentum is a meta tensor (no value) but the tensors are on "
+                             f"{real}: pass a number or a tensor holding the value")
     return groups
 
 
 @torch.no_grad()
 def ema_(ema, online, m):
-    """In place: ema[i] <- m * ema[i] + (1 - m) * online[i] for two lists of tensors.
+    """In place: ema[i] <- m * ema[i] + (1 - m) * online[i] for two lists of tensors,
+    computed in ``compute_dtype(ema[i].dtype, online[i].dtype)`` and rounded once.
 
     ``m`` is a number or a one-element tensor in [0, 1] (a CUDA tensor is not read on the
     host: its value is used as it is). Every check runs before any tensor is written, so a
@@ -124,31 +137,60 @@ def ema_(ema, online, m):
     _update(_check(ema, online, m), m)
 
 
+def compute_dtype(teacher_dtype, student_dtype):
+    """The dtype an update computes in: the wider of the two, at least float32."""
+    return torch.promote_types(torch.promote_types(teacher_dtype, student_dtype), torch.float32)
+
+
+_CODES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # csrc/ema.cpp's codes
+
+
+def route(device, teacher_dtype, student_dtype, contiguous, kernel_built):
+    """Which implementation updates one group of tensor pairs: "kernel" (csrc/ema.cu, CUDA
+    tensors, contiguous, a dtype pair it takes, the extension built) or "foreach" (torch's
+    lerp in ``compute_dtype``: everything else, CPU and meta tensors included). Both compute
+    in ``compute_dtype(teacher_dtype, student_dtype)``."""
+    if (device.type == "cuda" and kernel_built and contiguous
+            and teacher_dtype in _CODES and student_dtype in _CODES):
+        return "kernel"
+    return "foreach"
+
+
 def _update(groups, m):
     """The writes of ``ema_`` on groups from ``_check``: the CUDA kernel or foreach lerp."""
     for (device, _, e_dtype, o_dtype), (es, os_) in groups.items():
         ext = _extension() if device.type == "cuda" else None
-        fused = (ext is not None and e_dtype in _CODES and o_dtype in _CODES
-                 and all(e.is_contiguous() and o.is_contiguous() for e, o in zip(es, os_)))
-        if fused:
-            m_t = m.reshape(()).float().to(device) if isinstance(m, torch.Tensor) else None
+        contiguous = all(e.is_contiguous() and o.is_contiguous() for e, o in zip(es, os_))
+        if route(device, e_dtype, o_dtype, contiguous, ext is not None) == "kernel":
+            # the kernel reads a tensor momentum as one float64 on the device (no host sync)
+            m_t = (m.reshape(()).to(device, torch.float64) if isinstance(m, torch.Tensor)
+                   else None)
             stream = torch.cuda.current_stream(device).cuda_stream
             ext.ema_update(es, os_, 0.0 if m_t is not None else float(m), m_t, stream)
         else:
             _foreach_update(es, os_, m)
 
 
-_CODES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _foreach_update(ema, online, m):
-    weight = (1 - m.reshape(()).float().to(ema[0].device)) if isinstance(m, torch.Tensor) \
-        else 1.0 - float(m)
-    if ema[0].dtype == online[0].dtype:
-        torch._foreach_lerp_(ema, online, weight)
+    """ema <- lerp(ema, online, 1 - m) in ``compute_dtype``, rounded once to ema's dtype. A
+    tensor ``m`` is used on the device (torch's foreach lerp would read it on the host)."""
+    wide = compute_dtype(ema[0].dtype, online[0].dtype)
+    if isinstance(m, torch.Tensor):
+        weight = 1 - m.reshape(()).to(ema[0].device, wide)
+        for e, o in zip(ema, online):
+            if e.dtype == wide:
+                e.lerp_(o.to(wide), weight)
+            else:
+                e.copy_(e.to(wide).lerp_(o.to(wide), weight))
         return
-    for e, o in zip(ema, online):  # mixed precision: fp32 arithmetic, one rounding
-        e.copy_(e.float().lerp_(o.float(), weight))
+    weight = 1.0 - float(m)
+    if ema[0].dtype == online[0].dtype:
+        torch._foreach_lerp_(ema, online, weight)  # 16-bit lists: float32 arithmetic inside
+    elif ema[0].dtype == wide:  # the student widened exactly, the teacher updated in place
+        torch._foreach_lerp_(ema, [o.to(wide) for o in online], weight)
+    else:
+        for e, o in zip(ema, online):  # a 16-bit teacher: one rounding from float32
+            e.copy_(e.to(wide).lerp_(o.to(wide), weight))
 
 
 def _unwrap(model):
