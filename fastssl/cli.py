@@ -201,8 +201,10 @@ def main(argv=None):
     p.add_argument("--resume", help="a run folder or its checkpoint.pt: continue that run")
     p.add_argument("--workers", type=_non_negative_int, help="data-loader processes "
                    "(default 0: load in the training process)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): "
-                   "bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], help="auto "
+                   "(default): bf16 autocast on CUDA, fp32 on CPU; fp64: weights, views and "
+                   "losses in float64 (slow; runs that agree across process counts to "
+                   "float64 rounding)")
     p.add_argument("--no-eval", action="store_true", help="train and save only")
     p.set_defaults(func=lambda a, parser=p: _pretrain(a, parser, argv))
     p = sub.add_parser("prepare", help="decode an image folder once into a memory-mapped "

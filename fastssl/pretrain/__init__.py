@@ -39,7 +39,7 @@ def pretrain(method, out_dir="runs", log=print, progress=True, evaluate=True,
     "lars"), lr (per 256 images of the global batch), weight_decay, arch, width, size,
     scale, flip_p, test_fraction, knn_k, seed, device, max_steps (the schedules end there),
     stop_after (stop after this many steps, checkpointed, as if interrupted), workers,
-    precision ("auto": bf16 autocast on CUDA), resume (a checkpoint or run folder)."""
+    precision ("auto": bf16 autocast on CUDA; "fp32"; "bf16"; "fp64": weights, views and losses in float64), resume (a checkpoint or run folder)."""
     return run([method], out_dir, log, progress, evaluate, low_shot_draws, **settings_)[0]
 
 

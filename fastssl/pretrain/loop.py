@@ -30,6 +30,9 @@ WEIGHT_DECAY = {"adamw": 1e-4, "lars": 1e-6}
 DEFAULTS = {"epochs": None, "batch_size": 128, "optimizer": "adamw", "lr": None,
             "weight_decay": None, "arch": "small", "width": 32, "test_fraction": 0.25,
             "knn_k": 20, "seed": 0, "warmup_epochs": 2, "workers": 0, "precision": "auto"}
+# auto: bf16 autocast on CUDA, fp32 on CPU; fp64: weights, views and losses in float64
+# (slow; for runs that must agree across process counts to float64 rounding)
+PRECISIONS = ("auto", "fp32", "bf16", "fp64")
 # Settings a resumed run may change (they do not change what is computed).
 RESUMABLE = {"workers", "stop_after", "max_steps", "device", "evaluate", "low_shot_draws"}
 
@@ -67,8 +70,9 @@ def settings(method, given):
         raise ValueError(f"test_fraction must be in (0, 1), got {cfg['test_fraction']}")
     if cfg["batch_size"] < 2:
         raise ValueError("batch_size must be >= 2 (the losses compare samples in a batch)")
-    if cfg["precision"] not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg['precision']!r}")
+    if cfg["precision"] not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                         f"{cfg['precision']!r}")
     return cfg
 
 
@@ -161,59 +165,178 @@ def _sum_over_ranks(count, world, device):
     return int(t.item())
 
 
+class Plan:
+    """What one rank trains on: the data and its split, the batch order and the step counts,
+    the learning rate."""
+
+    def __init__(self, cfg, ctx, say):
+        self.dataset = open_data(cfg["data"], round(cfg["size"] * 8 / 7))
+        self.train_idx, self.test_idx = split(self.dataset.labels, cfg["test_fraction"],
+                                              cfg["seed"])
+        b, world = int(cfg["batch_size"]), ctx.world
+        if len(self.train_idx) < b * world:
+            if world > 1:
+                raise ValueError(f"a global batch of {b} x {world} ranks needs at least "
+                                 f"{b * world} training images; the data has "
+                                 f"{len(self.train_idx)}")
+            b = cfg["batch_size"] = max(2, len(self.train_idx))
+            say(f"batch size lowered to the {b} training images")
+        self.b, self.B = b, b * world
+        self.order = BatchOrder(self.train_idx, b, ctx.rank, world, cfg["seed"])
+        self.steps = self.order.steps  # full global batches only (BatchNorm, equal views)
+        if cfg["epochs"] is None:
+            cfg["epochs"] = EPOCHS[cfg["method"]] if cfg["data"] is None else \
+                max(1, math.ceil(FOLDER_STEPS / self.steps))
+        self.total = self.steps * cfg["epochs"]
+        if cfg.get("max_steps"):
+            self.total = min(self.total, int(cfg["max_steps"]))
+            cfg["epochs"] = math.ceil(self.total / self.steps)
+        self.warmup = min(self.total // 2, self.steps * cfg["warmup_epochs"])
+        self.base_lr = cfg["lr"] * self.B / 256
+
+
+def _config(method, given, say):
+    """The run's settings and, with ``resume``, the saved state to continue from."""
+    resume = given.pop("resume", None)
+    cfg = settings(method, given)
+    if resume is None:
+        return cfg, None
+    state = checkpoint.load(resume)
+    if state["config"]["method"] != method:
+        raise ValueError(f"--resume {resume!r} is a {state['config']['method']} run, "
+                         f"not {method}")
+    return check_resume(cfg, state["config"], given), state
+
+
+def _model(method, cfg, ctx, plan):
+    """(encoder, its random initialisation, the method's model, the optimiser)."""
+    torch.manual_seed(cfg["seed"])
+    enc = build_encoder(cfg["arch"], cfg["width"], cfg["size"])
+    initial = copy.deepcopy(enc)
+    model = build(method, enc, distributed=ctx.world > 1)
+    if ctx.world > 1:
+        sync_batchnorm(model, ctx.device)
+    model.to(ctx.device)
+    if cfg["precision"] == "fp64":
+        model.double()
+    if ctx.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    kind = LARS if cfg["optimizer"] == "lars" else torch.optim.AdamW
+    opt = kind(model.trainable(), lr=plan.base_lr, weight_decay=cfg["weight_decay"])
+    return enc, initial, model, opt
+
+
+def _announce(say, method, cfg, ctx, plan, params, bf16):
+    say(f"{method}: {plan.dataset.name}, {len(plan.train_idx)} train / {len(plan.test_idx)} "
+        f"test images, {cfg['arch']} encoder {params / 1e6:.2f}M parameters, {ctx.world} "
+        f"process{'es' * (ctx.world > 1)} x batch {plan.b} = global batch {plan.B}, "
+        f"{plan.total} steps ({cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)} of "
+        f"{plan.steps}), {cfg['optimizer']} lr {plan.base_lr:.4g}, device {ctx.device}"
+        f"{', bf16' if bf16 else ', fp64' if cfg['precision'] == 'fp64' else ''}, "
+        f"{cfg['workers']} workers")
+    if plan.total < SHORT_RUN:
+        say(f"warning: {plan.total} optimiser steps is too few for SSL to learn much (methods "
+            f"usually need thousands); raise --epochs or --max-steps")
+
+
+class _Loop:
+    """The optimiser steps of one rank: batches, views, loss, update, history, progress."""
+
+    def __init__(self, method, cfg, ctx, plan, model, opt, gen, history, say, bar):
+        self.__dict__.update(method=method, cfg=cfg, ctx=ctx, plan=plan, model=model,
+                             opt=opt, gen=gen, history=history, say=say, bar=bar)
+        cuda = ctx.device.type == "cuda"
+        self.bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and cuda)
+        self.fp64 = cfg["precision"] == "fp64"
+        self.aug = views_for(method, cfg["size"], tuple(cfg["scale"]), cfg["flip_p"],
+                             dtype=torch.bfloat16 if self.bf16 and cuda else torch.float32,
+                             channels_last=cuda)
+        self.net = _ddp(model, ctx.device) if ctx.world > 1 else model
+        workers = int(cfg["workers"])
+        self.loader = torch.utils.data.DataLoader(
+            plan.dataset, batch_sampler=plan.order, num_workers=workers, collate_fn=collate,
+            pin_memory=cuda, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None)
+        self.seen_bad = set()
+
+    def one_step(self, images, step):
+        """One optimiser step on a global batch's rows of this rank; the loss averaged over
+        ranks."""
+        ctx, plan = self.ctx, self.plan
+        views = make_views(self.aug, images, self.gen, ctx.rank * plan.b,
+                           (ctx.rank + 1) * plan.b, plan.B)
+        if self.fp64:
+            views = [v.double() for v in views]
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(step, plan.total, plan.warmup, plan.base_lr)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.net(views)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.model.after_step(step, plan.total)
+        value = _mean_over_ranks(loss.detach().to(torch.float64 if self.fp64 else
+                                                  torch.float32), ctx.world).item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{self.method}: the loss became {value} at step "
+                                     f"{step + 1}")
+        return value
+
+    def epoch(self, step, stop, run_dir):
+        """Steps of the epoch that ``step`` lies in, up to ``stop``; returns the next step."""
+        plan, history = self.plan, self.history
+        epoch, offset = divmod(step, plan.steps)
+        plan.order.set_epoch(epoch, offset)
+        self.net.train()
+        done = history["step_loss"][epoch * plan.steps:] if offset else []
+        epoch_sum, epoch_n = sum(done), len(done)  # resumed inside an epoch: its first steps
+        skipped, t_wait, t_run = 0, 0.0, 0.0
+        batches = iter(self.loader)
+        while step < stop and step < (epoch + 1) * plan.steps:
+            t0 = time.perf_counter()
+            images, _, bad = next(batches)
+            images = images.to(self.ctx.device, non_blocking=True)
+            t1 = time.perf_counter()
+            skipped += self._note_bad(bad)
+            value = self.one_step(images, step)
+            step += 1
+            history["step_loss"].append(value)
+            epoch_sum, epoch_n = epoch_sum + value, epoch_n + 1
+            t2 = time.perf_counter()
+            t_wait, t_run = t_wait + (t1 - t0), t_run + (t2 - t0)
+            history["images"] += plan.B
+            if self.bar:
+                self.bar.step(epoch, step, value, plan.B * (epoch_n - len(done)) /
+                              max(t_run, 1e-9))
+        history["train_s"] += t_run
+        history["data_wait_s"] += t_wait
+        history["skipped"] += _sum_over_ranks(skipped, self.ctx.world, self.ctx.device)
+        if step == (epoch + 1) * plan.steps or step == plan.total:
+            history["epoch_loss"].append(epoch_sum / epoch_n)
+            history["epoch_seconds"].append(t_run)
+        if self.bar:
+            ran = step - epoch * plan.steps - offset
+            self.bar.epoch(epoch, step, epoch_sum / epoch_n, plan.B * ran / max(t_run, 1e-9))
+        if run_dir is not None:
+            checkpoint.save(run_dir, self.model, self.opt, step, self.gen, history, self.cfg)
+        return step
+
+    def _note_bad(self, bad):
+        for path, error in bad:
+            if path not in self.seen_bad:
+                self.seen_bad.add(path)
+                self.say(f"skipped unreadable file {path} ({error})")
+        return len(bad)
+
+
 def train(method, ctx, given, out_dir, log=print, progress=True, fresh=None):
     """Train one method on this rank; returns a ``Trained`` record (rank 0 also saved the
     checkpoint and ``encoder.pt`` in its run folder)."""
     say = log if ctx.main else (lambda *a: None)
-    resume = given.pop("resume", None)
-    cfg = settings(method, given)
-    state = None
-    if resume is not None:
-        state = checkpoint.load(resume)
-        if state["config"]["method"] != method:
-            raise ValueError(f"--resume {resume!r} is a {state['config']['method']} run, "
-                             f"not {method}")
-        cfg = check_resume(cfg, state["config"], given)
-    device = ctx.device
-    cuda = device.type == "cuda"
-    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and cuda)
-
-    dataset = open_data(cfg["data"], round(cfg["size"] * 8 / 7))
-    train_idx, test_idx = split(dataset.labels, cfg["test_fraction"], cfg["seed"])
-    b, world = int(cfg["batch_size"]), ctx.world
-    if len(train_idx) < b * world:
-        if world > 1:
-            raise ValueError(f"a global batch of {b} x {world} ranks needs at least "
-                             f"{b * world} training images; the data has {len(train_idx)}")
-        b = cfg["batch_size"] = max(2, len(train_idx))
-        say(f"batch size lowered to the {b} training images")
-    B = b * world
-    order = BatchOrder(train_idx, b, ctx.rank, world, cfg["seed"])
-    steps = order.steps  # full global batches only (BatchNorm, equal-size views)
-    if cfg["epochs"] is None:
-        cfg["epochs"] = EPOCHS[method] if cfg["data"] is None else \
-            max(1, math.ceil(FOLDER_STEPS / steps))
-    total = steps * cfg["epochs"]
-    if cfg.get("max_steps"):
-        total = min(total, int(cfg["max_steps"]))
-        cfg["epochs"] = math.ceil(total / steps)
-    warmup = min(total // 2, steps * cfg["warmup_epochs"])
-    base_lr = cfg["lr"] * B / 256
-
-    torch.manual_seed(cfg["seed"])
-    enc = build_encoder(cfg["arch"], cfg["width"], cfg["size"])
-    initial = copy.deepcopy(enc)
-    model = build(method, enc, distributed=world > 1)
-    if world > 1:
-        sync_batchnorm(model, device)
-    model.to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    if cfg["optimizer"] == "lars":
-        opt = LARS(model.trainable(), lr=base_lr, weight_decay=cfg["weight_decay"])
-    else:
-        opt = torch.optim.AdamW(model.trainable(), lr=base_lr, weight_decay=cfg["weight_decay"])
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
+    cfg, state = _config(method, given, say)
+    plan = Plan(cfg, ctx, say)
+    enc, initial, model, opt = _model(method, cfg, ctx, plan)
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg["seed"])
     history = {"step_loss": [], "epoch_loss": [], "epoch_seconds": [], "skipped": 0,
                "train_s": 0.0, "data_wait_s": 0.0, "images": 0}
     step = 0
@@ -224,94 +347,26 @@ def train(method, ctx, given, out_dir, log=print, progress=True, fresh=None):
     run_dir = None
     if ctx.main and out_dir is not None:
         run_dir = os.path.dirname(state["path"]) if state is not None else fresh(method)
-    aug = views_for(method, cfg["size"], tuple(cfg["scale"]), cfg["flip_p"],
-                    dtype=torch.bfloat16 if bf16 and cuda else torch.float32,
-                    channels_last=cuda)
-    net = _ddp(model, device) if world > 1 else model
-    workers = int(cfg["workers"])
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=order, num_workers=workers, collate_fn=collate, pin_memory=cuda,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-
     params = sum(p.numel() for p in enc.parameters())
-    say(f"{method}: {dataset.name}, {len(train_idx)} train / {len(test_idx)} test images, "
-        f"{cfg['arch']} encoder {params / 1e6:.2f}M parameters, {world} process"
-        f"{'es' * (world > 1)} x batch {b} = global batch {B}, {total} steps ({cfg['epochs']} "
-        f"epoch{'s' * (cfg['epochs'] != 1)} of {steps}), {cfg['optimizer']} "
-        f"lr {base_lr:.4g}, device {device}{', bf16' if bf16 else ''}, {workers} workers")
-    if total < SHORT_RUN:
-        say(f"warning: {total} optimiser steps is too few for SSL to learn much (methods "
-            f"usually need thousands); raise --epochs or --max-steps")
-    stop = min(total, step + int(cfg["stop_after"])) if cfg.get("stop_after") else total
-    bar = Progress(method, cfg["epochs"], total, step) if progress and ctx.main else None
-    seen_bad = set()
+    bar = Progress(method, cfg["epochs"], plan.total, step) if progress and ctx.main else None
+    loop = _Loop(method, cfg, ctx, plan, model, opt, gen, history, say, bar)
+    _announce(say, method, cfg, ctx, plan, params, loop.bf16)
+    stop = min(plan.total, step + int(cfg["stop_after"])) if cfg.get("stop_after") else \
+        plan.total
     while step < stop:
-        epoch, offset = divmod(step, steps)
-        order.set_epoch(epoch, offset)
-        net.train()
-        if offset == 0:
-            epoch_sum, epoch_n, t_epoch = 0.0, 0, 0.0
-        else:  # resumed inside an epoch: its mean covers the steps run before
-            done_steps = history["step_loss"][epoch * steps:]
-            epoch_sum, epoch_n, t_epoch = sum(done_steps), len(done_steps), 0.0
-        skipped = 0
-        batches = iter(loader)
-        t_wait = t_run = 0.0
-        while step < stop and step < (epoch + 1) * steps:
-            t0 = time.perf_counter()
-            images, _, bad = next(batches)
-            images = images.to(device, non_blocking=True)
-            t1 = time.perf_counter()
-            for path, error in bad:
-                if path not in seen_bad:
-                    seen_bad.add(path)
-                    say(f"skipped unreadable file {path} ({error})")
-            skipped += len(bad)
-            views = make_views(aug, images, gen, ctx.rank * b, (ctx.rank + 1) * b, B)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, total, warmup, base_lr)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = net(views)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            model.after_step(step, total)
-            value = _mean_over_ranks(loss.detach().float(), world).item()
-            step += 1
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{method}: the loss became {value} at step {step}")
-            history["step_loss"].append(value)
-            epoch_sum, epoch_n = epoch_sum + value, epoch_n + 1
-            t2 = time.perf_counter()
-            t_wait, t_run = t_wait + (t1 - t0), t_run + (t2 - t0)
-            history["images"] += B
-            if bar:
-                bar.step(epoch, step, value, B * (epoch_n - (offset if offset else 0)) /
-                         max(t_run, 1e-9))
-        t_epoch += t_run
-        history["train_s"] += t_run
-        history["data_wait_s"] += t_wait
-        history["skipped"] += _sum_over_ranks(skipped, world, device)
-        ran = step - epoch * steps - offset
-        rate = B * ran / max(t_run, 1e-9)
-        if step == (epoch + 1) * steps or step == total:
-            history["epoch_loss"].append(epoch_sum / epoch_n)
-            history["epoch_seconds"].append(t_epoch)
-        if bar:
-            bar.epoch(epoch, step, epoch_sum / epoch_n, rate)
-        if run_dir is not None:
-            checkpoint.save(run_dir, model, opt, step, gen, history, cfg)
-    del net, loader
-    tp = history["throughput"] = throughput(history, B, world)
+        step = loop.epoch(step, stop, run_dir)
+    named = len(loop.seen_bad)
+    del loop  # DistributedDataParallel and the loader's workers go before the process group
+    tp = history["throughput"] = throughput(history, plan.B, ctx.world)
     say(f"{method}: {step} steps, {history['train_s']:.1f} s of training: "
         f"{tp['images_per_s']:.0f} images/s ({tp['images_per_s_per_rank']:.0f} per process), "
         f"{100 * tp['data_wait_share']:.1f}% of step time waiting for data")
     if history["skipped"]:
-        say(f"{history['skipped']} reads of unreadable files skipped ({len(seen_bad)} files "
-            f"named above on rank 0)")
-    return Trained(method=method, cfg=cfg, encoder=enc, initial=initial, dataset=dataset,
-                   train=train_idx, test=test_idx, history=history, run_dir=run_dir,
-                   step=step, total=total, params=params, device=device)
+        say(f"{history['skipped']} reads of unreadable files skipped ({named} files named "
+            f"above on rank 0)")
+    return Trained(method=method, cfg=cfg, encoder=enc, initial=initial, dataset=plan.dataset,
+                   train=plan.train_idx, test=plan.test_idx, history=history, run_dir=run_dir,
+                   step=step, total=plan.total, params=params, device=ctx.device)
 
 
 def _ddp(model, device):
