@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from fastssl.bench import ema, formulations, peers
+from fastssl.bench import ema, formulations, peers, timing
 
 LIBRARIES = ("lightly", "lightly.loss", "open_clip", "open_clip.loss", "inf_cl",
              "cut_cross_entropy", "timm", "timm.utils")
@@ -75,9 +75,9 @@ def test_an_anchor_is_timed_but_not_checked(monkeypatch):
 def test_implementation_names_a_missing_peer(no_peers):
     with pytest.raises(ValueError, match="'lightly BarlowTwinsLoss' is not available for barlow: "
                                          "(ImportError|ModuleNotFoundError)"):
-        formulations.implementation("barlow", "lightly BarlowTwinsLoss")
+        timing.implementation("barlow", "lightly BarlowTwinsLoss")
     with pytest.raises(ValueError, match="no such implementation"):
-        formulations.implementation("barlow", "nobody")
+        timing.implementation("barlow", "nobody")
 
 
 @pytest.mark.parametrize("rows", [1, 79, 80, 81, 170, 1000, 4097])

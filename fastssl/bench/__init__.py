@@ -26,10 +26,10 @@ The parts:
 from .formulations import (DINO_CROPS, IMPLS, PROTOTYPES, eager_barlow, eager_dino,  # noqa: F401
                            eager_ibot, eager_nt_xent, eager_siglip, eager_vicreg,
                            fastssl_dino, fastssl_ibot, fastssl_nt_xent, fastssl_siglip,
-                           implementation, make_inputs, model_flops)
+                           make_inputs, model_flops)
 from .machine import environment  # noqa: F401
 from .maxbatch import max_batch  # noqa: F401
 from .report import headline, markdown, plot, summary  # noqa: F401
 from .runner import (DTYPES, OPS, BenchmarkFailed, check_args, default_out, run,  # noqa: F401
                      run_all)
-from .timing import cpu_case  # noqa: F401
+from .timing import cpu_case, implementation  # noqa: F401

@@ -150,22 +150,6 @@ IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
          "vicreg": {"fastssl": fastssl.vicreg, "eager": eager_vicreg}}
 
 
-def implementation(op, impl):
-    """The loss for one bench row: fastssl's, the eager formulation, that formulation
-    under torch.compile (inductor; compiled at the warm-up call, so not in the timings),
-    or a peer library's (``peers.find``)."""
-    if impl == "torch.compile":
-        return torch.compile(IMPLS[op]["eager"])
-    if impl in IMPLS[op]:
-        return IMPLS[op][impl]
-    from .peers import find
-    found, missing = find(op, "cuda" if torch.cuda.is_available() else "cpu")
-    if impl not in found:
-        raise ValueError(f"{impl!r} is not available for {op}: "
-                         f"{missing.get(impl, 'no such implementation')}")
-    return found[impl]
-
-
 def make_inputs(op, size, D, dtype, device, seed=0):
     """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's and CLIP's
     is n pairs (CLIP's unit rows, as its models produce them)."""

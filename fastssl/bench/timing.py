@@ -13,6 +13,21 @@ from .report import fmt_row
 
 
 
+def implementation(op, impl):
+    """The loss for one bench row: fastssl's, the eager formulation, that formulation
+    under torch.compile (inductor; compiled at the warm-up call, so not in the timings),
+    or a peer library's (``peers.find``)."""
+    if impl == "torch.compile":
+        return torch.compile(IMPLS[op]["eager"])
+    if impl in IMPLS[op]:
+        return IMPLS[op][impl]
+    found, missing = peers.find(op, "cuda" if torch.cuda.is_available() else "cpu")
+    if impl not in found:
+        raise ValueError(f"{impl!r} is not available for {op}: "
+                         f"{missing.get(impl, 'no such implementation')}")
+    return found[impl]
+
+
 def _gpu_ceiling():
     """Measured bf16 dense matmul rate (TFLOP/s) on this GPU."""
     import triton.testing
