@@ -21,6 +21,13 @@ class ShapeError(ValueError, AssertionError, RuntimeError):
     open_clip's losses), so code written against any of them catches it."""
 
 
+def has_values(*tensors):
+    """False when some tensor is on the meta device (shape inference, e.g. a model built
+    under ``torch.device("meta")``): there, host reads of values (``int(t)``, ``.item()``,
+    counts in a mask) are skipped, while shape, dtype and device checks still run."""
+    return not any(isinstance(t, Tensor) and t.device.type == "meta" for t in tensors)
+
+
 def _kind(value):
     return type(value).__name__
 

@@ -6,6 +6,13 @@ portable PyTorch path in ``fastssl._reference``; float64 always takes the portab
 tensors runs the kernels through the Triton interpreter, which needs ``TRITON_INTERPRET=1``
 before triton is first imported; on a machine without CUDA, fastssl sets it itself when
 ``FASTSSL_BACKEND=triton`` is set before fastssl (and triton) are imported.
+
+Shape inference. Meta tensors (and the fake tensors of tracers) hold no values: ``shape_only``
+says so, and it is the one rule for them. ``fastssl._ops._Op`` sends such calls to the
+registered custom op, whose fake implementation gives outputs of the right shape and dtype
+(and whose autograd formula gives the gradients' shapes); ``backend`` gives meta tensors the
+portable path, whose torch ops infer shapes, for the few callers that use a kernel module
+directly (Sinkhorn-Knopp's passes, the augmentation passes) whatever FASTSSL_BACKEND says.
 """
 import importlib
 import importlib.util
@@ -13,6 +20,7 @@ import os
 import sys
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 BACKENDS = ("auto", "triton", "torch")
 _modules = {}
@@ -61,15 +69,30 @@ def requested():
     return value
 
 
+def _is_meta(t):
+    return isinstance(t, torch.Tensor) and t.device.type == "meta"
+
+
+def shape_only(args):
+    """Whether a call on ``args`` can only infer shapes: some argument is a meta tensor or
+    a tensor subclass (FakeTensor, FunctionalTensor, ...: a tracer's), or a tracer or
+    dispatch mode is active. Such a call must take the ops' fake implementations."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return True
+    return any(isinstance(a, torch.Tensor) and (type(a) not in (torch.Tensor, torch.nn.Parameter)
+                                                or a.device.type == "meta") for a in args)
+
+
 def backend(*tensors):
     """'triton' or 'torch' for a call on these tensors (None entries are ignored).
 
     float64 always takes the portable path, in float64 on the tensors' device: the kernels
-    accumulate in float32 and take fp32/fp16/bf16 operands.
+    accumulate in float32 and take fp32/fp16/bf16 operands. Meta tensors take it too (their
+    shapes are inferred by its torch ops; a kernel cannot run on them).
     """
     want = requested()
     present = [t for t in tensors if t is not None]
-    if want == "torch" or any(t.dtype == torch.float64 for t in present):
+    if want == "torch" or any(t.dtype == torch.float64 or _is_meta(t) for t in present):
         return "torch"
     on_cuda = all(t.is_cuda for t in present)
     if want == "triton":

@@ -14,28 +14,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
 from fastssl import _dispatch
 
 NORM_EPS = 1e-12  # applied to a float32 norm, so it survives fp16/bf16 inputs
 
 
-def _tracing(args):
-    """Whether a call is being traced (torch.compile, export, fake or functional tensors, a
-    dispatch mode): then the registered custom op must appear in the graph."""
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
-        return True
-    return any(isinstance(a, Tensor) and type(a) not in (Tensor, torch.nn.Parameter)
-               for a in args)
-
-
 class _Op:
     """One fastssl op: ``impl`` registered as the custom op ``name`` (schema from its
-    annotations, ``fake``, and autograd from ``setup``/``backward``) for tracers, and called
-    directly in eager mode under an autograd.Function with the same ``setup``/``backward``.
-    The two give the same values and gradients (tests/test_ops.py); the eager call skips the
-    custom-op dispatch, whose first use imports torch._dynamo (and Triton), about a second."""
+    annotations, ``fake``, and autograd from ``setup``/``backward``) for tracers and shape
+    inference, and called directly in eager mode under an autograd.Function with the same
+    ``setup``/``backward``. The two give the same values and gradients (tests/test_ops.py);
+    the eager call skips the custom-op dispatch, whose first use imports torch._dynamo (and
+    Triton), about a second.
+
+    The choice is made here, once for every op: a call that can only infer shapes
+    (``_dispatch.shape_only``: meta tensors, a tracer's fake or functional tensors, a
+    dispatch mode, torch.compile) takes the custom op, so the graph holds it and a meta call
+    runs ``fake`` (outputs of the right shape and dtype, no kernel, no value read), and its
+    backward the registered autograd formula, whose ops are ``_Op`` calls again."""
 
     def __init__(self, name, impl, fake, setup=None, backward=None, eager_forward=None):
         self.custom = torch.library.custom_op(name, mutates_args=())(impl)
@@ -52,7 +48,7 @@ class _Op:
         self.__doc__ = impl.__doc__
 
     def __call__(self, *args):
-        return self.custom(*args) if _tracing(args) else self.eager(*args)
+        return self.custom(*args) if _dispatch.shape_only(args) else self.eager(*args)
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:

@@ -130,14 +130,18 @@ def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale,
 
 
 def _positives(pos_idx, c0, width):
-    """(rows, columns within the block) of the positive pairs in columns [c0, c0 + width)."""
-    rows = torch.nonzero((pos_idx >= c0) & (pos_idx < c0 + width)).flatten()
-    return rows, pos_idx[rows] - c0
+    """Where each row's positive falls in columns [c0, c0 + width): (column within the block,
+    clamped [n, 1]; whether it is in the block [n, 1]). O(n) and free of data-dependent
+    shapes (no ``nonzero``), so it runs on meta tensors and traces into one graph."""
+    return _local(pos_idx, c0, width)
 
 
 def _flip(t, at):
-    """Negate the entries of t at the (rows, columns) ``at``, in place."""
-    t[at] = -t[at]
+    """Negate, in place, each row's entry at its positive column where ``at`` (from
+    ``_positives``) says it lies in this block; rows without one are left as they are."""
+    loc, hit = at
+    picked = t.gather(1, loc)
+    t.scatter_(1, loc, torch.where(hit, -picked, picked))
 
 
 def _pair_derivative(v, at):

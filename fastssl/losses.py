@@ -95,10 +95,12 @@ class NTXentLoss(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, batch, sizes):
-        size, ptr = self.memory_bank_size, int(self.bank_ptr)
         if sizes is not None:
             batch, _ = distributed.gather(batch.detach(), with_grad=False, sizes=sizes)
         batch = batch.detach().to(self.bank.dtype)
+        if not _checks.has_values(self.bank_ptr, batch):
+            return  # shape inference: no pointer to read, nothing to move
+        size, ptr = self.memory_bank_size, int(self.bank_ptr)
         if ptr + batch.shape[0] >= size:
             self.bank[ptr:] = batch[:size - ptr]
             self.bank_ptr[0] = 0

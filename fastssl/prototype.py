@@ -257,7 +257,7 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     if active:
         torch.distributed.all_reduce(n)
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-    if not torch.isfinite(n) or n.item() == 0:
+    if _checks.has_values(n) and (not torch.isfinite(n) or n.item() == 0):
         raise ValueError("sinkhorn_knopp needs at least one row (on some rank)")
     lse = top.expand_as(lse).to(acc)  # the first pass: one shift, as Q / sum(Q)
     for _ in range(iterations):
@@ -476,7 +476,7 @@ class IBOTPatchLoss(torch.nn.Module):
         if mask.dtype != torch.bool or mask.dim() < 2:
             raise ValueError(f"mask must be a bool tensor (B, H, W), got {mask.dtype} "
                              f"{tuple(mask.shape)}")
-        rows = int(mask.sum())
+        rows = int(mask.sum()) if _checks.has_values(mask) else teacher_out.shape[0]
         for x, name in ((teacher_out, "teacher_out"), (student_out, "student_out")):
             if x.shape != (rows, self.output_dim):
                 raise _checks.ShapeError(f"{name} must be (masked tokens = {rows}, output_dim="
@@ -484,7 +484,8 @@ class IBOTPatchLoss(torch.nn.Module):
         flat = mask.reshape(mask.shape[0], -1)
         per_image = flat.sum(1, keepdim=True).clamp(min=1).to(torch.float64)
         acc = torch.float64 if student_out.dtype == torch.float64 else torch.float32
-        weights = (1.0 / per_image / mask.shape[0]).expand_as(flat)[flat].to(acc)
+        weights = torch.repeat_interleave((1.0 / per_image / mask.shape[0])[:, 0], flat.sum(1),
+                                          output_size=rows).to(acc)  # in the mask's order
         idx = torch.arange(rows, device=student_out.device)
         loss = _LogitsCE.apply(student_out, teacher_out.detach(), self.center[0].detach().clone(),
                                idx, idx, weights.to(student_out.device), self.student_temp, tau_t)

@@ -333,8 +333,82 @@ for use, fn in MOMENTUM_USES.items():
                               ("2-element tensor", torch.tensor([0.5, 0.5]), ValueError),
                               ("np.float32 0.9", np.float32(0.9), None),
                               ("tensor 0.9", torch.tensor(0.9), None), ("0", 0, None),
-                              ("1", 1, None)]:
+                              ("1", 1, None),
+                              ("meta tensor (no value) for real tensors",
+                               torch.empty((), device=META), ValueError)]:
         _momentum_case(use, what, fn, value, kind)
+
+
+# Mixed precision: the update runs in the wider dtype (at least float32), rounded once to the
+# teacher's dtype, so a float64 teacher keeps steps far below a float32 ulp.
+def _mixed_case(use, fn, teacher, student, m, label):
+    def nets():
+        torch.manual_seed(71)
+        s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+        with torch.no_grad():  # the student a little away from the teacher
+            for ps, pt in zip(s.parameters(), t.parameters()):
+                ps.copy_(pt + 1e-3 * torch.randn_like(pt))
+        return s.to(student), t.to(teacher)
+
+    def call():
+        s, t = nets()
+        fn(s, t, m)
+        return torch.cat([p.detach().double().flatten() for p in t.parameters()])
+
+    def ref():
+        s, t = nets()
+        mv = _num(m)
+        return torch.cat([(mv * pt.detach().double() + (1 - mv) * ps.detach().double())
+                          .to(teacher).double().flatten()
+                          for ps, pt in zip(s.parameters(), t.parameters())])
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    add(Case(f"{use}: {name(teacher)} teacher, {name(student)} student, m={label}", call,
+             ref=ref, grads=False, tol=1e-15))
+
+
+for use, fn in MOMENTUM_USES.items():
+    for teacher, student in ((torch.float64, torch.float32), (torch.float64, torch.bfloat16),
+                             (torch.float64, torch.float16), (torch.float32, torch.float64),
+                             (torch.bfloat16, torch.float64), (torch.float16, torch.float64)):
+        for m, label in ((1 - 1e-9, "1 - 1e-9"),
+                         (torch.tensor(1 - 1e-9, dtype=torch.float64), "float64 tensor")):
+            _mixed_case(use, fn, teacher, student, m, label)
+
+
+# Meta tensors (shape inference): no values to read, but shapes, dtypes and devices are still
+# checked, with the same errors as real tensors.
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device=META, dtype=dtype)
+
+
+META_CASES = [
+    ("nt_xent: meta z1 rows differ", lambda: fastssl.nt_xent(_meta(5, 7), _meta(4, 7)),
+     ShapeError, ("z1", "shape")),
+    ("info_nce: meta int64 key", lambda: fastssl.info_nce(_meta(5, 7), _meta(5, 7,
+                                                                              dtype=torch.long)),
+     ValueError, ("key", "floating")),
+    ("siglip_loss: meta 1-D text_features", lambda: fastssl.siglip_loss(
+        _meta(5, 7), _meta(7), 3.0, -1.0), ShapeError, ("text_features",)),
+    ("clip_loss: CPU features, meta logit_scale", lambda: fastssl.clip_loss(
+        torch.randn(3, 4), torch.randn(3, 4), _meta(())), ValueError, ("logit_scale",)),
+    ("barlow_twins: meta batch of 1", lambda: fastssl.barlow_twins(_meta(1, 7), _meta(1, 7)),
+     ShapeError, ("z_a",)),
+    ("ema_: meta shapes differ", lambda: fastssl.ema_([_meta(2)], [_meta(3)], 0.9), ShapeError,
+     ("shape",)),
+    ("ema_: meta tensors, momentum 1.5", lambda: fastssl.ema_([_meta(2)], [_meta(2)],
+                                                                 1.5), ValueError, ("momentum",)),
+    ("MoCoQueue.enqueue: meta keys of the wrong width", lambda: fastssl.MoCoQueue(
+        3, 4, device=META).enqueue(_meta(2, 5)), ShapeError, ("keys",)),
+    ("NTXentLoss(bank): meta out0 of the wrong width", lambda: fastssl.NTXentLoss(
+        memory_bank_size=(6, 3)).to(META)(_meta(2, 4), _meta(2, 4)), ShapeError, ("bank",)),
+    ("IBOTPatchLoss: meta float mask", lambda: fastssl.IBOTPatchLoss(output_dim=4).to(META)(
+        _meta(3, 4), _meta(3, 4), _meta(2, 3, 3)), ValueError, ("mask",)),
+    ("koleo: meta 3-D x", lambda: fastssl.koleo(_meta(2, 3, 4)), ShapeError, ("x",)),
+    ("sinkhorn_knopp: meta widths differ", lambda: fastssl.sinkhorn_knopp(
+        _meta(4, 3), _meta(5, 2)), ShapeError, ("D",)),
+]
+for what, fn, kind, words in META_CASES:
+    add(Case(what, fn, raises=kind, words=words))
 
 
 def _cos(step, max_steps, start, end, period=None):
