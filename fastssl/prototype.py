@@ -30,6 +30,8 @@ The losses on given logits (``DINOLoss``, ``IBOTPatchLoss``, ``SwaVLoss``) keep 
 signatures and compute in column chunks (no log-softmax tensor); ``koleo`` finds nearest
 neighbours in row chunks.
 """
+import math
+
 import torch
 
 from fastssl import _checks, _ops
@@ -170,7 +172,7 @@ class PrototypeCrossEntropy(torch.nn.Module):
     DINOLoss's state. ``forward(student, teacher, prototypes, teacher_prototypes=None,
     teacher_temp=None, epoch=None, weights=None)`` on bottleneck features (crop-major rows)
     and (K, D) prototypes; the teacher temperature warms up as in ``DINOLoss``; with
-    ``teacher_target="softmax"`` the centre (a (1, K) buffer) follows the mean teacher score
+    ``teacher_target="softmax"`` the centre (DINOLoss's (1, 1, K) buffer) follows the mean teacher score
     with ``center_momentum`` after each call (over every rank under torch.distributed), and
     with ``"sinkhorn"`` the target is the Sinkhorn-Knopp codes (no centre)."""
 
@@ -202,15 +204,16 @@ class PrototypeCrossEntropy(torch.nn.Module):
         sink = self.teacher_target == "sinkhorn"
         out = prototype_cross_entropy(
             student, teacher, prototypes, teacher_prototypes, sched.student_temp, tau_t,
-            None if sink else sched.center[0], self.pairing, None, self.teacher_crops, weights,
+            None if sink else sched.center.reshape(-1), self.pairing, None, self.teacher_crops, weights,
             return_center_stat=not sink, teacher_target=self.teacher_target,
             sinkhorn_iterations=self.sinkhorn_iterations, gather_distributed=True)
         if sink:
             return out
         loss, stat = out
         with torch.no_grad():
-            sched.center.mul_(sched.center_momentum).add_(
-                stat.to(sched.center.dtype)[None], alpha=1 - sched.center_momentum)
+            m = sched.center_momentum
+            sched.center.copy_(sched.center * m + stat.to(sched.center.dtype).reshape(
+                sched.center.shape) * (1 - m))
         return loss
 
 
@@ -231,7 +234,7 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     Each iteration is a pass over the rows (their log-partitions) and a pass over the
     prototypes (their column sums), both tiled (kernels/prototype.py). The first column pass
     uses one shift for every row (the total's normalisation, as SwAV's), so the result is
-    SwAV's: ``sinkhorn(exp(scores / epsilon), iterations)`` row by row.
+    SwAV's: ``sinkhorn(scores, iterations, epsilon)`` row by row.
     """
     from fastssl import distributed
     for x, name in ((features, "features"), (prototypes, "prototypes")):
@@ -277,12 +280,16 @@ def koleo(x, p=2, eps=1e-8):
     """KoLeo (DINOv2's spreading regulariser): rows normalised, each row's nearest other row
     by cosine, loss = -mean_i log(||x_i - x_nn(i) + eps||_p + eps); the gradient flows
     through the chosen pairs. Nearest neighbours are found in row chunks (no N x N matrix).
+
+    A single row is its own neighbour, as in DINOv2's and lightly's code: the distance is
+    ||eps||_p = eps D^(1/p), the loss -log(eps D^(1/p) + eps) (17.7275 for D = 1 at
+    eps = 1e-8) and the gradient zero (x_i - x_i does not depend on x).
     """
     _checks.floating(x, "x")
     if x.dim() != 2:
         raise _checks.ShapeError(f"x must be 2-D (n, D), got shape {tuple(x.shape)}")
-    if x.shape[0] < 2:
-        raise ValueError(f"KoLeo needs at least 2 rows (a nearest neighbour), got {x.shape[0]}")
+    if x.shape[0] < 1:
+        raise ValueError("KoLeo needs at least one row")
     p = _checks.number(p, "p", lo=0.0, lo_open=True)
     eps = _checks.number(eps, "eps", lo=0.0)
     z = torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
@@ -294,7 +301,8 @@ def koleo(x, p=2, eps=1e-8):
         for i0 in range(0, n, chunk):
             dots = zd[i0:i0 + chunk] @ zd.T
             rows = torch.arange(i0, min(i0 + chunk, n), device=x.device)
-            dots[rows - i0, rows] = -float("inf")  # not itself
+            if n > 1:
+                dots[rows - i0, rows] = -float("inf")  # not itself
             nearest[i0:i0 + chunk] = dots.argmax(1)
     d = torch.nn.functional.pairwise_distance(z, z[nearest], p=p, eps=eps)
     return -torch.log(d + eps).mean()
@@ -313,60 +321,73 @@ class KoLeoLoss(torch.nn.Module):
     def forward(self, x):
         return koleo(x, self.p, self.eps)
 
-def _lse(x, scale, shift, chunk):
-    """log-sum-exp over dim 1 of (x - shift) * scale, in column chunks."""
-    m_run = torch.full((x.shape[0],), -float("inf"), dtype=torch.float32 if x.dtype !=
-                       torch.float64 else x.dtype, device=x.device)
-    z = torch.zeros_like(m_run)
+def _scaled(x, k0, k1, shift, tau, acc):
+    """Columns k0:k1 of (x - shift) / tau in ``acc``: one formula for every pass, so that each
+    pass sees the same rounded scores (a division, as the eager formulation writes it)."""
+    y = x[:, k0:k1].to(acc)
+    if shift is not None:
+        y = y - shift[k0:k1].to(acc)
+    return y / tau
+
+
+def _softmax_stats(x, shift, tau, chunk, acc):
+    """(m, log z) per row of y = (x - shift) / tau, in column chunks: m = max_k y_k and
+    z = sum_k exp(y_k - m), kept apart. y - m is exact (Sterbenz) and log z lies in
+    [0, log K], so log softmax = (y - m) - log z never rounds at the scale of |m|, which
+    reaches hundreds at sharp temperatures (m + log z would lose ~1e-5 there)."""
+    m = torch.full((x.shape[0],), -float("inf"), dtype=acc, device=x.device)
     for k0 in range(0, x.shape[1], chunk):
-        y = x[:, k0:k0 + chunk].to(m_run.dtype)
-        if shift is not None:
-            y = y - shift[k0:k0 + chunk].to(m_run.dtype)
-        y = y * scale
-        m_new = torch.maximum(m_run, y.amax(1))
-        z = z * torch.exp(m_run - m_new) + torch.exp(y - m_new[:, None]).sum(1)
-        m_run = m_new
-    return m_run + torch.log(z)
+        m = torch.maximum(m, _scaled(x, k0, k0 + chunk, shift, tau, acc).amax(1))
+    z = torch.zeros_like(m)
+    for k0 in range(0, x.shape[1], chunk):
+        z += torch.exp(_scaled(x, k0, k0 + chunk, shift, tau, acc) - m[:, None]).sum(1)
+    return m, torch.log(z), z
 
 
 class _LogitsCE(torch.autograd.Function):
     """sum_pairs w * (-softmax_t(teacher_j) . log_softmax(student_i / tau_s)) on given
-    logits, with (rows x chunk) temporaries only; gradient to the student logits."""
+    logits, with (rows x chunk) temporaries only; gradient to the student logits.
+
+    With y = s / tau_s, u = (t - c) / tau_t, per-row maxima m and partitions z (kept apart,
+    ``_softmax_stats``), p = exp(u - m_t) / z_t and the pair's cross-entropy is
+
+        CE(i, j) = -sum_k p_jk ((y_ik - m_i) - log z_i)
+
+    -- the eager formulation's rounding (no difference of two large numbers), summed in
+    column chunks. The backward is dL/ds_i = (a_i softmax(y_i) - sum_j g_ij p_j) / tau_s."""
 
     @staticmethod
     def forward(ctx, s, t, center, si, tj, w, tau_s, tau_t):
         chunk = _chunk(max(s.shape[0], t.shape[0]))
-        lse_s = _lse(s, 1.0 / tau_s, None, chunk)
-        lse_t = _lse(t, 1.0 / tau_t, center, chunk)
-        acc = lse_s.dtype
-        cross = torch.zeros(len(si), dtype=acc, device=s.device)
+        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+        m_s, logz_s, _ = _softmax_stats(s, None, tau_s, chunk, acc)
+        m_t, _, z_t = _softmax_stats(t, center, tau_t, chunk, acc)
+        ce = torch.zeros(len(si), dtype=acc, device=s.device)
         for k0 in range(0, s.shape[1], chunk):
-            tc = t[tj, k0:k0 + chunk].to(acc)
-            if center is not None:
-                tc = tc - center[k0:k0 + chunk].to(acc)
-            p = torch.exp(tc / tau_t - lse_t[tj, None])
-            cross += (p * s[si, k0:k0 + chunk].to(acc)).sum(1)
-        loss = (w.to(acc) * (lse_s[si] - cross / tau_s)).sum()
-        ctx.save_for_backward(s, t, center, si, tj, w, lse_s, lse_t)
+            k1 = k0 + chunk
+            logp_s = (_scaled(s, k0, k1, None, tau_s, acc) - m_s[:, None]) - logz_s[:, None]
+            p_t = torch.exp(_scaled(t, k0, k1, center, tau_t, acc) - m_t[:, None]) / z_t[:, None]
+            ce -= (p_t[tj] * logp_s[si]).sum(1)
+        loss = (w.to(acc) * ce).sum()
+        ctx.save_for_backward(s, t, center, si, tj, w, m_s, logz_s, m_t, z_t)
         ctx.taus = (tau_s, tau_t)
         return loss.to(s.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        s, t, center, si, tj, w, lse_s, lse_t = ctx.saved_tensors
+        s, t, center, si, tj, w, m_s, logz_s, m_t, z_t = ctx.saved_tensors
         tau_s, tau_t = ctx.taus
-        acc = lse_s.dtype
+        acc = m_s.dtype
         g = w.to(acc) * grad.to(acc)
         a = torch.zeros(s.shape[0], dtype=acc, device=s.device).index_add_(0, si, g)
         ds = torch.empty_like(s)
         chunk = _chunk(max(s.shape[0], t.shape[0]))
         for k0 in range(0, s.shape[1], chunk):
             k1 = min(k0 + chunk, s.shape[1])
-            d = torch.exp(s[:, k0:k1].to(acc) / tau_s - lse_s[:, None]) * a[:, None]
-            tc = t[tj, k0:k1].to(acc)
-            if center is not None:
-                tc = tc - center[k0:k1].to(acc)
-            d.index_add_(0, si, -g[:, None] * torch.exp(tc / tau_t - lse_t[tj, None]))
+            sm = torch.exp((_scaled(s, k0, k1, None, tau_s, acc) - m_s[:, None])
+                           - logz_s[:, None])
+            p_t = torch.exp(_scaled(t, k0, k1, center, tau_t, acc) - m_t[:, None]) / z_t[:, None]
+            d = (sm * a[:, None]).index_add_(0, si, -g[:, None] * p_t[tj])
             ds[:, k0:k1] = d / tau_s
         return ds, None, None, None, None, None, None, None
 
@@ -375,13 +396,19 @@ class DINOLoss(torch.nn.Module):
     """lightly's DINOLoss on given prototype scores: ``forward(teacher_out, student_out,
     teacher_temp=None, epoch=None)`` with lists of (B, K) tensors, crop-major; the teacher
     temperature warms up linearly from ``warmup_teacher_temp`` over
-    ``warmup_teacher_temp_epochs`` epochs when ``epoch`` is given; the centre (a buffer of
-    shape (1, output_dim)) follows the mean teacher score with ``center_momentum`` after
-    each call. The cross-entropy is computed in column chunks (no log-softmax tensor)."""
+    ``warmup_teacher_temp_epochs`` epochs when ``epoch`` is given; the centre follows the
+    mean teacher score with ``center_momentum`` after each call. The cross-entropy is computed in column chunks (no log-softmax tensor).
+
+    The centre is lightly's buffer ``center`` of shape (1, 1, output_dim) (a lightly
+    checkpoint loads), and ``update_center(x)`` takes the mean over x's first two dimensions
+    as lightly's does: over crops and samples of a (crops, B, K) stack, and over every entry
+    of a 2-D (B, K) tensor (a scalar that moves every prototype's centre alike)."""
 
     def __init__(self, output_dim=65536, warmup_teacher_temp=0.04, teacher_temp=0.04,
-                 warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9):
+                 warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
+                 center_mode="mean"):
         super().__init__()
+        self.center_mode = _center_mode(center_mode)
         self.output_dim = _checks.integer(output_dim, "output_dim", lo=1)
         self.warmup_teacher_temp = _checks.number(warmup_teacher_temp, "warmup_teacher_temp",
                                                   lo=0.0, lo_open=True)
@@ -391,7 +418,7 @@ class DINOLoss(torch.nn.Module):
         self.student_temp = _checks.number(student_temp, "student_temp", lo=0.0, lo_open=True)
         self.center_momentum = _checks.number(center_momentum, "center_momentum", lo=0.0,
                                               hi=1.0)
-        self.register_buffer("center", torch.zeros(1, self.output_dim))
+        self.register_buffer("center", torch.zeros(1, 1, self.output_dim))
 
     def temperature(self, teacher_temp=None, epoch=None):
         if teacher_temp is not None:
@@ -418,22 +445,64 @@ class DINOLoss(torch.nn.Module):
         acc = torch.float64 if s.dtype == torch.float64 else torch.float32
         si, tj, w = _pairs(S * B, T * B, "dino", S, T, None, s.device, acc)
         loss = _LogitsCE.apply(s.reshape(S * B, -1), t.detach().reshape(T * B, -1),
-                               self.center[0].detach().clone(), si, tj, w, self.student_temp,
-                               tau_t)  # a copy: the centre moves before the backward
+                               self.center.detach().reshape(-1).clone(), si, tj, w,
+                               self.student_temp, tau_t)  # a copy: the centre moves next
         self.update_center(t)
         return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out):
-        from fastssl import distributed
-        batch = teacher_out.detach().reshape(-1, self.output_dim).to(self.center.dtype)
-        total = batch.sum(0, keepdim=True)
-        count = torch.tensor(float(batch.shape[0]), device=batch.device)
-        if distributed.is_distributed():
-            torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(total / count,
-                                                    alpha=1 - self.center_momentum)
+        """centre <- momentum centre + (1 - momentum) mean over teacher_out's dims 0 and 1
+        (every rank's entries under torch.distributed)."""
+        _move_center(self.center, teacher_out, (0, 1), self.center_momentum)
+
+
+def _center_mode(mode):
+    if mode not in ("mean",):
+        raise ValueError(f"Unknown mode '{mode}'. Valid modes are ['mean'].")
+    return mode
+
+
+@torch.no_grad()
+def _move_center(center, x, dims, momentum):
+    """In place: center <- center * momentum + mean_dims(x) * (1 - momentum), the mean over
+    the entries of every rank (sums and counts all-reduced: ranks may hold different
+    counts). With no entries anywhere the centre stays (a mean of nothing is undefined)."""
+    from fastssl import distributed
+    x = x.detach()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    total = x.to(acc).sum(dim=dims, keepdim=True)
+    count = torch.tensor(float(math.prod(x.shape[d] for d in dims)), dtype=acc,
+                         device=x.device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    if _checks.has_values(count) and count.item() == 0:
+        return
+    mean = (total / count).to(center.dtype)
+    center.copy_(center * momentum + mean * (1 - momentum))
+
+
+class Center(torch.nn.Module):
+    """lightly's ``Center(size, mode="mean", momentum=0.9)``: a buffer ``center`` of shape
+    ``size`` (``value``), moved by ``update(x)`` towards the mean of x over the dimensions
+    where ``size`` is 1 (across ranks under torch.distributed, ``_move_center``)."""
+
+    def __init__(self, size, mode="mean", momentum=0.9):
+        super().__init__()
+        self.mode = _center_mode(mode)
+        self.size = tuple(size)
+        self.dim = tuple(i for i, s in enumerate(self.size) if s == 1)
+        self.momentum = _checks.number(momentum, "momentum", lo=0.0, hi=1.0)
+        self.register_buffer("center", torch.zeros(self.size))
+
+    @property
+    def value(self):
+        return self.center
+
+    @torch.no_grad()
+    def update(self, x):
+        _move_center(self.center, x, self.dim, self.momentum)
 
 
 def _stack(crops, name):
@@ -453,8 +522,10 @@ class IBOTPatchLoss(torch.nn.Module):
     """lightly's IBOTPatchLoss on given scores of the masked patch tokens:
     ``forward(teacher_out, student_out, mask, teacher_temp=None)``, scores (B*N, K) in the
     order of ``mask`` (B, H, W) bool's True entries; each token's cross-entropy weighs
-    1 / (masked tokens of its image, at least 1), summed and divided by B. The centre
-    (1, output_dim) follows the mean teacher score after each call."""
+    1 / (masked tokens of its image, at least 1), summed and divided by B. The centre is
+    lightly's ``Center`` module (``center.value``, shape (1, output_dim)): it follows the
+    mean teacher score after each call. With no masked token on any rank the centre stays
+    where lightly's becomes NaN (the mean of no rows)."""
 
     def __init__(self, output_dim=65536, teacher_temp=0.04, student_temp=0.1,
                  center_mode="mean", center_momentum=0.9):
@@ -462,10 +533,7 @@ class IBOTPatchLoss(torch.nn.Module):
         self.output_dim = _checks.integer(output_dim, "output_dim", lo=1)
         self.teacher_temp = _checks.number(teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
         self.student_temp = _checks.number(student_temp, "student_temp", lo=0.0, lo_open=True)
-        self.center_mode = _checks.choice(center_mode, "center_mode", ("mean",))
-        self.center_momentum = _checks.number(center_momentum, "center_momentum", lo=0.0,
-                                              hi=1.0)
-        self.register_buffer("center", torch.zeros(1, self.output_dim))
+        self.center = Center((1, self.output_dim), center_mode, center_momentum)
 
     def forward(self, teacher_out, student_out, mask, teacher_temp=None):
         tau_t = self.teacher_temp if teacher_temp is None else _checks.number(
@@ -487,41 +555,51 @@ class IBOTPatchLoss(torch.nn.Module):
         weights = torch.repeat_interleave((1.0 / per_image / mask.shape[0])[:, 0], flat.sum(1),
                                           output_size=rows).to(acc)  # in the mask's order
         idx = torch.arange(rows, device=student_out.device)
-        loss = _LogitsCE.apply(student_out, teacher_out.detach(), self.center[0].detach().clone(),
-                               idx, idx, weights.to(student_out.device), self.student_temp, tau_t)
-        with torch.no_grad():
-            batch = teacher_out.detach().to(self.center.dtype)
-            mean = batch.mean(0, keepdim=True) if rows else torch.zeros_like(self.center)
-            self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
+        loss = _LogitsCE.apply(student_out, teacher_out.detach(),
+                               self.center.value.detach().reshape(-1).clone(), idx, idx,
+                               weights.to(student_out.device), self.student_temp, tau_t)
+        self.center.update(teacher_out)
         return loss
 
 
 @torch.no_grad()
-def sinkhorn(probabilities, iterations=3, gather_distributed=False):
-    """lightly's / SwAV's Sinkhorn-Knopp on (B, K) non-negative scores (``exp(scores / eps)``):
-    Q = probabilities^T / its total; ``iterations`` times, each prototype's row scaled to
-    1 / K (sums all-reduced across ranks with ``gather_distributed``) and each sample's column
-    to 1 / B_global; returns B_global * Q^T, each sample's code summing to 1."""
+def sinkhorn(out, iterations=3, epsilon=0.05, gather_distributed=False):
+    """lightly's / SwAV's Sinkhorn-Knopp codes of (B, K) prototype scores ``out``:
+    Q = exp(out / epsilon)^T / its total; ``iterations`` times, each prototype's row divided
+    by its sum (all-reduced across ranks with ``gather_distributed`` under an initialised
+    torch.distributed) and each sample's column normalised to 1 / B_global; returns
+    B_global * Q^T (each sample's code sums to 1), in out's dtype.
+
+    The exponentials are exp((out - max) / epsilon) (the global maximum over every rank): the
+    factor exp(-max / epsilon) cancels in the first normalisation, and no score overflows
+    where exp(out / epsilon) would (out / epsilon > 88 in float32). Computed in float32
+    (float64 for float64 scores)."""
     from fastssl import distributed
-    _checks.floating(probabilities, "probabilities")
-    if probabilities.dim() != 2:
-        raise _checks.ShapeError(f"probabilities must be (B, K), got {tuple(probabilities.shape)}")
+    _checks.floating(out, "out")
+    if out.dim() != 2:
+        raise _checks.ShapeError(f"out must be (B, K), got {tuple(out.shape)}")
     iterations = _checks.integer(iterations, "iterations", lo=0)
-    active = bool(gather_distributed) and distributed.is_distributed()
+    eps = _checks.number(epsilon, "epsilon", lo=0.0, lo_open=True)
+    active = _checks.flag(gather_distributed, "gather_distributed") and \
+        distributed.is_distributed()
     world = distributed.world_size() if active else 1
-    q = probabilities.t().to(torch.float64 if probabilities.dtype == torch.float64
-                             else torch.float32)
-    K, n = q.shape[0], q.shape[1] * world
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    scores = out.detach().to(acc)
+    top = scores.amax().reshape(1) if scores.numel() else scores.new_zeros(1)
+    if active:
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    q = torch.exp((scores - top) / eps).t()
 
     def summed(x):
         if active:
             torch.distributed.all_reduce(x)
         return x
     q = q / summed(q.sum())
+    n = q.shape[1] * world
     for _ in range(iterations):
-        q = q / summed(q.sum(1, keepdim=True)) / K
+        q = q / summed(q.sum(1, keepdim=True))
         q = q / q.sum(0, keepdim=True) / n
-    return (q * n).t().to(probabilities.dtype)
+    return (q * n).t().to(out.dtype)
 
 
 class SwaVLoss(torch.nn.Module):
@@ -540,6 +618,9 @@ class SwaVLoss(torch.nn.Module):
                                                lo_open=True)
         self.sinkhorn_gather_distributed = _checks.flag(sinkhorn_gather_distributed,
                                                         "sinkhorn_gather_distributed")
+        if self.sinkhorn_gather_distributed:  # lightly's rule: ask torch.distributed once
+            from fastssl import distributed
+            distributed.require_distributed("SwaVLoss(sinkhorn_gather_distributed=True)")
 
     def subloss(self, z, q):
         return -(q * torch.log_softmax(z / self.temperature, dim=1)).sum(1).mean()
@@ -559,17 +640,8 @@ class SwaVLoss(torch.nn.Module):
                 scores = h.detach()
                 if queue_outputs is not None:
                     scores = torch.cat([scores, queue_outputs[i].detach()])
-                # exp((s - max) / eps): the global scale cancels in the normalisation
-                acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-                scores = scores.to(acc)
-                top = scores.amax().reshape(1)
-                if self.sinkhorn_gather_distributed:
-                    from fastssl import distributed
-                    if distributed.is_distributed():
-                        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-                codes = sinkhorn(torch.exp((scores - top) / self.sinkhorn_epsilon),
-                                 self.sinkhorn_iterations, self.sinkhorn_gather_distributed)
-                codes = codes[:len(h)]
+                codes = sinkhorn(scores, self.sinkhorn_iterations, self.sinkhorn_epsilon,
+                                 self.sinkhorn_gather_distributed)[:len(h)]
             sub = sum(self.subloss(crops[v], codes) for v in range(len(crops)) if v != i)
             loss = loss + sub / (len(crops) - 1)
         return loss / len(high)

@@ -1,6 +1,7 @@
 """Prototype cross-entropy (DINO pairing, iBOT row weights) against the textbook float64
 formula with the (rows x K) matrices materialised; chunk sizes forced small so that every
 case crosses several chunks."""
+import math
 import pytest
 import torch
 import torch.nn.functional as tF
@@ -152,9 +153,20 @@ def test_koleo_matches_the_dense_formula(n, D, dtype, monkeypatch):
     assert (grad.double() - ref_grad).norm() <= tol * max(ref_grad.norm().item(), 1e-6)
 
 
+@pytest.mark.parametrize("D,p", [(1, 2), (5, 2), (3, 1)])
+def test_koleo_on_one_row_is_its_own_neighbour(D, p):
+    """DINOv2's and lightly's value: ||x - x + eps||_p = eps D^(1/p), the gradient zero."""
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(D), dtype=torch.float64)
+    x.requires_grad_()
+    loss = PR.KoLeoLoss(p=p, eps=1e-8)(x)
+    assert loss.item() == pytest.approx(-math.log(1e-8 * D ** (1 / p) + 1e-8), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
 def test_koleo_errors():
-    with pytest.raises(ValueError, match="at least 2 rows"):
-        PR.koleo(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="at least one row"):
+        PR.koleo(torch.randn(0, 3))
     with pytest.raises(ShapeError, match="2-D"):
         PR.koleo(torch.ones(3))
 
@@ -219,8 +231,8 @@ def test_ibot_patch_loss_matches_the_textbook(dtype, monkeypatch):
     teacher = torch.randn(rows, K, generator=g, dtype=torch.float64).to(dtype)
     student = torch.randn(rows, K, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     crit = PR.IBOTPatchLoss(output_dim=K, teacher_temp=0.05)
-    crit.center.copy_(0.2 * torch.randn(1, K, generator=g, dtype=torch.float64))
-    center0 = crit.center.clone().double()
+    crit.center.center.copy_(0.2 * torch.randn(1, K, generator=g, dtype=torch.float64))
+    center0 = crit.center.value.clone().double()
     loss = crit(teacher, student, mask)
     (grad,) = torch.autograd.grad(loss, student)
     s64 = student.detach().double().requires_grad_()
@@ -231,16 +243,16 @@ def test_ibot_patch_loss_matches_the_textbook(dtype, monkeypatch):
     ref = (per_token * weight).sum() / B
     (ref_grad,) = torch.autograd.grad(ref, s64)
     check(loss, [grad], ref, [ref_grad], dtype)
-    torch.testing.assert_close(crit.center.double(),
+    torch.testing.assert_close(crit.center.value.double(),
                                (0.9 * center0 + 0.1 * teacher.double().mean(0)).to(
-                                   crit.center.dtype).double(), rtol=1e-5, atol=1e-6)
+                                   crit.center.value.dtype).double(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ShapeError, match="masked tokens"):
         crit(teacher[1:], student[1:], mask)
 
 
-def sinkhorn_loops(p, iterations):
-    """SwAV's Sinkhorn written element by element in float64 (B, K)."""
-    Q = p.double().t().clone()
+def sinkhorn_loops(scores, epsilon, iterations):
+    """SwAV's Sinkhorn on exp(scores / epsilon), written element by element in float64."""
+    Q = torch.exp(scores.double() / epsilon).t().clone()
     K, B = Q.shape
     Q /= Q.sum()
     for _ in range(iterations):
@@ -254,9 +266,9 @@ def sinkhorn_loops(p, iterations):
 @pytest.mark.parametrize("B,K,it", [(1, 3, 3), (7, 5, 1), (16, 30, 3), (4, 1, 2)])
 def test_sinkhorn_matches_the_loops(B, K, it):
     g = torch.Generator().manual_seed(B + K)
-    p = torch.exp(torch.randn(B, K, generator=g, dtype=torch.float64) / 0.5)
-    q = PR.sinkhorn(p, it)
-    torch.testing.assert_close(q, sinkhorn_loops(p, it), rtol=1e-12, atol=1e-14)
+    x = torch.randn(B, K, generator=g, dtype=torch.float64)
+    q = PR.sinkhorn(x, it, 0.5)
+    torch.testing.assert_close(q, sinkhorn_loops(x, 0.5, it), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(q.sum(1), torch.ones(B, dtype=torch.float64))
 
 
@@ -274,7 +286,7 @@ def test_swav_loss_matches_the_textbook(n_high, n_low, queue):
     crops, total = high + low, 0.0
     for i in range(n_high):
         scores = high[i].detach() if not queue else torch.cat([high[i].detach(), queue_out[i]])
-        codes = sinkhorn_loops(torch.exp(scores / 0.05), 3)[:B]
+        codes = sinkhorn_loops(scores, 0.05, 3)[:B]
         sub = 0.0
         for v in range(len(crops)):
             if v != i:
@@ -373,7 +385,7 @@ def test_sinkhorn_knopp_factored_equals_the_dense_codes(backend, B, K, D, it, dt
     c = PR.sinkhorn_knopp(f, P, eps, it)
     scores = f.double() @ P.double().T
     codes = torch.softmax((scores - c.double()) / eps, 1)
-    want = PR.sinkhorn(torch.exp((scores - scores.max()) / eps), it)
+    want = PR.sinkhorn(scores, it, eps)
     tol = 1e-9 if dtype == torch.float64 else 2e-4 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(codes, want, rtol=tol, atol=tol)
 
@@ -384,7 +396,7 @@ def test_sinkhorn_target_inside_the_loss(backend):
     loss = PR.prototype_cross_entropy(s_, t, W, V, 0.1, 0.05, teacher_target="sinkhorn",
                                       teacher_crops=2, sinkhorn_iterations=3)
     ls = torch.log_softmax(s_ @ W.T / 0.1, 1)
-    q = PR.sinkhorn(torch.exp((t @ V.T - (t @ V.T).max()) / 0.05), 3)
+    q = PR.sinkhorn(t @ V.T, 3, 0.05)
     ref = sum(w * -(q[j] * ls[i]).sum() for i, j, w in dino_pairs(4, 2, 3))
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(torch.autograd.grad(loss, s_, retain_graph=True)[0],
@@ -422,9 +434,81 @@ def test_prototype_cross_entropy_module_tracks_the_centre(backend):
         torch.testing.assert_close(torch.autograd.grad(loss, s_)[0],
                                    torch.autograd.grad(ref, s_)[0], rtol=1e-5, atol=1e-7)
         center = 0.8 * center + 0.2 * (t @ V.T).mean(0)
-        torch.testing.assert_close(mod.center[0].double(), center, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mod.center.reshape(-1).double(), center, rtol=1e-5,
+                                   atol=1e-6)
     with pytest.raises(ShapeError, match="output_dim=40"):
         mod(s, t, W[:30], V[:30])
+
+
+def test_centres_are_lightlys_modules_and_buffers():
+    """lightly's state: DINOLoss.center a (1, 1, K) buffer, IBOTPatchLoss.center a Center
+    module (key ``center.center``, (1, K)); a state dict of that layout loads."""
+    K = 6
+    dino, ibot = PR.DINOLoss(output_dim=K), PR.IBOTPatchLoss(output_dim=K)
+    assert list(dino.state_dict()) == ["center"] and dino.center.shape == (1, 1, K)
+    assert list(ibot.state_dict()) == ["center.center"] and ibot.center.value.shape == (1, K)
+    g = torch.Generator().manual_seed(3)
+    state = {"center": torch.randn(1, 1, K, generator=g)}
+    dino.load_state_dict(state)
+    assert torch.equal(dino.center, state["center"])
+    state = {"center.center": torch.randn(1, K, generator=g)}
+    ibot.load_state_dict(state)
+    assert torch.equal(ibot.center.value, state["center.center"])
+    with pytest.raises(ValueError, match="Unknown mode"):
+        PR.Center((1, K), mode="median")
+
+
+def test_center_update_means_over_the_size_one_dims():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    c = PR.Center((1, 3, 1), momentum=0.25)
+    c.center.copy_(torch.randn(1, 3, 1, generator=g))
+    want = c.value.double() * 0.25 + x.mean(dim=(0, 2), keepdim=True) * 0.75
+    c.update(x)
+    torch.testing.assert_close(c.value.double(), want.float().double())
+
+
+def test_dino_update_center_on_a_2d_tensor_is_lightlys():
+    """lightly means over dims (0, 1): a (crops, B, K) stack per prototype, a 2-D (B, K)
+    tensor over every entry (one number for every prototype)."""
+    g = torch.Generator().manual_seed(5)
+    crit = PR.DINOLoss(output_dim=8, center_momentum=0.9)
+    x = torch.rand(4, 8, generator=g, dtype=torch.float64)
+    crit.update_center(x.float())
+    torch.testing.assert_close(crit.center.double(),
+                               (0.1 * x.mean()).expand(1, 1, 8).float().double())
+    stack = torch.rand(2, 4, 8, generator=g, dtype=torch.float64)
+    before = crit.center.double().clone()
+    crit.update_center(stack.float())
+    torch.testing.assert_close(crit.center.double(),
+                               (0.9 * before + 0.1 * stack.mean((0, 1))).float().double())
+
+
+def test_swav_gather_flag_asks_torch_distributed_once(monkeypatch):
+    import torch.distributed as dist
+    calls = []
+
+    def available(value):
+        def is_available():
+            calls.append(1)
+            return value
+        return is_available
+
+    monkeypatch.setattr(dist, "is_available", available(True))
+    PR.SwaVLoss(sinkhorn_gather_distributed=True)
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(dist, "is_available", available(False))
+    with pytest.raises(ValueError, match="torch.distributed is not available"):
+        PR.SwaVLoss(sinkhorn_gather_distributed=True)
+    assert len(calls) == 1
+
+
+def test_sinkhorn_gathers_only_under_an_initialised_group():
+    """lightly's sinkhorn: gather_distributed=True without a process group is one rank."""
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(PR.sinkhorn(x, 3, 0.1, gather_distributed=True),
+                               sinkhorn_loops(x, 0.1, 3), rtol=1e-12, atol=1e-14)
 
 
 def test_koleo_loss_module():
