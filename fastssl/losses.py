@@ -123,7 +123,9 @@ class NTXentLoss(nn.Module):
                                  f"got out0 of width {out0.shape[1]}")
         if self.bank.dim() != 2:
             self._init_bank(out0.shape[1])
-        negatives = self.bank.to(out0.device).clone()
+        # float64 embeddings are scored in float64 against the (float32) bank
+        wide = torch.promote_types(self.bank.dtype, out0.dtype)
+        negatives = self.bank.to(out0.device, wide).clone()
         if enqueue:
             self._enqueue(F.normalize(out1.detach()), world.sizes["out1"] if active else None)
         loss = F._info_nce_positive_only(out0, out1, negatives, self.temperature)
