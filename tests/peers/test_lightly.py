@@ -351,11 +351,16 @@ def test_dino_temperature_schedule_and_update_center():
     kw = dict(output_dim=K, warmup_teacher_temp=0.04, teacher_temp=0.07,
               warmup_teacher_temp_epochs=5)
     ours, theirs = fastssl.DINOLoss(**kw), DINOLoss(**kw)
+    sweep = Sweep(torch.float32)
     for epoch in [0, 2, 4, 5, 9]:
-        t, s = randn(2, 3, K, seed=epoch).float(), randn(2, 3, K, seed=epoch + 50).float()
-        lo = ours(list(t), list(s), epoch=epoch)
-        lt = theirs(list(t), list(s), epoch=epoch)
-        torch.testing.assert_close(lo, lt, rtol=1e-5, atol=0, msg=f"epoch {epoch}")
+        tau_t = 0.04 + 0.03 * min(epoch / 4, 1.0)
+        t, s = randn(2, 3, K, seed=epoch), randn(2, 3, K, seed=epoch + 50)
+        c = theirs.center.reshape(-1).detach().double()
+        compare("DINOLoss(epoch=...)", lambda x, y: ours(list(x), list(y), epoch=epoch),
+                lambda x, y: theirs(list(x), list(y), epoch=epoch),
+                lambda x, y: ref_dino(x, y, c, tau_t, 0.1), [t, s], torch.float32, wrt=[1],
+                sweep=sweep)
+    sweep.check()
     for x in (randn(2, 4, K, seed=1).float(), randn(4, K, seed=2).float()):
         ours.update_center(x)
         theirs.update_center(x)
