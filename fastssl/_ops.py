@@ -329,23 +329,24 @@ def _standardize_fake(z, eps):
             z.new_empty((2, z.shape[1]), dtype=acc_dtype(z)))
 
 
-def _standardize_backward(z: Tensor, grad_a: Tensor, stats: Tensor) -> Tensor:
+def _standardize_backward(z: Tensor, grad_a: Tensor, stats: Tensor, eps: float) -> Tensor:
     _, impl = _dispatch.implementation("barlow", z)
-    return impl.standardize_backward(z, grad_a, stats).to(z.dtype)
+    return impl.standardize_backward(z, grad_a, stats, eps).to(z.dtype)
 
 
-def _standardize_backward_fake(z, grad_a, stats):
+def _standardize_backward_fake(z, grad_a, stats, eps):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 def _standardize_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(inputs[0], output[1])
+    ctx.eps = inputs[1]
 
 
 def _standardize_bwd(ctx, grad_a, grad_stats):
     z, stats = ctx.saved_tensors
-    return standardize_backward(z, grad_a.to(stats.dtype).contiguous(), stats), None
+    return standardize_backward(z, grad_a.to(stats.dtype).contiguous(), stats, ctx.eps), None
 
 
 standardize = _Op("fastssl::standardize", _standardize, _standardize_fake, _standardize_setup,

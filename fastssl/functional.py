@@ -337,12 +337,18 @@ def _use_gram(N, D, formulation):
     return formulation == "gram" or (formulation == "auto" and 4 * N < 3 * D)
 
 
-def _fro2(a, b, gram):
-    """||a^T b||_F^2 in the arithmetic dtype, by the N x N Gram formulation or the D x D product."""
+def _off_diagonal2(a, b, gram, diag_sq):
+    """sum_{i != j} (a^T b)_ij^2 in the arithmetic dtype. From a^T b itself with its diagonal
+    left out (the D x D product: exact however small the off-diagonal part is next to the
+    diagonal, as late in Barlow Twins training), or as <a a^T, b b^T> - ``diag_sq`` by the
+    N x N Gram formulation (no D x D matrix). The Gram form subtracts, but it is chosen only
+    for N < 3D/4, where a^T b has rank <= N < D: then ||a^T b||_F^2 >= (tr)^2 / N, and the
+    off-diagonal part is at least ~1/3 of the whole, so little is cancelled."""
     if gram:
-        return _ops.gram_inner(a, b)
+        return _ops.gram_inner(a, b) - diag_sq
     acc = _ops.acc_dtype(a)
-    return torch.linalg.vector_norm(a.to(acc).T @ b.to(acc)).square()
+    c = a.to(acc).T @ b.to(acc)
+    return torch.linalg.vector_norm(c.fill_diagonal_(0)).square()
 
 
 def _standardize(z, eps):
@@ -373,7 +379,8 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
     A, B are the views standardised per feature (mean, biased variance, eps 1e-5, as
     ``batch_norm`` in training mode) and C = A^T B / N. Computed as
     sum_i (1 - C_ii)^2 + lambda (||C||_F^2 - sum_i C_ii^2) with ||C||_F^2 = <AA^T, BB^T> / N^2
-    (``formulation="gram"``, O(N^2 D), no D x D matrix) or from C itself (``"dxd"``);
+    (``formulation="gram"``, O(N^2 D), no D x D matrix) or from C itself with its diagonal
+    left out (``"dxd"``);
     ``"auto"`` picks the cheaper one from the shapes.
 
     Distributed (``gather_distributed`` in a process group): ``normalize="local"`` is
@@ -406,22 +413,19 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3,
             a, b = _standardize(z_a, eps), _standardize(z_b, eps)
             c = distributed._all_reduce_sum(a.T @ b / N) / world.world
         diag = torch.diagonal(c)
-        fro2 = torch.linalg.vector_norm(c).square()
+        off2 = torch.linalg.vector_norm(c - torch.diag_embed(diag)).square()
     else:
         gram = _use_gram(N, D, formulation)
         a32, b32 = _standardize(z_a, eps), _standardize(z_b, eps)
         a, b = a32.to(z_a.dtype), b32.to(z_b.dtype)  # matmul operands (16-bit stay 16-bit)
-        # The off-diagonal part ||C||^2 - sum C_ii^2 subtracts terms computed from the same
-        # rounded operands; the diagonal term uses the float32 views.
-        fro2 = _fro2(a, b, gram) / (N * N)
+        # The Gram form's diagonal comes from the same rounded operands as its <AA^T, BB^T>;
+        # the diagonal term uses the float32 views.
         acc = a32.dtype
         diag = torch.linalg.vecdot(a32, b32, dim=0) / N
         diag_sq = (diag if a is a32 else
                    torch.linalg.vecdot(a.to(acc), b.to(acc), dim=0) / N).square().sum()
-        loss = (1 - diag).square().sum() + lambda_param * (fro2 - diag_sq)
-        return loss.to(z_a.dtype)
-    diag_sq = diag.square().sum()
-    loss = (1 - diag).square().sum() + lambda_param * (fro2 - diag_sq)
+        off2 = _off_diagonal2(a, b, gram, diag_sq * (N * N)) / (N * N)
+    loss = (1 - diag).square().sum() + lambda_param * off2
     return loss.to(z_a.dtype)
 
 
@@ -435,9 +439,8 @@ def _cov_loss(x, gram):
     f = _ops.pow2_bound(x)
     y = x.to(acc) / f
     yc = (y - y.mean(0)).to(x.dtype)  # one rounding, shared by both terms
-    diag = yc.to(acc).square().sum(0) / (N - 1)
-    fro2 = _fro2(yc, yc, gram) / ((N - 1) ** 2)
-    term = (fro2 - diag.square().sum()) / D
+    diag = yc.to(acc).square().sum(0)
+    term = _off_diagonal2(yc, yc, gram, diag.square().sum()) / ((N - 1) ** 2) / D
     f2 = f * f
     return torch.where(term == 0, term, term * f2 * f2)
 

@@ -78,6 +78,12 @@ class NTXentLoss(nn.Module):
         elif isinstance(memory_bank_size, (tuple, list)) and len(memory_bank_size) == 2:
             size = (_checks.integer(memory_bank_size[0], "memory_bank_size[0] (K)", lo=0),
                     _checks.integer(memory_bank_size[1], "memory_bank_size[1] (dim)", lo=1))
+        elif isinstance(memory_bank_size, (tuple, list)) and len(memory_bank_size) == 1 and \
+                _checks.integer(memory_bank_size[0], "memory_bank_size[0] (K)", lo=0) == 0:
+            size = (0,)  # lightly's (0,): no bank
+        elif isinstance(memory_bank_size, (tuple, list)):  # lightly: a ValueError
+            raise ValueError(f"memory_bank_size as a sequence must be a pair (K, dim), got "
+                             f"{len(memory_bank_size)} entries {tuple(memory_bank_size)!r}")
         else:
             raise TypeError("memory_bank_size must be an integer K >= 0 or a pair (K, dim), "
                             f"got {type(memory_bank_size).__name__} {memory_bank_size!r}")

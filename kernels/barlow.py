@@ -168,8 +168,10 @@ def standardize(z, eps):
     return a, stats
 
 
-def standardize_backward(z, grad_a, stats):
-    """float32 dz for a float32 upstream gradient of the standardised views."""
+def standardize_backward(z, grad_a, stats, eps=None):
+    """float32 dz for a float32 upstream gradient of the standardised views, from the saved
+    float32 statistics (``eps`` is not needed; the portable twin recomputes them in float64,
+    which matters only for a handful of rows, see ``fastssl._reference``)."""
     N, D = z.shape
     dz = torch.empty(N, D, device=z.device, dtype=torch.float32)
     _standardize_bwd_kernel[(triton.cdiv(D, _STD["BD"]),)](

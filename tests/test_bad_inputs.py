@@ -555,10 +555,12 @@ CONSTRUCTORS = [
      TypeError, "memory_bank_size"),
     ("NTXentLoss(memory_bank_size=(4, 0))",
      lambda: fastssl.NTXentLoss(memory_bank_size=(4, 0)), ValueError, "memory_bank_size"),
+    ("NTXentLoss(memory_bank_size=(4, 4, 4))",
+     lambda: fastssl.NTXentLoss(memory_bank_size=(4, 4, 4)), ValueError, "memory_bank_size"),
     ("NTXentLoss(memory_bank_size=-1)", lambda: fastssl.NTXentLoss(memory_bank_size=-1),
      ValueError, "memory_bank_size"),
     ("NTXentLoss(memory_bank_size=(4,))", lambda: fastssl.NTXentLoss(memory_bank_size=(4,)),
-     TypeError, "memory_bank_size"),
+     ValueError, "memory_bank_size"),  # lightly's error for a sequence that is not (K, dim)
     ("NTXentLoss(memory_bank_size=(4.5, 8))",
      lambda: fastssl.NTXentLoss(memory_bank_size=(4.5, 8)), TypeError, "memory_bank_size"),
     ("NTXentLoss(gather_distributed='yes')",

@@ -209,4 +209,5 @@ def test_opcheck_standardize(backend, device):
     z = torch.randn(19, 11, device=device, requires_grad=True)
     torch.library.opcheck(_ops.standardize.custom, (z, 1e-5))
     a, stats = _ops.standardize(z.detach(), 1e-5)
-    torch.library.opcheck(_ops.standardize_backward.custom, (z.detach(), torch.randn_like(a), stats))
+    torch.library.opcheck(_ops.standardize_backward.custom,
+                          (z.detach(), torch.randn_like(a), stats, 1e-5))
