@@ -13,8 +13,9 @@ and follows torchvision's tensor semantics per sample:
   with bilinear interpolation, antialiased when downscaling (torchvision's triangle filter:
   support max(scale, 1), weights normalised per output pixel). Crop, resize and a following
   flip are one separable linear map per sample: out = Wy · img · Wxᵀ with per-sample
-  (h x H) and (w x W) weight matrices (the portable path: two batched matmuls; on CUDA one
-  Triton kernel gathers the same taps).
+  (h x H) and (w x W) banded weight matrices, a few taps per output pixel (the portable
+  path: two weighted row gathers for the batch, ``resample``; on CUDA one Triton kernel
+  gathers the same taps).
 - ``RandomHorizontalFlip``: x[..., ::-1] with probability p.
 - ``ColorJitter``: factors brightness, contrast, saturation ~ U(range) (a number v gives
   [max(0, 1 - v), 1 + v], a pair is the range), hue ~ U(range) (h gives [-h, h]), applied
@@ -23,7 +24,7 @@ and follows torchvision's tensor semantics per sample:
   RGB -> HSV, h <- (h + f) mod 1, HSV -> RGB; blend(x, y, r) = clamp(r·x + (1 - r)·y, 0, 1).
 - ``RandomGrayscale``: 0.2989 R + 0.587 G + 0.114 B, replicated to 3 channels.
 - ``GaussianBlur``: 1-D kernel exp(-x²/2σ²), x = -(k-1)/2 … (k-1)/2, normalised; separable;
-  reflect padding of k // 2 (also a per-sample matrix pair).
+  reflect padding of k // 2 (the portable path: k-tap bands through ``resample``).
 - ``RandomSolarize``: x >= threshold -> 1 - x.
 - ``Normalize``: (x - mean) / std, then the output dtype and memory format.
 
@@ -40,6 +41,7 @@ presets: ``dtype``).
 import math
 
 import torch
+import torch.nn.functional as tF
 from torch import nn
 
 from fastssl import _checks
@@ -153,7 +155,7 @@ def _check_float_range(im, where):
 
 def _to_float(im):
     if im.dtype == torch.uint8:
-        return im.float() / 255.0
+        return im / 255.0  # one pass into float32
     if im.is_floating_point():
         return im.float()
     raise ValueError(f"images must be uint8 or floating point in [0, 1], got {im.dtype}")
@@ -252,14 +254,16 @@ class RandomResizedCrop(_Op):
         from fastssl import _dispatch
         if flip is None:
             flip = torch.zeros(batch.shape[0], dtype=torch.bool, device=batch.device)
-        if _dispatch.backend(batch) == "triton":
+        if _fused(batch):
             return _dispatch.kernels("augment").resize(
                 batch, p["top"], p["left"], p["height"], p["width"], flip, self.size)
         S_h, S_w = self.size
-        Wy = resize_weights(p["top"], p["height"], batch.shape[2], S_h)
-        Wx = resize_weights(p["left"], p["width"], batch.shape[3], S_w)
-        Wx = torch.where(flip[:, None, None], Wx.flip(1), Wx)
-        return (Wy[:, None] @ batch @ Wx[:, None].transpose(-1, -2)).clamp_(0.0, 1.0)
+        rows = resize_bands(p["top"], p["height"], batch.shape[2], S_h)
+        cols = resize_bands(p["left"], p["width"], batch.shape[3], S_w, flip)
+        # Rows, then columns (the same rounding whatever the input's layout); the result
+        # stays stored as (N, C, W, H), which the blur reads without a transpose.
+        out = resample(transpose(resample(batch.contiguous(), *rows)), *cols)
+        return out.clamp_(0.0, 1.0).transpose(2, 3)
 
 
 class _Coin(_Op):
@@ -292,77 +296,129 @@ class RandomHorizontalFlip(_Coin):
         return x.flip(-1)
 
 
-def resize_weights(start, length, in_size, out_size):
-    """(N, out_size, in_size) weights of an antialiased bilinear resize of the window
-    [start, start + length) of each row (torchvision's triangle filter and bounds)."""
+def resize_bands(start, length, in_size, out_size, flip=None):
+    """The antialiased bilinear resize of the window [start, start + length) of each row as
+    bands: (index (N, out_size, T) int64 into [0, in_size), weights (N, out_size, T)
+    float32), output i = sum_t weights[i, t] · input[index[i, t]] (torchvision's triangle
+    filter and bounds: centre c = s (i + 1/2), s = length / out_size, support
+    r = max(s, 1), taps j in [trunc(c - r + 1/2), trunc(c + r + 1/2)) ∩ [0, length),
+    weight max(0, 1 - |j - c + 1/2| / r), normalised). T = ceil(2 r) for the largest
+    possible window (length <= in_size) bounds the taps of every row; unused taps weigh 0.
+    ``flip`` (N,) bool mirrors the output (row i takes row out_size - 1 - i's taps)."""
     dtype = torch.float64
     length = length.to(dtype)[:, None, None]
     scale = length / out_size
     support = torch.clamp(scale, min=1.0)
     i = torch.arange(out_size, device=start.device, dtype=dtype)[None, :, None]
+    if flip is not None:
+        i = torch.where(flip.view(-1, 1, 1), out_size - 1 - i, i)
     center = scale * (i + 0.5)
-    xmin = torch.clamp(torch.trunc(center - support + 0.5), min=0)
-    xmax = torch.minimum(torch.trunc(center + support + 0.5), length)
-    j = torch.arange(in_size, device=start.device, dtype=dtype)[None, None, :] - start[:, None, None]
+    lo = torch.clamp(torch.trunc(center - support + 0.5), min=0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), length)
+    taps = math.ceil(2 * max(in_size / out_size, 1.0) + 1e-6)
+    j = lo + torch.arange(taps, device=start.device, dtype=dtype)
     w = torch.clamp(1 - torch.abs((j - center + 0.5) / support), min=0)
-    w = torch.where((j >= xmin) & (j < xmax), w, 0.0)
-    return (w / w.sum(-1, keepdim=True)).float()
+    w = torch.where(j < hi, w, 0.0)
+    index = torch.clamp(start.view(-1, 1, 1) + j.long(), max=in_size - 1)
+    return index, (w / w.sum(-1, keepdim=True)).float()
+
+
+def resample(x, index, weights):
+    """out[n, c, i, :] = sum_t weights[n, i, t] · x[n, c, index[n, i, t], :]: a per-sample
+    banded linear map of the rows of a contiguous (N, C, H, W) batch, one weighted gather
+    of whole rows (``embedding_bag``) for the batch. index, weights: (N, S, T) or (S, T)
+    and (N, S, T)."""
+    n, c, h, w = x.shape
+    taps = weights.shape[-1]
+    if index.dim() == 2:
+        index = index.expand(n, -1, -1)
+    s = index.shape[1]
+    base = torch.arange(n * c, device=x.device).view(n, c, 1, 1) * h
+    rows = (index[:, None] + base).reshape(-1, taps)
+    wts = weights[:, None].expand(n, c, s, taps).reshape(-1, taps).to(x.dtype)
+    out = tF.embedding_bag(rows, x.reshape(n * c * h, w), per_sample_weights=wts, mode="sum")
+    return out.view(n, c, s, w)
+
+
+def transpose(x):
+    """(N, C, H, W) -> contiguous (N, C, W, H) (a view where that is already contiguous)."""
+    return x.transpose(2, 3).contiguous()
+
+
+def _stored(x):
+    """(tensor, flipped): x itself when contiguous, else its contiguous H/W transpose
+    (flipped = True; a crop's output is stored so): the colour ops are per pixel and per
+    image, so they run on either."""
+    if x.is_contiguous():
+        return x, False
+    t = x.transpose(2, 3)
+    return (t, True) if t.is_contiguous() else (x.contiguous(), False)
+
+
+def _logical(stored, flipped):
+    """The (N, C, H, W) view of a tensor stored as _stored describes."""
+    return stored.transpose(2, 3) if flipped else stored
 
 
 # ----------------------------------------------------------------------------- colour
 
 def _gray(x):
-    return (GRAY[0] * x[:, 0] + GRAY[1] * x[:, 1] + GRAY[2] * x[:, 2])[:, None]
+    """0.2989 R + 0.587 G + 0.114 B as (N, 1, H, W), in x's layout: one (1 x 3) @ (3 x HW)
+    product per sample on the stored tensor."""
+    stored, flipped = _stored(x)
+    n, _, a, b = stored.shape
+    w = torch.tensor(GRAY, device=x.device, dtype=x.dtype).view(1, 1, 3)
+    return _logical(torch.matmul(w, stored.reshape(n, 3, a * b)).view(n, 1, a, b), flipped)
 
 
 def _blend(x, y, r):
     return torch.clamp(r * x + (1 - r) * y, 0.0, 1.0)
 
 
-def _rgb_to_hsv(x):
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack([h, s, maxc], 1)
-
-
-def _hsv_to_rgb(x):
-    h, s, v = x[:, 0], x[:, 1], x[:, 2]
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
-    q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
-    t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    # sector i -> (R, G, B): 0 (v,t,p) 1 (q,v,p) 2 (p,v,t) 3 (p,q,v) 4 (t,p,v) 5 (v,p,q)
-    r = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, q, torch.where(i == 4, t, p)))
-    g = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, q, p)))
-    b = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, q, p)))
-    return torch.stack([r, g, b], 1)
+def _hue_shift(x, f):
+    """Hue rotation by f (N,) turns, torchvision's RGB -> HSV -> RGB round trip without
+    the HSV image: with v = max (R, then G, then B where several attain it), m = min, chroma
+    c = v - m, the hue in sixths h6 = (g - b) / c (v = r), 2 + (b - r) / c (v = g),
+    4 + (r - g) / c (v = b), 0 where c = 0; each channel comes back as
+    v - c · clamp(min(k, 4 - k), 0, 1), k = (h6 + 6 f + o) mod 6, o = 5, 3, 1 for R, G, B
+    (HSV -> RGB's closed form; h6 + 6 f is (h + f) mod 1 in sixths)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    v = x.amax(1, keepdim=True)
+    c = v - x.amin(1, keepdim=True)
+    inv = torch.reciprocal(c.clamp_min(1e-30))  # c = 0: the differences below are 0
+    h6 = torch.where(r == v, (g - b) * inv,
+                     torch.where(g == v, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(h6 + (6.0 * f.to(x.dtype).view(-1, 1, 1, 1) + offsets), 6.0)
+    t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.addcmul(v, c, t, value=-1.0).clamp_(0.0, 1.0)
 
 
 def adjust(x, op, f):
     """One colour op (0 brightness, 1 contrast, 2 saturation, 3 hue) with per-sample factor f."""
+    if op == 3:
+        return _hue_shift(x, f)
     f = f.view(-1, 1, 1, 1).to(x.dtype)
     if op == 0:
         return torch.clamp(x * f, 0.0, 1.0)
     if op == 1:
         return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f)
-    if op == 2:
-        return _blend(x, _gray(x), f)
-    hsv = _rgb_to_hsv(x)
-    hsv = torch.cat([torch.remainder(hsv[:, :1] + f, 1.0), hsv[:, 1:]], 1)
-    return _hsv_to_rgb(hsv)
+    return _blend(x, _gray(x), f)
+
+
+def _linear_slot(x, op, f, on):
+    """Brightness, contrast or saturation per sample (``op`` 0, 1, 2 where ``on``; the
+    identity elsewhere) as one blend clamp(f x + (1 - f) y) with the per-sample partner y:
+    0, the mean of the grayscale image, or the grayscale image (f = 1, y = 0: identity)."""
+    shape = (-1, 1, 1, 1)
+    gray = _gray(x)
+    one_minus = torch.where(on, 1.0 - f, 0.0)
+    a = torch.where(op == 2, one_minus, 0.0).view(shape)
+    # the mean accumulated in float64: the same value whichever way x is stored
+    mean = (gray.sum((2, 3), keepdim=True, dtype=torch.float64) / gray[0, 0].numel()).to(x.dtype)
+    b = torch.where(op == 1, one_minus, 0.0).view(shape) * mean
+    scale = torch.where(on, f, 1.0).view(shape).to(x.dtype)
+    return torch.addcmul(torch.addcmul(b, a, gray), scale, x).clamp_(0.0, 1.0)
 
 
 def _jitter_range(value, name, center, bound, hue=False):
@@ -404,23 +460,30 @@ class ColorJitter(_Op):
                 "order": order}
 
     def apply(self, x, p):
-        out = x
-        n = x.shape[0]
-        for slot in range(4):
-            op = p["order"][:, slot].view(n, 1, 1, 1)
-            f = p["factors"].gather(1, p["order"][:, slot:slot + 1]).view(n, 1, 1, 1)
-            # Brightness, contrast and saturation are one blend with a per-sample partner:
-            # 0, the mean of the grayscale image, or the grayscale image.
-            gray = _gray(out)
-            partner = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True),
-                                                            gray))
-            enabled = torch.tensor(self.enabled, device=x.device)[p["order"][:, slot]].view(n, 1, 1, 1)
-            linear = torch.where(enabled, _blend(out, partner, f), out)
-            if self.enabled[3]:
-                out = torch.where(op == 3, adjust(out, 3, f.view(-1)), linear)
-            else:
-                out = torch.where(op == 3, out, linear)
-        return torch.where(p["apply"].view(-1, 1, 1, 1), out, x)
+        """Each sample's chain is its linear ops before hue, hue, its linear ops after hue
+        (in its drawn order): three batched blends for the ops before (right-aligned:
+        pass j holds op j - (3 - k) of the sample whose hue is op k), hue once for the
+        batch, three blends for the ops after (pass j: op k + j); a sample without an op
+        in a pass, or whose coin says no, is left as it is. Without hue: three blends."""
+        out, flipped = _stored(x)
+        order, factors, coin = p["order"], p["factors"], p["apply"]
+        enabled = torch.tensor(self.enabled, device=x.device)
+        is_hue = (order == 3).int()
+        linear = order.gather(1, torch.argsort(is_hue, dim=1, stable=True))[:, :3]
+        k = is_hue.argmax(1) if self.enabled[3] else torch.full_like(order[:, 0], 3)
+
+        def blend(out, pos):
+            op = linear.gather(1, pos.clamp(0, 2)[:, None])[:, 0]
+            on = coin & (pos >= 0) & (pos < 3) & enabled[op]
+            return _linear_slot(out, op, factors.gather(1, op[:, None])[:, 0], on)
+
+        for j in range(3):
+            out = blend(out, j - 3 + k)
+        if self.enabled[3]:
+            out = torch.where(coin.view(-1, 1, 1, 1), _hue_shift(out, factors[:, 3]), out)
+            for j in range(3):
+                out = blend(out, k + j)
+        return _logical(out, flipped)
 
 
 class RandomGrayscale(_Coin):
@@ -483,27 +546,26 @@ class GaussianBlur(_Op):
     def apply(self, x, p):
         S_h, S_w = x.shape[-2:]
         k_h, k_w = self.kernel_sizes(S_h, S_w)
-        By = blur_matrix(p["sigma"], p["apply"], k_h, S_h)
-        Bx = blur_matrix(p["sigma"], p["apply"], k_w, S_w)
-        return By[:, None] @ x @ Bx[:, None].transpose(-1, -2)
+        rows = blur_bands(p["sigma"], p["apply"], k_h, S_h)
+        cols = blur_bands(p["sigma"], p["apply"], k_w, S_w)
+        # Columns, then rows, whatever the input's layout (a crop's output is stored as
+        # (N, C, W, H): no transpose before the first pass).
+        return resample(transpose(resample(transpose(x), *cols)), *rows)
 
 
-def blur_matrix(sigma, apply, k, size):
-    """(N, size, size): the 1-D Gaussian blur with reflect padding as a matrix (identity
-    where ``apply`` is false)."""
+def blur_bands(sigma, apply, k, size):
+    """The 1-D Gaussian blur with reflect padding as bands (see ``resample``): index
+    (size, k) reflect(i + t - k // 2), weights (N, k) exp(-t^2 / 2 sigma^2) normalised per
+    sample, broadcast to (N, size, k); the one-hot centre tap (identity) where ``apply`` is
+    false."""
     half = k // 2
     t = torch.arange(-half, half + 1, device=sigma.device, dtype=torch.float64)
     kern = torch.exp(-(t[None] ** 2) / (2 * sigma.double()[:, None] ** 2))
-    kern = kern / kern.sum(1, keepdim=True)
-    i = torch.arange(size, device=sigma.device)[:, None]
-    src = i + torch.arange(-half, half + 1, device=sigma.device)[None, :]
+    kern = torch.where(apply.view(-1, 1), kern / kern.sum(1, keepdim=True), (t == 0).double())
+    src = torch.arange(size, device=sigma.device)[:, None] + t.long()[None]
     src = torch.where(src < 0, -src, src)
     src = torch.where(src >= size, 2 * (size - 1) - src, src)
-    m = torch.zeros(sigma.shape[0], size, size, device=sigma.device, dtype=torch.float64)
-    m.scatter_add_(2, src[None].expand(sigma.shape[0], -1, -1),
-                   kern[:, None, :].expand(-1, size, -1).contiguous())
-    eye = torch.eye(size, device=sigma.device, dtype=torch.float64)
-    return torch.where(apply.view(-1, 1, 1), m, eye).float()
+    return src, kern.float()[:, None].expand(-1, size, -1)
 
 
 class RandomSolarize(_Coin):
@@ -556,6 +618,14 @@ class Normalize(_Op):
         return (x - mean) / std
 
 
+def _fused(x):
+    """Whether a call on x takes the Triton kernels: the dispatch point's choice, except on
+    shape-only calls (meta tensors, tracing), which take the torch ops (shapes, dtypes and
+    autograd as a real call's)."""
+    from fastssl import _dispatch
+    return _dispatch.backend(x) == "triton" and not _dispatch.shape_only((x,))
+
+
 def _colour_args(n, device, jitter, gray, solarize):
     """The colour kernels' per-sample arguments: (order, factors, flags, enabled, threshold)."""
     zeros = torch.zeros(n, dtype=torch.int32, device=device)
@@ -578,7 +648,7 @@ def colour_ops(x, jitter=None, gray=None, solarize=None):
     None — on float32 images (N, 3, H, W): one fused Triton pass where the dispatch picks
     the kernels, the ops one by one otherwise (the same semantics)."""
     from fastssl import _dispatch
-    if _dispatch.backend(x) == "triton":
+    if _fused(x):
         return _dispatch.kernels("augment").colour(
             x.float(), *_colour_args(x.shape[0], x.device, jitter, gray, solarize))
     for item in (jitter, gray, solarize):
@@ -595,13 +665,12 @@ def blur_finish(x, blur, solarize=None, normalize=None, dtype=torch.float32,
     otherwise."""
     from fastssl import _dispatch
     op, pb = blur
-    if _dispatch.backend(x) != "triton":
+    if not _fused(x):
         x = op.apply(x, pb)
         for item in (solarize, normalize):
             if item is not None:
                 x = item[0].apply(x, item[1])
-        x = x.to(dtype)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        return _finish(x, dtype, channels_last)
     n, _, H, W = x.shape
     sol = solarize[1]["apply"].int() if solarize is not None else \
         torch.zeros(n, dtype=torch.int32, device=x.device)
@@ -679,7 +748,22 @@ def _sample(ops, sizes, generator):
     return params
 
 
+_CHUNK = 16  # samples per pass on the CPU: a chunk's 224² views (9.6 MB) stay in cache
+
+
 def _apply(ops, batch, params, dtype=torch.float32, channels_last=False):
+    """The chain on a float32 batch; on the CPU's portable path, chunk by chunk of
+    ``_CHUNK`` samples (every op is per sample: the same values as in one pass)."""
+    n = batch.shape[0]
+    if n <= _CHUNK or batch.device.type != "cpu" or _fused(batch):
+        return _apply_all(ops, batch, params, dtype, channels_last)
+    parts = [_apply_all(ops, batch[a:a + _CHUNK],
+                        [{k: v[a:a + _CHUNK] for k, v in p.items()} for p in params],
+                        dtype, channels_last) for a in range(0, n, _CHUNK)]
+    return _finish(torch.cat(parts), dtype, channels_last)
+
+
+def _apply_all(ops, batch, params, dtype=torch.float32, channels_last=False):
     """The chain on a float32 batch. Fused patterns (on the Triton path): crop
     [+ flip] [+ colour run] in one kernel; a colour run in one kernel; GaussianBlur
     [+ RandomSolarize] [+ Normalize] ending the chain in two passes with the output cast."""
@@ -693,7 +777,7 @@ def _apply(ops, batch, params, dtype=torch.float32, channels_last=False):
             if i < len(ops) and isinstance(ops[i], RandomHorizontalFlip):
                 flip, i = params[i]["apply"], i + 1
             run, after = _colour_run(ops, params, i)
-            if run and _dispatch.backend(x) == "triton":
+            if run and _fused(x):
                 if flip is None:
                     flip = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
                 args = _colour_args(x.shape[0], x.device, run.get(ColorJitter),
@@ -717,8 +801,13 @@ def _apply(ops, batch, params, dtype=torch.float32, channels_last=False):
         else:
             x = op.apply(x, params[i])
             i += 1
-    x = x.to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return _finish(x, dtype, channels_last)
+
+
+def _finish(x, dtype, channels_last):
+    """The output dtype and memory format (contiguous NCHW or channels-last)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(dtype).contiguous(memory_format=fmt)
 
 
 def _prepare(images, generator, return_params, channels_last_input):

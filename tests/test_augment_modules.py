@@ -264,3 +264,72 @@ def test_torchvision_compose_and_functional_ops():
         want = TF.adjust_brightness(x[i].float() / 255, float(p["factors"][i, 0]))
         torch.testing.assert_close(out[i], want, rtol=0, atol=1e-6)
     assert tv.__version__
+
+
+# ----------------------------------------------------------------------------- meta tensors
+
+PRESETS = {
+    "SimCLRAugment": lambda: A.SimCLRAugment(size=6),
+    "BYOLAugment": lambda: A.BYOLAugment(size=(5, 7), dtype=torch.bfloat16, channels_last=True),
+    "BarlowTwinsAugment": lambda: A.BarlowTwinsAugment(size=6, normalize=False),
+    "VICRegAugment": lambda: A.VICRegAugment(size=6, dtype=torch.float16),
+    "MoCoV2Augment": lambda: A.MoCoV2Augment(size=6),
+    "DINOAugment": lambda: A.DINOAugment(global_size=8, local_size=4, n_local=2),
+    "MultiView": lambda: A.MultiView([A.Augment(A.RandomResizedCrop(5)),
+                                      A.Augment(A.ColorJitter(0.4, hue=0.1), A.GaussianBlur(3))]),
+    "Augment": lambda: A.Augment(*[make() for make in OPS.values()], dtype=torch.bfloat16,
+                                 channels_last=True),
+}
+
+
+def _layout(t):
+    return (tuple(t.shape), t.dtype, t.is_contiguous(),
+            t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _params_layout(params):
+    return [{k: (tuple(v.shape), v.dtype) for k, v in p.items()} for p in params]
+
+
+@pytest.mark.parametrize("name", list(OPS) + list(PRESETS))
+def test_meta_batch_gives_the_real_calls_shapes(backend, name):
+    """Every op, Augment, MultiView and preset on a meta uint8 batch: meta views (and meta
+    parameters) with the shapes, dtypes and memory formats of the real call."""
+    module = (OPS.get(name) or PRESETS[name])()
+    real_x = uint8_images(3, 9, 11, seed=2)
+    meta_x = torch.empty_like(real_x, device="meta")
+    real, real_p = module(real_x, generator=torch.Generator().manual_seed(0), return_params=True)
+    meta, meta_p = module(meta_x, return_params=True)
+    real, meta = ([real], [meta]) if isinstance(real, torch.Tensor) else (real, meta)
+    real_p, meta_p = ([real_p], [meta_p]) if isinstance(real_p, dict) else (real_p, meta_p)
+    assert len(meta) == len(real)
+    for r, m in zip(real, meta):
+        assert m.device.type == "meta" and _layout(m) == _layout(r)
+    for r, m in zip(real_p, meta_p):
+        r, m = (r, m) if isinstance(r, list) else ([r], [m])
+        assert _params_layout(m) == _params_layout(r)
+        assert all(v.device.type == "meta" for p in m for v in p.values())
+
+
+def test_meta_single_image_and_list_of_images():
+    x = [torch.empty(3, 10, 12, dtype=torch.uint8, device="meta"),
+         torch.empty(1, 7, 9, dtype=torch.uint8, device="meta")]
+    views = A.SimCLRAugment(size=5)(x)
+    assert [(v.device.type, tuple(v.shape)) for v in views] == [("meta", (2, 3, 5, 5))] * 2
+    one = A.Augment(A.RandomResizedCrop((4, 6)), A.Normalize())(x[0])
+    assert one.device.type == "meta" and one.shape == (3, 4, 6)
+
+
+def test_cpu_chunks_give_the_one_pass_views(monkeypatch):
+    """The portable path runs a CPU batch chunk by chunk: the same views and parameters as
+    one pass over the batch."""
+    x = uint8_images(7, 13, 15, seed=6)
+    aug = A.BYOLAugment(size=(6, 8))
+    monkeypatch.setattr(A, "_CHUNK", 64)
+    whole, params = aug(x, generator=torch.Generator().manual_seed(1), return_params=True)
+    monkeypatch.setattr(A, "_CHUNK", 3)
+    chunked = aug(x, generator=torch.Generator().manual_seed(1))
+    batch, _ = A.as_batch(x)
+    for view, a, b, p in zip(aug.views, whole, chunked, params):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert torch.equal(view.apply(batch, p), b)

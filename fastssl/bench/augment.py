@@ -1,21 +1,38 @@
-"""The BYOL augmentation recipe on a uint8 batch: fastssl against torchvision v2 called
-per sample."""
+"""The BYOL augmentation recipe on a uint8 batch: fastssl (both views, and the first view
+alone: the peers' recipe) against torchvision v2 applied image by image (a ``v2.Compose``,
+as DataLoader workers run it) and Kornia's batched recipe, each where it imports (the
+reason it does not is logged and kept in the result's ``peers.missing``)."""
 import torch
 
-from .timing import noop, time_one
+from .timing import noop, time_each
 
 
 
-def _torchvision_loop(images, size):
-    """The incumbent on a GPU batch: torchvision v2 transforms called once per sample (so
-    that each sample gets its own random parameters)."""
+def _torchvision_recipe(size):
+    """BYOL's first view as torchvision v2 composes it, called once per image (so that each
+    image gets its own random parameters, as in a DataLoader worker): ``loop(images)``."""
     import torchvision.transforms.v2 as T
     aug = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(),
                      T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                      T.RandomGrayscale(0.2), T.GaussianBlur(23, (0.1, 2.0)),
                      T.ToDtype(torch.float32, scale=True), T.Normalize(
                          (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    return torch.stack([aug(im) for im in images])
+    return lambda images: torch.stack([aug(im) for im in images])
+
+
+PEERS = {"torchvision v2, per sample": lambda size, device: _torchvision_recipe(size),
+         "kornia, batched": lambda size, device: _kornia_recipe(size, device)}
+
+
+def find_peers(size, device):
+    """({name: view(images)} of the peers that import here, {name: why not} of the rest)."""
+    found, missing = {}, {}
+    for name, make in PEERS.items():
+        try:
+            found[name] = make(size, device)
+        except Exception as e:
+            missing[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return found, missing
 
 
 def _kornia_recipe(size, device):
@@ -32,8 +49,9 @@ def _kornia_recipe(size, device):
 
 
 def bench_augment(quick, log, save=noop, sizes=None, dtypes=None):
-    """The BYOL recipe: uint8 (N, 3, H, W) -> two views, in views per second, for each batch
-    size N in ``sizes``."""
+    """The BYOL recipe: uint8 (N, 3, H, W) -> views (fastssl: both views, and the first view
+    alone; the peers: the first view), in views per second, for each batch size N in
+    ``sizes``."""
     from fastssl.augment import BYOLAugment
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -41,28 +59,22 @@ def bench_augment(quick, log, save=noop, sizes=None, dtypes=None):
     if not sizes:
         sizes = ([256] if quick else [64, 256, 1024]) if cuda else ([16] if quick else [16, 64])
     dtype = getattr(torch, (dtypes or ["bfloat16" if cuda else "float32"])[0])
+    peers, missing = find_peers(size, device)
+    for name, why in missing.items():
+        log(f"note: {name} not benchmarked ({why})")
     rows = []
     for n in sizes:
         images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, device=device)
         aug = BYOLAugment(size=size, dtype=dtype)
-        impls = {"fastssl": lambda: aug(images)}
-        try:
-            import torchvision  # noqa: F401
-            impls["torchvision v2, per-sample loop"] = lambda: _torchvision_loop(images, size)
-        except Exception as e:
-            if n == sizes[0]:
-                log(f"note: torchvision not benchmarked ({type(e).__name__}: {e})")
-        try:
-            kornia_view = _kornia_recipe(size, device)
-            impls["kornia, batched"] = lambda: kornia_view(images)
-        except Exception as e:
-            if n == sizes[0]:
-                log(f"note: kornia not benchmarked ({type(e).__name__}: {e})")
+        impls = {"fastssl": (lambda: aug(images), 2),
+                 "fastssl, first view": (lambda: aug.views[0](images), 1)}
+        impls.update({name: ((lambda view=view: view(images)), 1) for name, view in peers.items()})
         log(f"BYOL recipe: {n} uint8 images {side}x{side} -> 2 views {size}x{size} "
             f"{str(dtype).replace('torch.', '')} on {device}")
-        for impl, fn in impls.items():
-            views = 2 if impl == "fastssl" else 1
-            ms = time_one(fn, cuda, 5 if not cuda else 20)
+        # in turns (on the CPU): a drift of a shared machine falls on every row alike
+        times = time_each({k: fn for k, (fn, _) in impls.items()}, cuda, 7 if not cuda else 20)
+        for impl, (fn, views) in impls.items():
+            ms = times[impl]
             row = {"op": "augment", "impl": impl, "batch": n, "side": side, "size": size,
                    "dtype": str(dtype).replace("torch.", ""), "views_per_call": views * n,
                    "ms": ms, "views_per_s": views * n / ms * 1e3}
@@ -77,4 +89,4 @@ def bench_augment(quick, log, save=noop, sizes=None, dtypes=None):
             log(f"  {impl:>32}: {ms:9.2f} ms per call, {row['views_per_s']:10.0f} views/s")
             save(rows)
         del images
-    return rows, {}
+    return rows, {"peers": {"missing": missing}}

@@ -87,7 +87,7 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         rows, extra = bench_maxbatch(quick, log, save, dims, dtypes)
     elif op == "augment":
         if not cuda:
-            log("CPU run: the portable path (batched per-sample matrices and torch ops).")
+            log("CPU run: the portable path (banded per-sample resampling and torch ops).")
         rows, extra = bench_augment(quick, log, save, sizes, dtypes)
     elif op == "ema":
         if not cuda:
