@@ -293,12 +293,16 @@ def _params_layout(params):
 
 @pytest.mark.parametrize("name", list(OPS) + list(PRESETS))
 def test_meta_batch_gives_the_real_calls_shapes(backend, name):
-    """Every op, Augment, MultiView and preset on a meta uint8 batch: meta views (and meta
-    parameters) with the shapes, dtypes and memory formats of the real call."""
+    """Every op, Augment, MultiView and preset on a meta uint8 batch, on either backend:
+    meta views (and meta parameters) with the shapes, dtypes and memory formats of the real
+    call (made on the portable path: both paths give the same views, tested above)."""
     module = (OPS.get(name) or PRESETS[name])()
     real_x = uint8_images(3, 9, 11, seed=2)
     meta_x = torch.empty_like(real_x, device="meta")
-    real, real_p = module(real_x, generator=torch.Generator().manual_seed(0), return_params=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTSSL_BACKEND", "torch")
+        real, real_p = module(real_x, generator=torch.Generator().manual_seed(0),
+                              return_params=True)
     meta, meta_p = module(meta_x, return_params=True)
     real, meta = ([real], [meta]) if isinstance(real, torch.Tensor) else (real, meta)
     real_p, meta_p = ([real_p], [meta_p]) if isinstance(real_p, dict) else (real_p, meta_p)
