@@ -16,10 +16,12 @@ m_i = sum_k softmax_ik w_k) and two ``cols`` calls for the prototypes' gradient;
 Knopp's row and column sums are the same passes with the log-scalings as the bias.
 
 Both keep a running maximum of the products x_i . p_k - c_k and multiply only differences
-(<= 0) by the base-2 rate a = s log2(e), so no exponent overflows; the ``cols`` pass
-clamps 2^(a x - lse / ln 2) at 1. Each program owns its outputs (rows x E chunk, or
-prototypes x E chunk): no atomics, bitwise reproducible. E is tiled in chunks of BE, each
-chunk recomputing the scores.
+(<= 0) by the base-2 rate a = s log2(e), so no exponent overflows. lse_i = s m_i + ln l_i
+(m_i the maximum product) rounds once at the scale of the scores, and the ``cols`` pass
+forms s x - lse_i the same way before the base-2 factor (clamped at 0): converting lse to
+base 2 first would round twice more at that scale (1 / tau ~ 100 at sharp temperatures).
+Each program owns its outputs (rows x E chunk, or prototypes x E chunk): no atomics,
+bitwise reproducible. E is tiled in chunks of BE, each chunk recomputing the scores.
 """
 import torch
 import triton
@@ -69,7 +71,7 @@ def _rows_kernel(X, P, U, BIAS, LSE, OUT, scale, n, K, D, E,
                              input_precision=PRECISION)
         m_i = m_new
     if pe == 0:
-        lse = (a * m_i + tl.log2(l_i)) * 0.6931471805599453
+        lse = scale * m_i + tl.log2(l_i) * 0.6931471805599453  # one rounding at |score|
         tl.store(LSE + rows, lse, mask=row_ok)
     if HAS_VALS:
         tl.store(OUT + rows[:, None] * s_o0 + ee[None, :] * s_o1, acc / l_i[:, None],
@@ -99,8 +101,10 @@ def _cols_kernel(X, P, BIAS, LSE, Y, OUT, scale, ALPHA, n, K, D, E,
                       BN, BM, BK, PRECISION, INTERPRET)
         if HAS_BIAS:
             x -= c[:, None]
-        lse = tl.load(LSE + rows, mask=r_ok, other=0.0) * 1.4426950408889634
-        p = tl.exp2(tl.minimum(a * x - lse[None, :], 0.0))
+        lse = tl.load(LSE + rows, mask=r_ok, other=0.0)
+        # scale x - lse as the rows pass formed lse (scale m + log l): exact 0 at the row
+        # maximum of a one-prototype row; base 2 only after the difference is small
+        p = tl.exp2(tl.minimum((scale * x - lse[None, :]) * 1.4426950408889634, 0.0))
         p = tl.where(k_ok[:, None] & r_ok[None, :], p, 0.0)
         y = tl.load(Y + rows[:, None] * s_y0 + ee[None, :] * s_y1,
                     mask=r_ok[:, None] & e_ok[None, :], other=0.0)

@@ -24,8 +24,13 @@ def _pair_terms(x, s, b, is_pos):
     z = x * s + b
     u = tl.where(is_pos, -z, z)  # u = -t z
     e = tl.exp2(-tl.abs(u) * 1.4426950408889634)  # exp(-|u|) in (0, 1]
-    softplus = tl.maximum(u, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
-    sig = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(u)
+    w = 1.0 + e
+    r = 1.0 / w
+    # log1p(e) without libdevice: log(w) + (e - (w - 1)) / w corrects the rounding of w
+    # (exactly e where w rounds to 1) -- log(1 + e) alone loses every term below 2^-24,
+    # the whole loss of well-separated pairs.
+    softplus = tl.maximum(u, 0.0) + (tl.log2(w) * 0.6931471805599453 + (e - (w - 1.0)) * r)
+    sig = tl.where(u >= 0, r, e * r)  # sigmoid(u)
     d = tl.where(is_pos, -sig, sig)
     return softplus, d
 

@@ -511,6 +511,26 @@ def test_sinkhorn_gathers_only_under_an_initialised_group():
                                sinkhorn_loops(x, 0.1, 3), rtol=1e-12, atol=1e-14)
 
 
+def test_centre_stays_without_masked_tokens():
+    """A deliberate difference: lightly's Center takes the mean of no rows (NaN); fastssl's
+    centre stays where it was (the loss of no tokens is 0)."""
+    crit = PR.IBOTPatchLoss(output_dim=5)
+    before = torch.randn(1, 5, generator=torch.Generator().manual_seed(7))
+    crit.center.center.copy_(before)
+    loss = crit(torch.randn(0, 5), torch.randn(0, 5), torch.zeros(2, 3, 3, dtype=torch.bool))
+    assert loss.item() == 0.0 and torch.equal(crit.center.value, before)
+
+
+def test_sinkhorn_of_large_scores_does_not_overflow():
+    """A deliberate difference: lightly's exp(out / epsilon) overflows float32 beyond
+    out / epsilon = 88 (inf / inf = NaN codes); fastssl shifts by the maximum first."""
+    g = torch.Generator().manual_seed(8)
+    x = 100 + 0.5 * torch.randn(6, 9, generator=g, dtype=torch.float64)  # x / 0.5 ~ 200
+    q = PR.sinkhorn(x.float(), 3, 0.5)
+    want = sinkhorn_loops(x.float().double() - x.float().double().max(), 0.5, 3)
+    torch.testing.assert_close(q.double(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_koleo_loss_module():
     x = torch.randn(33, 7, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(PR.KoLeoLoss(p=2, eps=1e-8)(x), koleo_dense(x))
