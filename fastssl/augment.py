@@ -748,18 +748,20 @@ def _sample(ops, sizes, generator):
     return params
 
 
-_CHUNK = 16  # samples per pass on the CPU: a chunk's 224² views (9.6 MB) stay in cache
+_CHUNK = 16 * 256 * 256  # input pixels per pass on the CPU: 16 images of 256², whose views
+# stay in cache; small images go in one pass (a chunk's fixed per-op cost would dominate)
 
 
 def _apply(ops, batch, params, dtype=torch.float32, channels_last=False):
-    """The chain on a float32 batch; on the CPU's portable path, chunk by chunk of
-    ``_CHUNK`` samples (every op is per sample: the same values as in one pass)."""
+    """The chain on a float32 batch; on the CPU's portable path, chunk by chunk of about
+    ``_CHUNK`` input pixels (every op is per sample: the same values as in one pass)."""
     n = batch.shape[0]
-    if n <= _CHUNK or batch.device.type != "cpu" or _fused(batch):
+    step = max(1, _CHUNK // max(1, batch.shape[-1] * batch.shape[-2]))
+    if n <= step or batch.device.type != "cpu" or _fused(batch):
         return _apply_all(ops, batch, params, dtype, channels_last)
-    parts = [_apply_all(ops, batch[a:a + _CHUNK],
-                        [{k: v[a:a + _CHUNK] for k, v in p.items()} for p in params],
-                        dtype, channels_last) for a in range(0, n, _CHUNK)]
+    parts = [_apply_all(ops, batch[a:a + step],
+                        [{k: v[a:a + step] for k, v in p.items()} for p in params],
+                        dtype, channels_last) for a in range(0, n, step)]
     return _finish(torch.cat(parts), dtype, channels_last)
 
 

@@ -329,9 +329,9 @@ def test_cpu_chunks_give_the_one_pass_views(monkeypatch):
     one pass over the batch."""
     x = uint8_images(7, 13, 15, seed=6)
     aug = A.BYOLAugment(size=(6, 8))
-    monkeypatch.setattr(A, "_CHUNK", 64)
+    monkeypatch.setattr(A, "_CHUNK", 64 * 13 * 15)  # the batch in one pass
     whole, params = aug(x, generator=torch.Generator().manual_seed(1), return_params=True)
-    monkeypatch.setattr(A, "_CHUNK", 3)
+    monkeypatch.setattr(A, "_CHUNK", 3 * 13 * 15)  # chunks of 3 images
     chunked = aug(x, generator=torch.Generator().manual_seed(1))
     batch, _ = A.as_batch(x)
     for view, a, b, p in zip(aug.views, whole, chunked, params):
