@@ -70,7 +70,7 @@ def run(fn, inputs, grad_on, dtype):
     return out.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, want)]
 
 
-def compare(fast, eager, inputs, grad_on, dtype, label, table):
+def compare(fast, eager, inputs, grad_on, dtype, label, table, floor):
     """Errors of fastssl and of the eager code against float64; appends the failures."""
     base = [x.to(dtype) if torch.is_tensor(x) else x for x in inputs]  # the given data
     ref = run(eager, base, grad_on, torch.float64)
@@ -81,13 +81,14 @@ def compare(fast, eager, inputs, grad_on, dtype, label, table):
                                   zip([f[0]] + f[1], [e[0]] + e[1], [ref[0]] + ref[1])):
         ef, ee = err(fo, ro), err(eo, ro)
         table.append((label, what, ef, ee))
-        if not ef <= 2 * ee + FLOOR[dtype]:  # NaN fails
+        if not ef <= 2 * ee + floor:  # NaN fails
             bad.append(f"{label} {what}: fastssl {ef:.2e} vs eager {ee:.2e}")
     return bad
 
 
-def sweep(family, backend, dtype=torch.float32, table=None, **kw):
+def sweep(family, backend, dtype=torch.float32, table=None, floor=None, **kw):
     table = [] if table is None else table
+    floor = FLOOR[dtype] if floor is None else floor
     kw = {**SHAPES.get(family, {}), **kw}
     make, fast, eager, grad_on = FAMILIES[family]
     bad = []
@@ -95,7 +96,7 @@ def sweep(family, backend, dtype=torch.float32, table=None, **kw):
         g = torch.Generator().manual_seed(1000 * seed + n * 7 + d)
         inputs = make(n, d, tau, g)
         bad += compare(fast, eager, inputs, grad_on, dtype, f"{family} n={n} d={d} tau={tau}",
-                       table)
+                       table, floor)
     return bad
 
 
@@ -346,8 +347,7 @@ SHAPES = {"barlow_twins": dict(min_rows=3), "vicreg": dict(min_rows=2),
                                                    "proto dino sinkhorn",
                                                    "proto rows softmax")}}
 # Known shortfalls, measured with this sweep (worst case: fastssl vs eager error against
-# float64). Each test still runs every assertion; near the bound the ratio varies with the
-# draw (1x to 3x), so an entry is not strict: a pass is reported (XPASS), not an error.
+# float64).
 OPEN = {
     ("clip", "torch"): "scale gradient sum_i (E_i[x] - x_ii): 1.3e-6 vs 9.4e-8",
     ("clip", "triton"): "scale gradient sum_i (E_i[x] - x_ii): 1.7e-6 vs 9.4e-8",
@@ -371,22 +371,26 @@ OPEN = {
 BF16 = ["nt_xent", "clip", "proto dino softmax", "DINOLoss"]
 
 
-def open_issue(request, family, backend):
-    if (family, backend) in OPEN:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=OPEN[family, backend]))
+# The (family, path) pairs above are not yet within 2x of the eager error + 4 roundings at
+# every case of the sweep; each is held to 2x + OPEN_FLOOR instead (128 float32 roundings,
+# 7.6e-6 relative: above the worst error listed, ~4e-6, so the case still fails on any
+# regression beyond it). The target stays the 2x + FLOOR bound of every other family.
+OPEN_FLOOR = 128 * U[torch.float32]
+
+
+def _floor(family, backend):
+    return OPEN_FLOOR if (family, backend) in OPEN else FLOOR[torch.float32]
 
 
 @pytest.mark.parametrize("family", KERNELS)
-def test_kernel_families_are_as_accurate_as_eager(family, backend, request):
-    open_issue(request, family, backend)
-    bad = sweep(family, backend)
+def test_kernel_families_are_as_accurate_as_eager(family, backend):
+    bad = sweep(family, backend, floor=_floor(family, backend))
     assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in KERNELS])
-def test_logit_families_are_as_accurate_as_eager(family, request):
-    open_issue(request, family, "torch")
-    bad = sweep(family, "torch")
+def test_logit_families_are_as_accurate_as_eager(family):
+    bad = sweep(family, "torch", floor=_floor(family, "torch"))
     assert not bad, "\n".join(bad)
 
 
