@@ -173,7 +173,7 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 @pytest.mark.parametrize("settings,error,match", [
     (dict(optimizer="sgd"), ValueError, "optimizer must be one of adamw, lars"),
-    (dict(precision="fp16"), ValueError, "precision must be auto, fp32 or bf16"),
+    (dict(precision="fp16"), ValueError, "precision must be one of auto, fp32, bf16, fp64"),
     (dict(workers=-1), ValueError, "workers must be >= 0"),
     (dict(max_steps=0), ValueError, "max_steps must be >= 1"),
     (dict(stop_after=0), ValueError, "stop_after must be >= 1"),
