@@ -366,15 +366,21 @@ def _prototype_ce(student: Tensor, prototypes: Tensor, teacher: Tensor,
                   teacher_idx: Tensor, weights: Tensor, student_temp: float,
                   teacher_temp: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """sum_p weights_p CE(student_idx_p, teacher_idx_p) (fastssl.prototype's docstring) and
-    the statistics the backward uses: m (student softmax means), q (teacher targets),
-    lse_s, lse_t. Two ``rows`` passes over the prototypes (kernels/prototype.py)."""
+    the statistics the backward uses: m (student softmax means), q (teacher targets), and
+    the row statistics st_s, st_t ((rows, 2): maximum product and log-sum, see
+    kernels/prototype.py). Two ``rows`` passes over the prototypes. The value
+    sum_p w_p (lse_s - s . q / tau_s), lse_s = m_s / tau_s + l_s, is formed in the arithmetic
+    dtype: where the target is one prototype, q is that prototype and s . q rounds as m_s
+    did, so the two roundings cancel (a float64 difference of the float32 terms is less
+    accurate there, measured by tests/test_precision.py)."""
     impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
-    lse_t, q = impl.rows(teacher, teacher_prototypes, prototypes, center, 1.0 / teacher_temp)
-    lse_s, m = impl.rows(student, prototypes, prototypes, None, 1.0 / student_temp)
-    acc = lse_s.dtype
+    st_t, q = impl.rows(teacher, teacher_prototypes, prototypes, center, 1.0 / teacher_temp)
+    st_s, m = impl.rows(student, prototypes, prototypes, None, 1.0 / student_temp)
+    acc = q.dtype
+    lse = st_s[:, 0] * (1.0 / student_temp) + st_s[:, 1]
     cross = torch.linalg.vecdot(student.to(acc)[student_idx], q[teacher_idx])
-    loss = (weights.to(acc) * (lse_s[student_idx] - cross / student_temp)).sum()
-    return loss, m, q, lse_s, lse_t
+    loss = (weights.to(acc) * (lse[student_idx] - cross / student_temp)).sum()
+    return loss.to(st_s.dtype), m, q, st_s, st_t
 
 
 def _prototype_ce_fake(student, prototypes, teacher, teacher_prototypes, center, student_idx,
@@ -383,15 +389,15 @@ def _prototype_ce_fake(student, prototypes, teacher, teacher_prototypes, center,
     D = student.shape[1]
     return (student.new_empty((), dtype=acc), student.new_empty(student.shape[0], D, dtype=acc),
             student.new_empty(teacher.shape[0], D, dtype=acc),
-            student.new_empty(student.shape[0], dtype=acc),
-            student.new_empty(teacher.shape[0], dtype=acc))
+            student.new_empty(student.shape[0], 2, dtype=acc),
+            student.new_empty(teacher.shape[0], 2, dtype=acc))
 
 
 def _prototype_ce_backward_impl(
         student: Tensor, prototypes: Tensor, teacher: Tensor, teacher_prototypes: Tensor,
         center: Optional[Tensor], student_idx: Tensor, teacher_idx: Tensor, weights: Tensor,
-        student_temp: float, teacher_temp: float, m: Tensor, q: Tensor, lse_s: Tensor,
-        lse_t: Tensor, grad: Tensor, need_student: bool,
+        student_temp: float, teacher_temp: float, m: Tensor, q: Tensor, st_s: Tensor,
+        st_t: Tensor, grad: Tensor, need_student: bool,
         need_prototypes: bool) -> tuple[Tensor, Tensor]:
     """d/d student = (a_i m_i - r_i) / tau_s and d/d prototypes =
     (cols(student; a_i s_i) - cols(teacher; h_j)) / tau_s, with a_i = sum_p g_p [i_p = i],
@@ -408,10 +414,10 @@ def _prototype_ce_backward_impl(
         impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
         h = torch.zeros_like(q).index_add_(0, teacher_idx, g[:, None] * s[student_idx])
         # one (K, D) buffer: the teacher's term subtracted in place, 1 / tau_s folded in
-        d_w = impl.cols(student, prototypes, None, 1.0 / student_temp, lse_s, a[:, None] * s,
+        d_w = impl.cols(student, prototypes, None, 1.0 / student_temp, st_s, a[:, None] * s,
                         alpha=1.0 / student_temp)
         del s
-        d_w = impl.cols(teacher, teacher_prototypes, center, 1.0 / teacher_temp, lse_t, h,
+        d_w = impl.cols(teacher, teacher_prototypes, center, 1.0 / teacher_temp, st_t, h,
                         out=d_w, alpha=-1.0 / student_temp).to(prototypes.dtype)
     return (student.new_empty(0) if d_s is None else d_s,
             prototypes.new_empty(0) if d_w is None else d_w)
@@ -419,7 +425,7 @@ def _prototype_ce_backward_impl(
 
 def _prototype_ce_backward_fake(student, prototypes, teacher, teacher_prototypes, center,
                                 student_idx, teacher_idx, weights, student_temp, teacher_temp,
-                                m, q, lse_s, lse_t, grad, need_student, need_prototypes):
+                                m, q, st_s, st_t, grad, need_student, need_prototypes):
     return _grad_like(student, need_student), _grad_like(prototypes, need_prototypes)
 
 
@@ -441,3 +447,4 @@ prototype_ce = _Op("fastssl::prototype_ce", _prototype_ce, _prototype_ce_fake,
                    _prototype_ce_setup, _prototype_ce_grad)
 prototype_ce_backward = _Op("fastssl::prototype_ce_backward", _prototype_ce_backward_impl,
                             _prototype_ce_backward_fake)
+

@@ -297,8 +297,9 @@ def standardize_backward(z, grad_a, stats, eps):
 # ----------------------------------------------------------------------------- prototype passes
 
 def prototype_rows(x, keys, vals, bias, scale, block=None):
-    """(lse (n,), out (n, E) or None) of kernels/prototype.py's ``rows`` pass, in prototype
-    chunks with an online softmax (max over the products, as the kernel)."""
+    """(stats (n, 2) = [m_i, l_i], out (n, E) or None) of kernels/prototype.py's ``rows``
+    pass, in prototype chunks with an online softmax (max over the products, as the
+    kernel)."""
     acc = _acc(x)
     n, K = x.shape[0], keys.shape[0]
     block = block or BLOCK or _block_width(n)
@@ -317,17 +318,19 @@ def prototype_rows(x, keys, vals, bias, scale, block=None):
         if out is not None:
             out = torch.addmm(out * alpha[:, None], t, vals[k0:k0 + block].to(acc))
         m_run = m_new
-    lse = m_run * scale + torch.log(z)
-    return lse, None if out is None else out / z[:, None]
+    st = torch.stack([m_run, torch.log(z)], 1)
+    return st, None if out is None else out / z[:, None]
 
 
-def prototype_cols(x, keys, bias, scale, lse, y, out=None, alpha=1.0, block=None):
-    """out (K, E) = sum_i exp(score_ik - lse_i) y_i, or out += alpha * that with ``out``
-    given (kernels/prototype.py's ``cols``)."""
+def prototype_cols(x, keys, bias, scale, st, y, out=None, alpha=1.0, block=None):
+    """out (K, E) = sum_i exp(s (x_i . p_k - c_k - m_i) - l_i) y_i with st = [m, l] from
+    ``prototype_rows``, or out += alpha * that with ``out`` given (kernels/prototype.py's
+    ``cols``)."""
     acc = _acc(x)
     K = keys.shape[0]
     block = block or BLOCK or _block_width(x.shape[0])
-    xa, ya, la = x.to(acc), y.to(acc), lse.to(acc)
+    xa, ya = x.to(acc), y.to(acc)
+    m_r, l_r = st[:, 0, None].to(acc), st[:, 1, None].to(acc)
     accumulate = out is not None
     if out is None:
         out = torch.empty(K, y.shape[1], dtype=acc, device=x.device)
@@ -335,7 +338,7 @@ def prototype_cols(x, keys, bias, scale, lse, y, out=None, alpha=1.0, block=None
         t = xa @ keys[k0:k0 + block].to(acc).T
         if bias is not None:
             t -= bias[k0:k0 + block].to(acc)
-        t = t.mul_(scale).sub_(la[:, None]).clamp_(max=0).exp_()
+        t = t.sub_(m_r).mul_(scale).sub_(l_r).clamp_(max=0).exp_()
         if accumulate:
             out[k0:k0 + block].addmm_(t.T, ya, alpha=alpha)
         else:

@@ -507,9 +507,11 @@ def vicreg(z_a: Tensor, z_b: Tensor, lambda_param: float = 25.0, mu_param: float
 
 def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
     """-mean cosine_similarity(x0, x1) along ``dim`` (BYOL / SimSiam; stop-gradient is the
-    caller's, e.g. ``x1.detach()``): x0 . x1 / (max(||x0||, eps) max(||x1||, eps)), in float32
-    (float64 for float64), scale-safe (each vector divided by a power of two above its max
-    |x| first), returned in the input dtype."""
+    caller's, e.g. ``x1.detach()``): x0 . x1 / (max(||x0||, eps) max(||x1||, eps)), scale-safe
+    (each vector divided by a power of two above its max |x| first), returned in the input
+    dtype. The products, norms and the mean are formed in float64 whatever the input dtype:
+    the mean of cosines of unrelated vectors nearly cancels, and float32 sums would carry
+    their rounding into it (an (n, D) elementwise pass; the cost is the inputs' size)."""
     _checks.floating(x0, "x0")
     _checks.floating(x1, "x1")
     if x0.shape != x1.shape:
@@ -524,8 +526,8 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
     eps = _checks.number(eps, "eps", lo=0.0)
     if x0.numel() == 0:
         raise ShapeError(f"x0 must be non-empty, got shape {tuple(x0.shape)}")
-    acc = _ops.acc_dtype(x0)
-    f0, f1 = _ops.pow2_bound(x0, dim), _ops.pow2_bound(x1, dim)
+    acc = torch.float64
+    f0, f1 = _ops.pow2_bound(x0, dim).to(acc), _ops.pow2_bound(x1, dim).to(acc)
     y0, y1 = x0.to(acc) / f0, x1.to(acc) / f1
     n0 = torch.linalg.vector_norm(y0, dim=dim, keepdim=True)
     n1 = torch.linalg.vector_norm(y1, dim=dim, keepdim=True)

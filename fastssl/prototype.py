@@ -234,7 +234,10 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     Each iteration is a pass over the rows (their log-partitions) and a pass over the
     prototypes (their column sums), both tiled (kernels/prototype.py). The first column pass
     uses one shift for every row (the total's normalisation, as SwAV's), so the result is
-    SwAV's: ``sinkhorn(scores, iterations, epsilon)`` row by row.
+    SwAV's: ``sinkhorn(scores, iterations, epsilon)`` row by row. c is defined up to one
+    constant (the row softmax removes it); after each iteration it is centred,
+    max c + min c = 0, so that the log-domain scalings stay as small as the score range
+    allows (one rounding of c is |c| / epsilon roundings of a code).
     """
     from fastssl import distributed
     for x, name in ((features, "features"), (prototypes, "prototypes")):
@@ -255,16 +258,17 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     K = prototypes.shape[0]
     c = torch.zeros(K, dtype=acc, device=features.device)
     n = torch.tensor(float(features.shape[0]), dtype=acc, device=features.device)
-    lse, _ = impl.rows(features, prototypes, None, None, 1.0 / eps)
-    top = lse.amax().reshape(1) if lse.numel() else lse.new_full((1,), -float("inf"))
+    st, _ = impl.rows(features, prototypes, None, None, 1.0 / eps)
+    top = st[:, 0].amax().reshape(1) if st.numel() else st.new_full((1,), -float("inf"))
     if active:
         torch.distributed.all_reduce(n)
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
     if _checks.has_values(n) and (not torch.isfinite(n) or n.item() == 0):
         raise ValueError("sinkhorn_knopp needs at least one row (on some rank)")
-    lse = top.expand_as(lse).to(acc)  # the first pass: one shift, as Q / sum(Q)
+    # the first pass: one shift for every row (the largest product), as Q / sum(Q)
+    st = torch.stack([top.expand(st.shape[0]), torch.zeros_like(st[:, 1])], 1)
     for _ in range(iterations):
-        col = impl.cols(features, prototypes, c, 1.0 / eps, lse,
+        col = impl.cols(features, prototypes, c, 1.0 / eps, st,
                         torch.ones(features.shape[0], 1, dtype=acc, device=features.device))
         col = col[:, 0].to(acc)
         if active:
@@ -273,7 +277,8 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
         # factor for all k (the row softmax removes it). An empty column (every row's
         # exponential underflowed) takes the smallest normal sum: a large boost, not inf.
         c = c + eps * torch.log(col.clamp(min=torch.finfo(acc).tiny) * K)
-        lse = impl.rows(features, prototypes, None, c, 1.0 / eps)[0].to(acc)
+        c = c - (c.amax() + c.amin()) / 2  # the codes do not change
+        st = impl.rows(features, prototypes, None, c, 1.0 / eps)[0]
     return c
 
 def koleo(x, p=2, eps=1e-8):

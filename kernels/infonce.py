@@ -135,10 +135,13 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, MX, LL, EX, PX,
     ll = tl.log2(l_i)
     # The gap mx - sign px is >= 0 and exactly 0 when the positive is the largest logit;
     # a * 0 stays 0 even for an infinite rate.
+    # The loss in natural units, |s| gap + ln2 ll: the large term rounds once (|s| times the
+    # gap), not four times as a base-2 sum scaled back by ln 2 would.
     head = tl.where(pos >= 0, m_i - sign * px, m_i)
     nz = head != 0
-    head = tl.where(nz, a * tl.where(nz, head, 1.0), 0.0)
-    tl.store(LOSS + rows, (head + ll) * 0.6931471805599453, mask=row_ok)
+    abs_s = tl.abs(tl.load(SCALE).to(tl.float32))
+    head = tl.where(nz, abs_s * tl.where(nz, head, 1.0), 0.0)
+    tl.store(LOSS + rows, head + ll * 0.6931471805599453, mask=row_ok)
     tl.store(MX + rows, m_i, mask=row_ok)
     tl.store(LL + rows, ll, mask=row_ok)
     tl.store(EX + rows, e_i / l_i, mask=row_ok)

@@ -3,12 +3,16 @@ matrix is never stored.
 
 Rows X (n x D), prototypes P (K x D), an optional bias c (K,) and a scale s > 0 give
 
-    score_ik = s (x_i . p_k - c_k),        lse_i = log sum_k exp(score_ik)
+    score_ik = s (x_i . p_k - c_k),        lse_i = log sum_k exp(score_ik) = s m_i + l_i
+
+with m_i = max_k (x_i . p_k - c_k) and l_i = log sum_k exp(s (x_i . p_k - c_k - m_i)).
 
 ``rows``  (one program per block of rows, one pass over K; an attention forward):
-          lse_i and, given values U (K x E), out_i = sum_k softmax_k(score_i) u_k
+          the row statistics (m_i, l_i) and, given values U (K x E),
+          out_i = sum_k softmax_k(score_i) u_k
 ``cols``  (one program per block of prototypes, one pass over the rows; attention's dV):
-          given lse (n,) and coefficients Y (n x E), out_k = sum_i exp(score_ik - lse_i) y_i
+          given (m, l) (n x 2) and coefficients Y (n x E),
+          out_k = sum_i exp(s (x_i . p_k - c_k - m_i) - l_i) y_i
 
 The prototype cross-entropy (``fastssl.prototype``) is two ``rows`` calls forward (the
 teacher's target q_j = sum_k p_jk w_k and the student's log-partition with its softmax mean
@@ -16,10 +20,12 @@ m_i = sum_k softmax_ik w_k) and two ``cols`` calls for the prototypes' gradient;
 Knopp's row and column sums are the same passes with the log-scalings as the bias.
 
 Both keep a running maximum of the products x_i . p_k - c_k and multiply only differences
-(<= 0) by the base-2 rate a = s log2(e), so no exponent overflows. lse_i = s m_i + ln l_i
-(m_i the maximum product) rounds once at the scale of the scores, and the ``cols`` pass
-forms s x - lse_i the same way before the base-2 factor (clamped at 0): converting lse to
-base 2 first would round twice more at that scale (1 / tau ~ 100 at sharp temperatures).
+(<= 0) by the base-2 rate a = s log2(e), so no exponent overflows. lse_i itself is never
+formed in float32: at sharp temperatures (s = 1 / tau ~ 100) it is ~100 in magnitude and
+one rounding of it is ~100 roundings of a probability. The ``cols`` pass forms
+s (x - m_i) - l_i instead, whose large part x - m_i is exact near the row maximum (the
+entries that carry the mass): a probability there is as accurate as the softmax's own.
+The callers form lse_i = s m_i + l_i where they need it (the loss value).
 Each program owns its outputs (rows x E chunk, or prototypes x E chunk): no atomics,
 bitwise reproducible. E is tiled in chunks of BE, each chunk recomputing the scores.
 """
@@ -34,7 +40,7 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _rows_kernel(X, P, U, BIAS, LSE, OUT, scale, n, K, D, E,
+def _rows_kernel(X, P, U, BIAS, ST, OUT, scale, n, K, D, E,
                  s_x0, s_x1, s_p0, s_p1, s_u0, s_u1, s_o0, s_o1,
                  HAS_VALS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
@@ -71,15 +77,15 @@ def _rows_kernel(X, P, U, BIAS, LSE, OUT, scale, n, K, D, E,
                              input_precision=PRECISION)
         m_i = m_new
     if pe == 0:
-        lse = scale * m_i + tl.log2(l_i) * 0.6931471805599453  # one rounding at |score|
-        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(ST + 2 * rows, m_i, mask=row_ok)
+        tl.store(ST + 2 * rows + 1, tl.log2(l_i) * 0.6931471805599453, mask=row_ok)
     if HAS_VALS:
         tl.store(OUT + rows[:, None] * s_o0 + ee[None, :] * s_o1, acc / l_i[:, None],
                  mask=row_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
-def _cols_kernel(X, P, BIAS, LSE, Y, OUT, scale, ALPHA, n, K, D, E,
+def _cols_kernel(X, P, BIAS, ST, Y, OUT, scale, ALPHA, n, K, D, E,
                  s_x0, s_x1, s_p0, s_p1, s_y0, s_y1, s_o0, s_o1,
                  HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
@@ -101,10 +107,11 @@ def _cols_kernel(X, P, BIAS, LSE, Y, OUT, scale, ALPHA, n, K, D, E,
                       BN, BM, BK, PRECISION, INTERPRET)
         if HAS_BIAS:
             x -= c[:, None]
-        lse = tl.load(LSE + rows, mask=r_ok, other=0.0)
-        # scale x - lse as the rows pass formed lse (scale m + log l): exact 0 at the row
-        # maximum of a one-prototype row; base 2 only after the difference is small
-        p = tl.exp2(tl.minimum((scale * x - lse[None, :]) * 1.4426950408889634, 0.0))
+        m_r = tl.load(ST + 2 * rows, mask=r_ok, other=0.0)
+        l_r = tl.load(ST + 2 * rows + 1, mask=r_ok, other=0.0)
+        # s (x - m) - l: x - m is exact at the row maximum; base 2 only once it is small
+        p = tl.exp2(tl.minimum((scale * (x - m_r[None, :]) - l_r[None, :])
+                               * 1.4426950408889634, 0.0))
         p = tl.where(k_ok[:, None] & r_ok[None, :], p, 0.0)
         y = tl.load(Y + rows[:, None] * s_y0 + ee[None, :] * s_y1,
                     mask=r_ok[:, None] & e_ok[None, :], other=0.0)
@@ -140,33 +147,34 @@ def _scalar(x):
 
 
 def rows(x, keys, vals, bias, scale):
-    """(lse (n,) float32, out (n, E) float32 or None): see the module docstring. keys and
-    vals are cast to x's dtype (one operand dtype per tile matmul)."""
+    """(stats (n, 2) float32 = [m_i, l_i], out (n, E) float32 or None): see the module
+    docstring. keys and vals are cast to x's dtype (one operand dtype per tile matmul)."""
     n, D = x.shape
     K = keys.shape[0]
     keys = keys.to(x.dtype)
-    lse = torch.empty(n, device=x.device, dtype=torch.float32)
+    st = torch.empty(n, 2, device=x.device, dtype=torch.float32)
     out = None if vals is None else torch.empty(n, vals.shape[1], device=x.device,
                                                 dtype=torch.float32)
     if n == 0:
-        return lse, out
+        return st, out
     cfg = config(x.dtype, D)["rows"]
     E = 1 if vals is None else vals.shape[1]
     u = keys if vals is None else vals.to(x.dtype)
-    o = lse if out is None else out
-    b = lse if bias is None else bias.to(torch.float32).contiguous()
+    o = st if out is None else out
+    b = st if bias is None else bias.to(torch.float32).contiguous()
     grid = (triton.cdiv(n, cfg["BM"]), 1 if vals is None else triton.cdiv(E, cfg["BE"]))
     _rows_kernel[grid](
-        x, keys, u, b, lse, o, _scalar(scale), n, K, D, E, *x.stride(), *keys.stride(),
+        x, keys, u, b, st, o, _scalar(scale), n, K, D, E, *x.stride(), *keys.stride(),
         *u.stride(), *(o.stride() if out is not None else (0, 0)),
         HAS_VALS=vals is not None, HAS_BIAS=bias is not None,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BE=cfg["BE"],
         PRECISION=_precision(x.dtype), INTERPRET=_interpret(), **_launch_opts(cfg))
-    return lse, out
+    return st, out
 
 
-def cols(x, keys, bias, scale, lse, y, out=None, alpha=1.0):
-    """out (K, E) float32 = sum_i exp(score_ik - lse_i) y_i (see the module docstring); with
+def cols(x, keys, bias, scale, st, y, out=None, alpha=1.0):
+    """out (K, E) float32 = sum_i exp(score_ik - lse_i) y_i with the row statistics ``st``
+    (n, 2) of ``rows`` (see the module docstring); with
     ``out`` given (float32, contiguous), out += alpha * that sum, in place.
 
     y is scaled by a power of two into [-1, 1] and cast to x's dtype for the tile matmul
@@ -183,11 +191,12 @@ def cols(x, keys, bias, scale, lse, y, out=None, alpha=1.0):
     ys = pow2_bound(y)
     yy = (y.to(torch.float32) / ys).to(x.dtype)
     cfg = config(x.dtype, D)["cols"]
-    b = lse if bias is None else bias.to(torch.float32).contiguous()
+    st = st.to(torch.float32).contiguous()
+    b = st if bias is None else bias.to(torch.float32).contiguous()
     grid = (triton.cdiv(K, cfg["BN"]), triton.cdiv(E, cfg["BE"]))
     factor = (ys * alpha).float().reshape(1)  # on the device: no host sync
     _cols_kernel[grid](
-        x, keys, b, lse.contiguous(), yy, out, _scalar(scale), factor, n, K, D, E,
+        x, keys, b, st, yy, out, _scalar(scale), factor, n, K, D, E,
         *x.stride(), *keys.stride(), *yy.stride(), *out.stride(),
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BE=cfg["BE"],
@@ -205,14 +214,14 @@ def shipped_configs():
             c = config(dtype, D, interpret=False)
             r, k = c["rows"], c["cols"]
             for has_vals, has_bias in ((True, True), (True, False), (False, True)):
-                sig = {"X": ty, "P": ty, "U": ty, "BIAS": f32, "LSE": f32, "OUT": f32,
+                sig = {"X": ty, "P": ty, "U": ty, "BIAS": f32, "ST": f32, "OUT": f32,
                        "scale": "fp32"}
                 sig.update({a: i32 for a in ints + ("s_u0", "s_u1", "s_o0", "s_o1")})
                 out.append((_rows_kernel, sig, dict(
                     HAS_VALS=has_vals, HAS_BIAS=has_bias, BM=r["BM"], BN=r["BN"], BK=r["BK"],
                     BE=r["BE"], PRECISION="tf32", INTERPRET=False), r))
             for has_bias, accumulate in ((False, False), (True, True), (True, False)):
-                sig = {"X": ty, "P": ty, "BIAS": f32, "LSE": f32, "Y": ty, "OUT": f32,
+                sig = {"X": ty, "P": ty, "BIAS": f32, "ST": f32, "Y": ty, "OUT": f32,
                        "scale": "fp32", "ALPHA": f32}
                 sig.update({a: i32 for a in ints + ("s_y0", "s_y1", "s_o0", "s_o1")})
                 out.append((_cols_kernel, sig, dict(

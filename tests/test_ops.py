@@ -75,10 +75,10 @@ def _prototype_args(device, center=True):
 def test_opcheck_prototype_ce(backend, device, center, need):
     args = _prototype_args(device, center)
     torch.library.opcheck(_ops.prototype_ce.custom, args)
-    _, m, q, lse_s, lse_t = _ops.prototype_ce.custom(*args)
+    _, m, q, st_s, st_t = _ops.prototype_ce.custom(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(_ops.prototype_ce_backward.custom, (
-        *plain, m, q, lse_s, lse_t, torch.tensor(1.5, device=device), *need))
+        *plain, m, q, st_s, st_t, torch.tensor(1.5, device=device), *need))
 
 
 def _z(device, n=6, D=5, seed=2):

@@ -347,35 +347,40 @@ SHAPES = {"barlow_twins": dict(min_rows=3), "vicreg": dict(min_rows=2),
                                                    "proto dino sinkhorn",
                                                    "proto rows softmax")}}
 # Known shortfalls, measured with this sweep (worst case: fastssl vs eager error against
-# float64).
+# float64). Each is a property of the factored form, which never holds a (rows x K) matrix:
+# - the student gradient (a_i m_i - r_i) / tau_s and the prototype gradient
+#   cols(student) - cols(teacher) subtract two softmax averages after the sum over K, where
+#   the eager code subtracts probabilities entry by entry first; with K = 2 prototypes and
+#   tau_t = 0.01 both averages are nearly one prototype and cancel;
+# - the Sinkhorn scalings are kept in the log domain, c / eps with |c| ~ the score range:
+#   at eps = 0.01 one float32 rounding of c is ~100 roundings of a code, where the eager
+#   code's multiplicative scalings round relatively;
+# - SigLIP's Triton path takes exp(-|z|) as 2^(-|z| log2 e): the product rounds at |z|
+#   (up to ~40 at scale 25), so the scale gradient carries ~|z| roundings.
 OPEN = {
-    ("clip", "torch"): "scale gradient sum_i (E_i[x] - x_ii): 1.3e-6 vs 9.4e-8",
-    ("clip", "triton"): "scale gradient sum_i (E_i[x] - x_ii): 1.7e-6 vs 9.4e-8",
+    ("proto dino softmax", "torch"): "n = 1, K = 2, tau_t 0.01: student gradient 7.2e-7 vs "
+                                     "1.0e-7, prototype gradient 5.8e-7 vs 1.2e-7",
+    ("proto dino softmax", "triton"): "as torch; K = 130, 65 rows: prototype gradient 2.0e-6 "
+                                      "vs 5.5e-7",
+    ("proto rows softmax", "triton"): "K = 130, 65 rows, tau_t 0.01: prototype gradient "
+                                      "2.0e-6 vs 5.7e-7",
+    ("proto dino sinkhorn", "torch"): "Sinkhorn scalings at eps 0.01: gradients 2.0e-6 vs "
+                                      "8.2e-7; n = 1, K = 2: value 1.2e-6 vs 3.4e-7",
+    ("proto dino sinkhorn", "triton"): "as torch: 1.8e-6 vs 5.8e-7",
+    ("sinkhorn_knopp", "torch"): "codes from the scalings at eps 0.01: 2.7e-6 vs 6.8e-7",
+    ("sinkhorn_knopp", "triton"): "codes from the scalings at eps 0.01: 2.1e-6 vs 6.9e-7",
     ("siglip", "triton"): "scale gradient 5.6e-7 vs 1.8e-8; D = 1: image gradient 3.6e-7 "
                           "vs 4.0e-8",
-    ("vicreg", "torch"): "D = 1, 65 rows: value and gradient 8e-7 vs 8e-8",
-    ("vicreg", "triton"): "D = 1, 65 rows: value and gradient 8e-7 vs 8e-8",
-    ("negative_cosine", "torch"): "inputs of norm ~100: value 3.6e-7 vs 6e-8",
-    ("proto dino softmax", "torch"): "K = 2, tau_t 0.01: prototype gradient 3.2e-6 vs 1.2e-7",
-    ("proto rows softmax", "torch"): "K = 1000, tau_t 0.01: prototype gradient 2.5e-6 vs 1.1e-6",
-    ("proto dino sinkhorn", "torch"): "Sinkhorn scalings: gradients 3.9e-6 vs 7.5e-7",
-    ("proto dino sinkhorn", "triton"): "Sinkhorn scalings: gradients 2.5e-6 vs 3.8e-7",
-    ("sinkhorn_knopp", "torch"): "codes from the scalings: 3.2e-6 vs 2.9e-7",
-    ("sinkhorn_knopp", "triton"): "codes from the scalings: 3.5e-6 vs 2.9e-7",
-    ("proto dino softmax", "triton"): "tau_t 0.01: prototype gradient 2.0e-6 vs 7.1e-7",
-    ("proto rows softmax", "triton"): "tau_t 0.01: prototype gradient 2.1e-6 vs 7.1e-7",
-    ("info_nce+negatives", "triton"): "tau 0.01: key gradient 1.1e-6 vs 4.2e-7",
-    ("NTXentLoss+bank", "triton"): "1 row: value 1.4e-6 vs 2.8e-7 (log-add-exp of the "
-                                   "positive and the negatives' log-partition)",
 }
 BF16 = ["nt_xent", "clip", "proto dino softmax", "DINOLoss"]
 
 
 # The (family, path) pairs above are not yet within 2x of the eager error + 4 roundings at
-# every case of the sweep; each is held to 2x + OPEN_FLOOR instead (128 float32 roundings,
-# 7.6e-6 relative: above the worst error listed, ~4e-6, so the case still fails on any
-# regression beyond it). The target stays the 2x + FLOOR bound of every other family.
-OPEN_FLOOR = 128 * U[torch.float32]
+# every case of the sweep; each is held to 2x + OPEN_FLOOR instead (32 float32 roundings,
+# 1.9e-6 relative: the worst excess over 2x the eager error measured is 22.5 roundings, so
+# the case still fails on any regression beyond it). The target stays the 2x + FLOOR bound
+# of every other family.
+OPEN_FLOOR = 32 * U[torch.float32]
 
 
 def _floor(family, backend):

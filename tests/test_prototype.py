@@ -325,23 +325,25 @@ def test_rows_and_cols_passes_match_float64(backend, n, K, D, E, dtype, bias):
     Y = torch.randn(n, E, generator=g)
     scale = 7.0
     impl = _dispatch.implementation("prototype", x)[1]
-    lse, out = impl.rows(x, P, U, c, scale)
+    st, out = impl.rows(x, P, U, c, scale)
     S = (x.double() @ P.double().T - (0 if c is None else c.double())) * scale
     ref_lse = torch.logsumexp(S, 1)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    # the statistics: the largest product m_i and l_i, lse_i = scale m_i + l_i
+    torch.testing.assert_close(st[:, 0].double(), S.amax(1) / scale, **tol)
+    torch.testing.assert_close(scale * st[:, 0].double() + st[:, 1].double(), ref_lse, **tol)
     torch.testing.assert_close(out.double(), torch.softmax(S, 1) @ U.double(), **tol)
-    lse_only, none = impl.rows(x, P, None, c, scale)
-    assert none is None and torch.equal(lse_only, lse)
-    cols = impl.cols(x, P, c, scale, lse, Y)
-    want = torch.exp(S - lse.double()[:, None]).T @ Y.to(dtype).double()
+    st_only, none = impl.rows(x, P, None, c, scale)
+    assert none is None and torch.equal(st_only, st)
+    cols = impl.cols(x, P, c, scale, st, Y)
+    want = torch.exp(S - ref_lse[:, None]).T @ Y.to(dtype).double()
     # Y is rounded to the operand dtype in the tile matmul: compare against that rounding,
     # relative to the norm (the sums cancel).
     rel = 1e-5 if dtype == torch.float32 else 3e-3
     assert (cols.double() - want).norm() <= rel * want.norm()
     # accumulating into a given float32 buffer: out += alpha * sum
     base = torch.linspace(-1, 1, K * E).reshape(K, E)
-    acc = impl.cols(x, P, c, scale, lse, Y, out=base.clone(), alpha=-0.5)
+    acc = impl.cols(x, P, c, scale, st, Y, out=base.clone(), alpha=-0.5)
     assert (acc.double() - (base.double() - 0.5 * want)).norm() <= rel * want.norm() + 1e-6
 
 
