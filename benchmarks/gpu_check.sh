@@ -48,7 +48,7 @@ timeout 90 python3 -m fastssl.cli pretrain --method simclr --max-steps 300 --no-
   --out "$out/runs" 2>&1 | tail -n 14 | tee -a "$out/bench.log"
 fi
 if [ "$stage" != tests ]; then
-for op in infonce clip siglip maxbatch barlow vicreg ema augment dino ibot; do
+for op in infonce clip siglip maxbatch barlow vicreg ema augment dino ibot mae; do
   case "$op" in infonce) limit=120 ;; clip|siglip|maxbatch|dino|ibot) limit=45 ;; *) limit=30 ;; esac
   echo "== fastssl bench $op (at most ${limit} s; results are saved row by row)"
   timeout "$limit" python3 -m fastssl.cli bench "$op" --out "$out" 2>&1 | tee -a "$out/bench.log"

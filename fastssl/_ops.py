@@ -448,3 +448,75 @@ prototype_ce = _Op("fastssl::prototype_ce", _prototype_ce, _prototype_ce_fake,
 prototype_ce_backward = _Op("fastssl::prototype_ce_backward", _prototype_ce_backward_impl,
                             _prototype_ce_backward_fake)
 
+
+# ----------------------------------------------------------------------------- masked patches
+
+def _masked_impl(*tensors):
+    return _dispatch.implementation("masked", *tensors)[1]
+
+
+def _masked_patch(pred: Tensor, images: Tensor, weight: Tensor, prow: Tensor, patch: int,
+                  norm_pix: bool, loss: str, beta: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-patch losses ell (R,) and target statistics (R, 2) (kernels/masked.py)."""
+    return _masked_impl(pred, weight).forward(pred, images, weight, prow, patch, norm_pix,
+                                              loss, beta, eps)
+
+
+def _masked_patch_fake(pred, images, weight, prow, patch, norm_pix, loss, beta, eps):
+    acc = acc_dtype(pred)
+    return (pred.new_empty(weight.shape[0], dtype=acc),
+            pred.new_empty(weight.shape[0], 2, dtype=acc))
+
+
+def _masked_patch_backward_impl(pred: Tensor, images: Tensor, weight: Tensor, prow: Tensor,
+                                patch: int, norm_pix: bool, loss: str, beta: float,
+                                stats: Tensor, coef: Tensor) -> Tensor:
+    return _masked_impl(pred, weight).backward(pred, images, weight, prow, patch, norm_pix,
+                                               loss, beta, stats, coef)
+
+
+def _masked_patch_backward_fake(pred, images, weight, prow, patch, norm_pix, loss, beta,
+                                stats, coef):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _masked_patch_setup(ctx, inputs, output):
+    pred, images, weight, prow, patch, norm_pix, loss, beta, eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(pred, images, weight, prow, output[1])
+    ctx.args = (patch, norm_pix, loss, beta)
+
+
+def _masked_patch_eager_forward(ctx, pred, images, weight, prow, patch, norm_pix, loss, beta,
+                                eps):
+    """Eager forward: the portable path keeps d ell / d pred (pred-shaped, float32 or
+    float64 pred) for the backward, which then only scales it; a second backward through
+    the same graph recomputes."""
+    name, impl = _dispatch.implementation("masked", pred, weight)
+    args = (pred, images, weight, prow, patch, norm_pix, loss, beta, eps)
+    ctx.kept = None
+    if name == "torch" and pred.requires_grad and pred.dtype in (torch.float32, torch.float64):
+        ell, stats, ctx.kept = impl.forward(*args, keep=True)
+        ctx.kept_by = impl
+    else:
+        ell, stats = impl.forward(*args)
+    _masked_patch_setup(ctx, args, (ell, stats))
+    return ell, stats
+
+
+def _masked_patch_grad(ctx, grad_ell, grad_stats):
+    pred, images, weight, prow, stats = ctx.saved_tensors
+    d = None
+    kept, ctx.kept = getattr(ctx, "kept", None), None  # the buffer serves one backward
+    if ctx.needs_input_grad[0] and kept is not None:
+        d = ctx.kept_by.backward_kept(kept, weight, prow, grad_ell).to(pred.dtype)
+    elif ctx.needs_input_grad[0]:
+        d = masked_patch_backward(pred, images, weight, prow, *ctx.args, stats,
+                                  grad_ell.contiguous())
+    return (d,) + (None,) * 8
+
+
+masked_patch = _Op("fastssl::masked_patch", _masked_patch, _masked_patch_fake,
+                   _masked_patch_setup, _masked_patch_grad, _masked_patch_eager_forward)
+masked_patch_backward = _Op("fastssl::masked_patch_backward", _masked_patch_backward_impl,
+                            _masked_patch_backward_fake)

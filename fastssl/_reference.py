@@ -348,9 +348,109 @@ def prototype_cols(x, keys, bias, scale, st, y, out=None, alpha=1.0, block=None)
     return out
 
 
+# ----------------------------------------------------------------------------- masked patches
+
+def _patch_rows(images, p, idx):
+    """The target patches of flattened patch indices ``idx`` (n L + l), (len(idx), P) in
+    MAE's order (py, px, c): gathered from a strided view, no patchified copy of the batch."""
+    N, C, H, W = images.shape
+    Wp = W // p
+    view = images.view(N, C, H // p, p, Wp, p).permute(0, 2, 4, 3, 5, 1)
+    L = (H // p) * Wp
+    n, l = idx // L, idx % L
+    return view[n, l // Wp, l % Wp].reshape(idx.shape[0], -1)
+
+
+def _elem_(d, loss, beta):
+    """(elementwise loss, its derivative) of d, the loss formed in place in d's storage
+    where it can be (the derivative is a second tensor only where it is asked for)."""
+    if loss == "mse":
+        return d.square(), d.mul(2)
+    if loss == "l1":
+        return d.abs(), torch.sign(d)
+    small = d.abs() < beta
+    return (torch.where(small, 0.5 * d * d / beta, d.abs() - 0.5 * beta),
+            torch.where(small, d / beta, torch.sign(d)))
+
+
+def _masked_chunks(weight, prow, P):
+    """Chunks of the weighted patches that a pred row predicts: about 2^18 values each."""
+    live = ((weight != 0) & (prow >= 0)).nonzero().flatten()
+    chunk = max(1, 2 ** 18 // P)
+    for i0 in range(0, live.numel(), chunk):
+        yield live[i0:i0 + chunk]
+
+
+def _residual(pred, images, p, idx, prow, mu, rstd):
+    """pred rows minus the normalised targets of patches ``idx``, in the arithmetic dtype."""
+    acc = _acc(pred)
+    t = _patch_rows(images, p, idx).to(acc)
+    if mu is not None:
+        t.sub_(mu[:, None]).mul_(rstd[:, None])
+    return pred[prow[idx]].to(acc).sub_(t)
+
+
+def masked_patch_forward(pred, images, weight, prow, p, norm_pix, loss, beta, eps, keep=False):
+    """kernels/masked.py's ``forward``, in chunks of masked patches. With ``keep`` it also
+    returns d ell_r / d pred for every pred row (a pred-shaped buffer, zero where no weighted
+    patch is predicted): the backward then only scales it, instead of reading the images
+    again."""
+    R, P = weight.shape[0], pred.shape[1]
+    acc = _acc(pred)
+    kept = torch.zeros_like(pred, dtype=acc, memory_format=torch.contiguous_format) \
+        if keep else None
+    ell = torch.zeros(R, dtype=acc, device=pred.device)
+    st = torch.zeros(R, 2, dtype=acc, device=pred.device)
+    st[:, 1] = 1.0
+    for idx in _masked_chunks(weight, prow, P):
+        mu = rstd = None
+        if norm_pix:
+            t = _patch_rows(images, p, idx).to(acc)
+            mu = t.mean(1)
+            rstd = torch.rsqrt(t.sub_(mu[:, None]).square_().sum(1).div_(P - 1).add_(eps))
+            del t
+            st[idx, 0], st[idx, 1] = mu, rstd
+        d = _residual(pred, images, p, idx, prow, mu, rstd)
+        if keep:
+            e, g = _elem_(d, loss, beta)
+            ell[idx] = e.mean(1)
+            kept[prow[idx]] = g.div_(P)
+        elif loss == "mse":
+            ell[idx] = d.square_().mean(1)
+        else:
+            ell[idx] = _elem_(d, loss, beta)[0].mean(1)
+    return (ell, st, kept) if keep else (ell, st)
+
+
+def masked_patch_backward_kept(kept, weight, prow, coef):
+    """The gradient from ``masked_patch_forward(..., keep=True)``'s buffer, scaled in place
+    by each row's coefficient (the buffer becomes the gradient)."""
+    live = (weight != 0) & (prow >= 0)
+    scale = torch.zeros(kept.shape[0], dtype=kept.dtype, device=kept.device)
+    scale[prow[live]] = coef[live].to(kept.dtype)
+    return kept.mul_(scale[:, None])
+
+
+def masked_patch_backward(pred, images, weight, prow, p, norm_pix, loss, beta, stats, coef):
+    """kernels/masked.py's ``backward``: the targets recomputed from ``stats``."""
+    acc = _acc(pred)
+    P = pred.shape[1]
+    d = torch.zeros_like(pred, memory_format=torch.contiguous_format)
+    for idx in _masked_chunks(weight, prow, P):
+        mu = stats[idx, 0].to(acc) if norm_pix else None
+        rstd = stats[idx, 1].to(acc) if norm_pix else None
+        r = _residual(pred, images, p, idx, prow, mu, rstd)
+        scale = (coef[idx].to(acc) / P)[:, None]
+        g = r.mul_(2 * scale) if loss == "mse" else _elem_(r, loss, beta)[1].mul_(scale)
+        d[prow[idx]] = g.to(d.dtype)
+    return d
+
+
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
 barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardize=standardize,
                          standardize_backward=standardize_backward)
 siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward,
                          backward_kept=siglip_backward_kept, KEEP_PAIRS=KEEP_PAIRS)
 prototype = SimpleNamespace(rows=prototype_rows, cols=prototype_cols)
+masked = SimpleNamespace(forward=masked_patch_forward, backward=masked_patch_backward,
+                         backward_kept=masked_patch_backward_kept)

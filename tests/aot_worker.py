@@ -18,10 +18,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastssl.kernels import augment, barlow, infonce, prototype, siglip  # noqa: E402
+from fastssl.kernels import augment, barlow, infonce, masked, prototype, siglip  # noqa: E402
 
 FAMILIES = {"infonce": infonce, "siglip": siglip, "barlow": barlow, "augment": augment,
-            "prototype": prototype}
+            "prototype": prototype, "masked": masked}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
              if os.path.exists(os.path.join(BIN, p)))
@@ -33,6 +33,8 @@ def config_id(family, cfg):
     flags += "".join(f"-{k}{int(v)}" for k, v in ce.items() if k in ("PHASE", "EN_H"))
     blocks = "-".join(f"{k}{v}" for k, v in ce.items() if k.startswith("B"))
     dtype = next(iter(sig.values()))[1:]  # the first pointer is the embeddings'
+    if "IMG" in sig:  # the masked-patch kernels: one per image pointer too
+        dtype += "-img" + sig["IMG"][1:]
     return f"{family}.{fn.__name__}-{dtype}-{blocks}-{flags}"
 
 

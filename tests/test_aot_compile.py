@@ -50,4 +50,5 @@ def test_both_architectures_and_every_kernel(compiled):
                            "barlow._standardize_kernel", "barlow._standardize_bwd_kernel",
                            "augment._colour_kernel", "augment._blur_rows_kernel",
                            "augment._blur_cols_kernel", "augment._resize_kernel",
-                           "prototype._rows_kernel", "prototype._cols_kernel"}
+                           "prototype._rows_kernel", "prototype._cols_kernel",
+                           "masked._fwd_kernel", "masked._bwd_kernel"}

@@ -75,13 +75,18 @@ def test_max_batch_search_doubles_then_bisects():
     assert size == 4096 and "cap" in why
 
 
-def test_bench_siglip_quick_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "siglip", "--quick",
-                          "--sizes", "256", "--dims", "32", "--out", str(tmp_path)],
+def _quick_bench_rows(tmp_path, op, size, dim):
+    """The rows of ``fastssl bench op --quick`` at one size and width, run as a user would."""
+    out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", op, "--quick",
+                          "--sizes", str(size), "--dims", str(dim), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    (path,) = tmp_path.glob("*-siglip.json")
-    rows = json.loads(path.read_text())["rows"]
+    (path,) = tmp_path.glob(f"*-{op}.json")
+    return json.loads(path.read_text())["rows"]
+
+
+def test_bench_siglip_quick_on_cpu(tmp_path):
+    rows = _quick_bench_rows(tmp_path, "siglip", 256, 32)
     assert rows and all("error" not in r and r["fwd_bwd_ms"] > 0 for r in rows)
 
 
@@ -141,3 +146,15 @@ def test_bench_dino_quick_on_cpu(tmp_path):
     assert set(result["max_rows"]) == {"fastssl", "eager"}
     assert all(r["max_rows"] > 0 for r in result["max_rows"].values())
     assert "largest rows" in (tmp_path / path.name.replace(".json", ".md")).read_text()
+
+
+def test_bench_mae_quick_on_cpu(tmp_path):
+    """The masked-patch loss bench end to end on small images: fastssl, MAE's eager loss and
+    its torch.compile, each with a time and a peak; a side that 16-px patches do not tile is
+    refused before anything runs."""
+    rows = _quick_bench_rows(tmp_path, "mae", 2, 32)
+    assert {r["impl"] for r in rows} == {"fastssl (portable)", "eager", "torch.compile"}
+    assert all("error" not in r and r["fwd_bwd_ms"] > 0 and "peak_extra_mib" in r for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "mae", "--dims", "30"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "multiple of 16" in bad.stderr

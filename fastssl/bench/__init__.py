@@ -9,7 +9,8 @@ Ops: ``infonce`` (NT-Xent; size = 2N), ``siglip`` (sigmoid loss; size = n pairs)
 ``maxbatch`` (largest NT-Xent batch whose forward+backward completes), ``barlow`` and
 ``vicreg`` (cross-correlation losses; size = N), ``ema`` (momentum-encoder updates of
 ResNet-50 / ViT-B/16 parameter lists), ``augment`` (the BYOL recipe, views per second),
-``dino`` and ``ibot`` (prototype heads at K = 65,536; size = student rows).
+``dino`` and ``ibot`` (prototype heads at K = 65,536; size = student rows), ``mae`` (MAE's
+norm-pix masked-patch loss, 16-px patches, ratio 0.75; size = N images, --dims = side).
 
 The parts:
 

@@ -141,20 +141,66 @@ def fastssl_ibot(s, W):
                                            weights=ibot_weights(s.shape[0], s.device))
 
 
+MAE_PATCH, MAE_RATIO = 16, 0.75
+_MASKS = {}
+
+
+def mae_mask(N, L, device):
+    """MAE's random mask (1 = removed, ratio 0.75, exactly int(L * 0.25) kept per image),
+    drawn once per shape from a fixed seed (at the untimed warm-up call)."""
+    key = (N, L, str(device))
+    if key not in _MASKS:
+        _MASKS.clear()
+        g = torch.Generator(device=device).manual_seed(N + L)
+        noise = torch.rand(N, L, device=device, generator=g)
+        keep = int(L * (1 - MAE_RATIO))
+        ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+        _MASKS[key] = (ranks >= keep).float()
+    return _MASKS[key]
+
+
+def eager_mae(pred, imgs):
+    """MAE's ``forward_loss`` as its reference code writes it: patchify (a copy), the
+    norm-pix target, the squared error of every patch, the mask product."""
+    N, C, H, W = imgs.shape
+    p = MAE_PATCH
+    h, w = H // p, W // p
+    x = imgs.reshape(N, C, h, p, w, p)
+    target = torch.einsum("nchpwq->nhwpqc", x).reshape(N, h * w, p * p * C)
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    target = (target - mean) / (var + 1.e-6) ** .5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    mask = mae_mask(N, h * w, pred.device)
+    return (loss * mask).sum() / mask.sum()
+
+
+def fastssl_mae(pred, imgs):
+    from fastssl.masking import masked_patch_loss
+    N, L = pred.shape[:2]
+    return masked_patch_loss(pred, imgs, mae_mask(N, L, pred.device), MAE_PATCH)
+
+
 IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
          "clip": {"fastssl": fastssl_clip, "eager": eager_clip},
          "dino": {"fastssl": fastssl_dino, "eager": eager_dino},
          "ibot": {"fastssl": fastssl_ibot, "eager": eager_ibot},
          "siglip": {"fastssl": fastssl_siglip, "eager": eager_siglip},
          "barlow": {"fastssl": fastssl.barlow_twins, "eager": eager_barlow},
-         "vicreg": {"fastssl": fastssl.vicreg, "eager": eager_vicreg}}
+         "vicreg": {"fastssl": fastssl.vicreg, "eager": eager_vicreg},
+         "mae": {"fastssl": fastssl_mae, "eager": eager_mae}}
 
 
 def make_inputs(op, size, D, dtype, device, seed=0):
     """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's and CLIP's
-    is n pairs (CLIP's unit rows, as its models produce them)."""
+    is n pairs (CLIP's unit rows, as its models produce them); MAE's is N images of side D
+    (predictions for every 16-px patch, and the images)."""
     rows = size // 2 if op == "infonce" else size
     g = torch.Generator(device=device).manual_seed(seed + size + D)
+    if op == "mae":  # size N images of side D: the decoder's predictions and the images
+        L, P = (D // MAE_PATCH) ** 2, MAE_PATCH * MAE_PATCH * 3
+        return [torch.randn(size, L, P, device=device, generator=g).to(dtype).requires_grad_(),
+                torch.randn(size, 3, D, D, device=device, generator=g).to(dtype)]
     if op == "clip":
         return [torch.nn.functional.normalize(torch.randn(
             rows, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
@@ -175,6 +221,8 @@ def model_flops(op, size, D):
         return 6 * size * D * D
     if op == "vicreg":
         return 12 * size * D * D
+    if op == "mae":  # elementwise: ~10 operations per predicted value (no matmul)
+        return 10 * size * D * D * 3
     if op in ("dino", "ibot"):  # student and teacher scores, dS, dW: rows x K x D each
         teacher = size * DINO_CROPS[1] // DINO_CROPS[0] if op == "dino" else size
         return 2 * (3 * size + teacher) * PROTOTYPES * D

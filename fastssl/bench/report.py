@@ -21,7 +21,7 @@ def markdown(result):
     env = result["environment"]
     cpu = result["cpu"]
     size_name = {"infonce": "2N", "clip": "n", "siglip": "n", "barlow": "N",
-                 "vicreg": "N"}.get(result["op"], "size")
+                 "vicreg": "N", "mae": "N"}.get(result["op"], "size")
     lines = [f"### {result['op']} on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
              f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]

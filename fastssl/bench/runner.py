@@ -14,11 +14,11 @@ from .report import markdown, plot, slug, summary
 from .timing import bench_cpu, bench_gpu
 
 OPS = ("infonce", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment", "dino",
-       "ibot")
+       "ibot", "mae")
 # The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
 # samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
 MIN_SIZE = {"infonce": 2, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2, "augment": 1,
-            "dino": formulations.DINO_CROPS[0], "ibot": 1}
+            "dino": formulations.DINO_CROPS[0], "ibot": 1, "mae": 1}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -46,6 +46,11 @@ def check_args(op, sizes=None, dims=None, dtypes=None):
                 else f"a multiple of {formulations.DINO_CROPS[0]} (student crops x images)" \
                 if o == "dino" else f">= {low}"
             raise ValueError(f"--sizes for {o} must be {need}, got {small[0]}")
+    if "mae" in ops and dims:
+        bad = [d for d in dims if d % formulations.MAE_PATCH]
+        if bad:
+            raise ValueError(f"--dims for mae (the image side) must be a multiple of "
+                             f"{formulations.MAE_PATCH}, got {bad[0]}")
     unknown = [d for d in dtypes or [] if d not in DTYPES]
     if unknown:
         raise ValueError(f"--dtypes takes {', '.join(DTYPES)}, got {unknown[0]!r}")
@@ -107,6 +112,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         elif op in ("dino", "ibot"):
             sizes = sizes or ([2560] if quick else [640, 2560, 8192, 16384])
             dims = dims or [256]
+        elif op == "mae":
+            sizes = sizes or ([256] if quick else [64, 256, 1024])
+            dims = dims or [224]
         else:
             sizes = sizes or ([256] if quick else [256, 2048])
             dims = dims or ([2048] if quick else [2048, 8192])
@@ -120,6 +128,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         elif op in ("dino", "ibot"):
             sizes = sizes or ([320] if quick else [640, 1280, 2560])
             dims = dims or [256]
+        elif op == "mae":
+            sizes = sizes or ([32] if quick else [64, 256])
+            dims = dims or [224]
         else:
             sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
             dims = dims or ([64] if op == "infonce" else [256])

@@ -14,7 +14,7 @@ from fastssl import augment as A
 from fastssl.optim import LARS
 from fastssl.pretrain import checkpoint
 from fastssl.pretrain.data import BatchOrder, collate, open_data, split
-from fastssl.pretrain.methods import METHODS, build, views_for
+from fastssl.pretrain.methods import MASKED, METHODS, build, views_for
 from fastssl.pretrain.models import encoder as build_encoder
 from fastssl.pretrain.models import sync_batchnorm
 
@@ -22,7 +22,7 @@ from fastssl.pretrain.models import sync_batchnorm
 # also run a momentum encoder on both views, so they get fewer epochs). On --data without
 # --epochs, enough epochs for about FOLDER_STEPS optimiser steps.
 EPOCHS = {"simclr": 100, "moco": 80, "byol": 80, "simsiam": 100, "barlow": 100, "vicreg": 100,
-          "dino": 60, "swav": 50}
+          "dino": 60, "swav": 50, "mae": 100}
 FOLDER_STEPS = 1000
 SHORT_RUN = 500  # fewer optimiser steps than this: warn that the run is too short to learn
 LR = {"adamw": 4e-3, "lars": 0.3}  # per 256 images of the global batch (linear scaling)
@@ -41,7 +41,7 @@ def settings(method, given):
     """The run's settings: the defaults, the method's, and the caller's (not None)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    cfg = dict(DEFAULTS, method=method)
+    cfg = dict(DEFAULTS, method=method, arch="vit" if method in MASKED else DEFAULTS["arch"])
     cfg.update({k: v for k, v in given.items() if v is not None})
     digits = cfg.get("data") is None
     cfg["data"] = cfg.get("data")
@@ -269,8 +269,10 @@ class _Loop:
             views = [v.double() for v in views]
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(step, plan.total, plan.warmup, plan.base_lr)
+        extra = self.model.sample(self.gen, ctx.rank * plan.b, (ctx.rank + 1) * plan.b,
+                                  plan.B, ctx.device)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.net(views)
+            loss = self.net(views) if extra is None else self.net(views, extra)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

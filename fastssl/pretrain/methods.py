@@ -1,4 +1,4 @@
-"""The eight SSL methods, each written with fastssl's public pieces only.
+"""The nine SSL methods, each written with fastssl's public pieces only.
 
 =========  ==========================================================================
 method     objective
@@ -17,11 +17,17 @@ dino       multi-crop self-distillation: ``PrototypeCrossEntropy`` of every stud
 swav       multi-crop swapped prediction: each crop predicts the Sinkhorn-Knopp codes of
            the other global crops (``prototype_cross_entropy(teacher_target="sinkhorn")``,
            column sums all-reduced under DDP)
+mae        masked autoencoder on a ViT (``--arch vit``): 75% of the patches removed per
+           image, the encoder on the rest, a light decoder predicting every patch,
+           ``masking.masked_patch_loss`` (norm-pix MSE) on the removed ones
 =========  ==========================================================================
 
 ``forward(views)`` is the loss (so DistributedDataParallel wraps the method);
-``after_step(step, total)`` updates teachers and queues after the optimiser step. With
-``distributed=True`` every loss is the one over the global batch.
+``after_step(step, total)`` updates teachers and queues after the optimiser step. A method
+that draws its own randomness (MAE's masks) draws it in ``sample(generator, lo, hi, rows)``
+for the whole global batch of ``rows`` images and keeps this rank's rows [lo, hi), so the
+draw does not depend on the number of ranks; the loop then calls ``forward(views, sample)``.
+With ``distributed=True`` every loss is the one over the global batch.
 """
 import torch
 import torch.nn.functional as tF
@@ -31,13 +37,17 @@ import fastssl
 from fastssl import augment as A
 from fastssl.pretrain.models import mlp
 
-METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav")
+METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae")
 MULTI_CROP = ("dino", "swav")
+MASKED = ("mae",)  # masked image modelling: one view, a ViT encoder by default
 
 
 class Method(nn.Module):
     def after_step(self, step, total):
         pass
+
+    def sample(self, generator, lo, hi, rows, device):
+        return None
 
     def trainable(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -229,10 +239,34 @@ class SwAV(Method):
             gather_distributed=True)
 
 
+class MAE(Method):
+    """MAE: ``fastssl.pretrain.vit.MAE`` (a 2-block decoder of width 64) on one view; the
+    masks (ratio 0.75) come from ``sample``."""
+
+    def __init__(self, encoder, mask_ratio=0.75, distributed=False):
+        super().__init__()
+        from fastssl.pretrain.vit import MAE as Model, ViT
+        if not isinstance(encoder, ViT):
+            raise ValueError("--method mae needs --arch vit (fastssl's ViT: the encoder runs "
+                             f"on the kept patches only), got a {type(encoder).__name__}")
+        self.encoder = encoder
+        self.model = Model(encoder, decoder_dim=64, decoder_depth=2, decoder_heads=4,
+                           mask_ratio=mask_ratio)
+
+    def sample(self, generator, lo, hi, rows, device):
+        ids_keep, mask, ids_restore = fastssl.masking.random_masking(
+            (rows, self.encoder.num_patches), self.model.mask_ratio, device=device,
+            generator=generator)
+        return ids_keep[lo:hi], mask[lo:hi], ids_restore[lo:hi]
+
+    def forward(self, views, masks):
+        return self.model(views[0], masks=masks)
+
+
 def build(method, encoder, distributed=False):
     return {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam,
             "barlow": Barlow, "vicreg": VICReg, "dino": DINO,
-            "swav": SwAV}[method](encoder, distributed=distributed)
+            "swav": SwAV, "mae": MAE}[method](encoder, distributed=distributed)
 
 
 def views_for(method, size, scale, flip_p, n_local=4, **kw):
@@ -244,6 +278,11 @@ def views_for(method, size, scale, flip_p, n_local=4, **kw):
         return A.SimCLRAugment(**kw)
     if method in ("moco", "simsiam"):
         return A.MoCoV2Augment(**kw)
+    if method in MASKED:  # MAE's views: a crop and a flip, no colour
+        out = {k: v for k, v in kw.items() if k not in ("size", "scale", "flip_p")}
+        return A.MultiView([A.Augment(A.RandomResizedCrop(size, scale=scale),
+                                      A.RandomHorizontalFlip(flip_p), A.Normalize(), **out)],
+                           "MAEAugment")
     if method in MULTI_CROP:
         kw.pop("size")
         g_scale = kw.pop("scale")

@@ -1,5 +1,5 @@
-"""Encoders (the small ResNet, torchvision and timm models by name), projection MLPs, and
-BatchNorm synchronised across ranks."""
+"""Encoders (the small ResNet, fastssl's ViT, torchvision and timm models by name),
+projection MLPs, and BatchNorm synchronised across ranks."""
 import torch
 import torch.nn.functional as tF
 from torch import nn
@@ -66,11 +66,29 @@ def _strip_classifier(model):
     raise ValueError(f"cannot find the classifier of {type(model).__name__} to remove")
 
 
+def vit_patch(size):
+    """The ViT patch side for views of side ``size``: 4 px below 64 (the digits' 16-px views
+    are a 4 x 4 grid), else 16 px (MAE's)."""
+    return 4 if size < 64 else 16
+
+
 def encoder(arch, width=32, size=None):
-    """``"small"`` (SmallResNet(width)), a torchvision model name (resnet18, resnet50,
-    vit_b_16, ...) or a timm model name (vit_small_patch16_224, ...), randomly initialised."""
+    """``"small"`` (SmallResNet(width)), ``"vit"`` (fastssl's ViT: 4 * width channels, 6
+    blocks of 4 heads, patches of ``vit_patch(size)``, a class token), a torchvision model
+    name (resnet18, resnet50, vit_b_16, ...) or a timm model name (vit_small_patch16_224,
+    ...), randomly initialised."""
     if arch == "small":
         return SmallResNet(width)
+    if arch == "vit":
+        from fastssl.pretrain.vit import ViT
+        size = size or 32
+        if size % vit_patch(size):
+            raise ValueError(f"--arch vit needs a view side divisible by its patch "
+                             f"({vit_patch(size)} px), got --size {size}")
+        # no mask token: methods that do not use one would leave it without a gradient,
+        # which DistributedDataParallel refuses
+        return ViT(img_size=size, patch_size=vit_patch(size), dim=4 * width, depth=6, heads=4,
+                   mask_token=False)
     found = []
     try:
         import torchvision
