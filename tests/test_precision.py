@@ -355,9 +355,11 @@ SHAPES = {"barlow_twins": dict(min_rows=3), "vicreg": dict(min_rows=2),
 # - the Sinkhorn scalings are kept in the log domain, c / eps with |c| ~ the score range:
 #   at eps = 0.01 one float32 rounding of c is ~100 roundings of a code, where the eager
 #   code's multiplicative scalings round relatively;
-# - SigLIP's Triton scale gradient (and its image gradient at D = 1): the cause is not
-#   located yet. It is not the base-2 exponential: exp(-|z|) through a Cody-Waite reduction
-#   (rounding at |r| <= ln2 / 2 instead of at |z|) gave the same errors.
+# - SigLIP's Triton scale gradient sum_i g_i c_i, c_i = sum_j d_ij x_ij: an ill-conditioned
+#   sum (sum |c_i| / |sum c_i| ~ 6 in the worst case, n = 3). Each c_i is as accurate as
+#   float32 allows (within 1-2 roundings of float64, checked row by row); the eager sum of
+#   the same nine terms lands at 0.3 roundings by chance. Not the exponential: exp(-|z|)
+#   through a Cody-Waite reduction gave the same errors.
 OPEN = {
     ("proto dino softmax", "torch"): "n = 1, K = 2, tau_t 0.01: student gradient 7.2e-7 vs "
                                      "1.0e-7, prototype gradient 5.8e-7 vs 1.2e-7",
