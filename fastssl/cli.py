@@ -192,9 +192,9 @@ def main(argv=None):
     p.add_argument("--optimizer", choices=["adamw", "lars"], help="default adamw (LARS for "
                    "large global batches)")
     p.add_argument("--weight-decay", type=_non_negative, help="default 1e-4 (adamw), 1e-6 (lars)")
-    p.add_argument("--arch", help="encoder: small (default; vit for mae), vit (fastssl's "
-                   "ViT), or a torchvision / timm model name (resnet18, resnet50, "
-                   "vit_small_patch16_224, ...) when installed")
+    p.add_argument("--arch", help="encoder: small (default; vit for mae and simmim), vit "
+                   "(fastssl's ViT), or a torchvision / timm model name (resnet18, "
+                   "resnet50, vit_small_patch16_224, ...) when installed")
     p.add_argument("--max-steps", type=_positive(int), help="end the run (and its "
                    "schedules) after this many optimiser steps")
     p.add_argument("--stop-after", type=_positive(int), help="stop after this many steps "

@@ -22,7 +22,7 @@ from fastssl.pretrain.models import sync_batchnorm
 # also run a momentum encoder on both views, so they get fewer epochs). On --data without
 # --epochs, enough epochs for about FOLDER_STEPS optimiser steps.
 EPOCHS = {"simclr": 100, "moco": 80, "byol": 80, "simsiam": 100, "barlow": 100, "vicreg": 100,
-          "dino": 60, "swav": 50, "mae": 100}
+          "dino": 60, "swav": 50, "mae": 100, "simmim": 100}
 FOLDER_STEPS = 1000
 SHORT_RUN = 500  # fewer optimiser steps than this: warn that the run is too short to learn
 LR = {"adamw": 4e-3, "lars": 0.3}  # per 256 images of the global batch (linear scaling)

@@ -1,4 +1,4 @@
-"""The nine SSL methods, each written with fastssl's public pieces only.
+"""The ten SSL methods, each written with fastssl's public pieces only.
 
 =========  ==========================================================================
 method     objective
@@ -20,6 +20,9 @@ swav       multi-crop swapped prediction: each crop predicts the Sinkhorn-Knopp 
 mae        masked autoencoder on a ViT (``--arch vit``): 75% of the patches removed per
            image, the encoder on the rest, a light decoder predicting every patch,
            ``masking.masked_patch_loss`` (norm-pix MSE) on the removed ones
+simmim     SimMIM on a ViT: 60% of the patches (``masking.simmim_mask``, one-patch cells)
+           replaced by a learnable token, every token encoded, a linear head to the
+           patches' pixels, L1 on the masked ones (``masked_patch_loss(loss="l1")``)
 =========  ==========================================================================
 
 ``forward(views)`` is the loss (so DistributedDataParallel wraps the method);
@@ -37,9 +40,10 @@ import fastssl
 from fastssl import augment as A
 from fastssl.pretrain.models import mlp
 
-METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae")
+METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae",
+           "simmim")
 MULTI_CROP = ("dino", "swav")
-MASKED = ("mae",)  # masked image modelling: one view, a ViT encoder by default
+MASKED = ("mae", "simmim")  # masked image modelling: one view, a ViT encoder by default
 
 
 class Method(nn.Module):
@@ -245,11 +249,8 @@ class MAE(Method):
 
     def __init__(self, encoder, mask_ratio=0.75, distributed=False):
         super().__init__()
-        from fastssl.pretrain.vit import MAE as Model, ViT
-        if not isinstance(encoder, ViT):
-            raise ValueError("--method mae needs --arch vit (fastssl's ViT: the encoder runs "
-                             f"on the kept patches only), got a {type(encoder).__name__}")
-        self.encoder = encoder
+        from fastssl.pretrain.vit import MAE as Model
+        self.encoder = _vit(encoder, "mae")
         self.model = Model(encoder, decoder_dim=64, decoder_depth=2, decoder_heads=4,
                            mask_ratio=mask_ratio)
 
@@ -263,10 +264,47 @@ class MAE(Method):
         return self.model(views[0], masks=masks)
 
 
+def _vit(encoder, method):
+    from fastssl.pretrain.vit import ViT
+    if not isinstance(encoder, ViT):
+        raise ValueError(f"--method {method} needs --arch vit (fastssl's ViT), got a "
+                         f"{type(encoder).__name__}")
+    return encoder
+
+
+class SimMIM(Method):
+    """SimMIM: the masks (``masking.simmim_mask``, cells of one patch, ratio 0.6) come from
+    ``sample``; the mask token and the linear pixel head belong to the method, so the
+    encoder saved in ``encoder.pt`` is a plain ViT."""
+
+    def __init__(self, encoder, mask_ratio=0.6, distributed=False):
+        super().__init__()
+        self.encoder = _vit(encoder, "simmim")
+        self.mask_ratio = mask_ratio
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        p = encoder.patch_size
+        self.head = nn.Linear(encoder.dim, p * p * encoder.in_chans)
+
+    def sample(self, generator, lo, hi, rows, device):
+        h, p = self.encoder.grid[0], self.encoder.patch_size
+        mask = fastssl.masking.simmim_mask(rows, h * p, p, p, self.mask_ratio,
+                                           generator=generator, device=device)
+        return mask[lo:hi]
+
+    def forward(self, views, mask):
+        x = views[0]
+        tokens = self.encoder.forward_masked(x, mask, mask_token=self.mask_token)
+        pred = self.head(tokens[:, self.encoder.num_prefix_tokens:])
+        return fastssl.masking.masked_patch_loss(pred, x, mask, self.encoder.patch_size,
+                                                 norm_pix=False, loss="l1")
+
+
 def build(method, encoder, distributed=False):
     return {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam,
             "barlow": Barlow, "vicreg": VICReg, "dino": DINO,
-            "swav": SwAV, "mae": MAE}[method](encoder, distributed=distributed)
+            "swav": SwAV, "mae": MAE, "simmim": SimMIM}[method](encoder,
+                                                                distributed=distributed)
 
 
 def views_for(method, size, scale, flip_p, n_local=4, **kw):

@@ -237,14 +237,16 @@ class ViT(nn.Module):
             tokens = get_at_index(tokens, ids_keep)
         return self._encode(self._with_prefix(tokens))
 
-    def forward_masked(self, x, mask):
+    def forward_masked(self, x, mask, mask_token=None):
         """SimMIM's encoder: the patch embeddings where ``mask`` is True (bool (N, L) or
         (N, h, w), e.g. ``fastssl.masking.simmim_mask``; a numeric mask counts non-zero as
-        masked) replaced by the mask token, then position embeddings, all tokens encoded ->
-        (N, 1 + L, dim) (N, L, dim without a class token)."""
-        if self.mask_token is None:
+        masked) replaced by the mask token (``mask_token`` (1, 1, dim) when given, e.g. a
+        method's own parameter, else the model's), then position embeddings, all tokens
+        encoded -> (N, 1 + L, dim) (N, L, dim without a class token)."""
+        token = self.mask_token if mask_token is None else mask_token
+        if token is None:
             raise RuntimeError("this ViT was built with mask_token=False; forward_masked "
-                               "needs ViT(..., mask_token=True)")
+                               "needs ViT(..., mask_token=True) or a mask_token argument")
         _checks.tensor(mask, "mask")
         tokens = self.patch_embed(x)
         n, length = tokens.shape[:2]
@@ -257,7 +259,7 @@ class ViT(nn.Module):
         masked = mask.reshape(n, length, 1)
         if masked.dtype != torch.bool:
             masked = masked != 0
-        tokens = torch.where(masked, self.mask_token.to(tokens.dtype), tokens)
+        tokens = torch.where(masked, token.to(tokens.dtype), tokens)
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         return self._encode(self._with_prefix(tokens))
 
