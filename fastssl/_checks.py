@@ -136,6 +136,15 @@ def pair(value, name, *, integer_values=False, **domain):
     return out
 
 
+def size2(value, name):
+    """An int s (s x s) or an (h, w) pair of positive ints -> (h, w): image, grid and crop
+    sizes."""
+    if is_number(value):
+        v = integer(value, name, lo=1)
+        return v, v
+    return pair(value, name, integer_values=True, lo=1)
+
+
 def tensor(value, name):
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {_kind(value)}")

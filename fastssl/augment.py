@@ -68,10 +68,7 @@ def _check_p(name, p):
 
 def _size(size, name="size"):
     """An int or an (h, w) pair of positive ints -> (h, w)."""
-    if _checks.is_number(size):
-        s = _checks.integer(size, name, lo=1)
-        return (s, s)
-    return _checks.pair(size, name, integer_values=True, lo=1)
+    return _checks.size2(size, name)
 
 
 # ----------------------------------------------------------------------------- input

@@ -71,10 +71,7 @@ def _device(device, generator, like=None):
 
 def _grid(grid, name="grid"):
     """An int g (a g x g grid) or an (h, w) pair of positive ints -> (h, w)."""
-    if _checks.is_number(grid):
-        g = _checks.integer(grid, name, lo=1)
-        return g, g
-    return _checks.pair(grid, name, integer_values=True, lo=1)
+    return _checks.size2(grid, name)
 
 
 def _range(value, name, lo, hi, lo_open=False):
@@ -650,7 +647,9 @@ def masked_patch_loss(pred, images, mask, patch_size, norm_pix=True, loss="mse",
     straight from ``images``: no patchified copy, no float32 target tensor, and unmasked
     patches are never read. Arithmetic in float32 (float64 for float64 ``pred``); the sum
     over patches in float64; the result in pred's dtype. A packed (M, P) ``pred`` is checked
-    against the mask's count, which reads the mask on the host once. On the portable path
+    against the mask's count, and a float mask for negative or non-finite weights: each
+    reads the mask on the host once (a device synchronisation on CUDA; a bool mask with
+    (N, L, P) predictions reads nothing). On the portable path
     (CPU) the forward also writes the gradient of float32/float64 ``pred`` into a
     pred-shaped buffer that the backward scales and returns (the gradient's own memory,
     allocated a pass earlier), instead of reading the images a second time.

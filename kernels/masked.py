@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .infonce import _interpret, _TY
+from .infonce import _launch_opts, _TY
 
 LOSSES = {"mse": 0, "l1": 1, "smooth_l1": 2}
 
@@ -139,10 +139,6 @@ def _bwd_kernel(PRED, IMG, W, PROW, ST, G, DPRED, R, L, Wp, C, p, P, s_pr, s_pe,
 BLOCK = dict(BR=16, BP=128, num_warps=8, num_stages=1)  # 2048 values, 8 per thread
 
 
-def _opts():
-    return {} if _interpret() else {"num_warps": BLOCK["num_warps"], "num_stages": 1}
-
-
 def _geometry(images, p):
     N, C, H, W = images.shape
     span = sum((d - 1) * abs(st) for d, st in zip((C, H, W), images.stride()[1:]))
@@ -174,7 +170,7 @@ def forward(pred, images, weight, prow, p, norm_pix, loss, beta, eps):
     _fwd_kernel[(triton.cdiv(R, BLOCK["BR"]),)](
         pred, img, weight.to(torch.float32).contiguous(), prow.contiguous(), ell, st,
         R, L, Wp, C, p, P, *pred.stride(), *img.stride(), float(eps), float(beta),
-        int(bool(norm_pix)), LOSSES[loss], BR=BLOCK["BR"], BP=BLOCK["BP"], **_opts())
+        int(bool(norm_pix)), LOSSES[loss], BR=BLOCK["BR"], BP=BLOCK["BP"], **_launch_opts(BLOCK))
     return ell, st
 
 
@@ -192,7 +188,7 @@ def backward(pred, images, weight, prow, p, norm_pix, loss, beta, stats, coef):
         pred, img, weight.to(torch.float32).contiguous(), prow.contiguous(),
         stats.to(torch.float32).contiguous(), coef.to(torch.float32).contiguous(), d,
         R, L, Wp, C, p, P, *pred.stride(), *d.stride(), *img.stride(), float(beta),
-        LOSSES[loss], BR=BLOCK["BR"], BP=BLOCK["BP"], **_opts())
+        LOSSES[loss], BR=BLOCK["BR"], BP=BLOCK["BP"], **_launch_opts(BLOCK))
     return d
 
 

@@ -11,6 +11,7 @@ import torch
 from fastssl import ShapeError
 from fastssl.masking import masked_patch_loss, random_masking
 from fastssl.pretrain.vit import MAE, Block, PatchEmbed, ViT, sincos_pos_embed_2d
+from test_masked_loss import mae_loss
 
 IMG, P, DIM, DEPTH, HEADS = (8, 12), 4, 32, 2, 2
 GRID, L = (2, 3), 6
@@ -309,14 +310,8 @@ def test_mae_loss_is_masked_patch_loss(norm_pix):
     assert torch.equal(mask.sum(1), torch.full((3,), float(L - int(L * 0.25))))
     again = masked_patch_loss(pred, x, mask, P, norm_pix=norm_pix)
     torch.testing.assert_close(loss, again)
-    # Against the definition directly: (normalised) patch MSE averaged over masked patches.
-    target = x.double().reshape(3, 3, GRID[0], P, GRID[1], P).permute(0, 2, 4, 3, 5, 1)
-    target = target.reshape(3, L, P * P * 3)
-    if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / \
-            (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    per_patch = ((pred.detach().double() - target) ** 2).mean(-1)
-    ref = (per_patch * mask).sum() / mask.sum()
+    # Against MAE's forward_loss in float64 (the reference of tests/test_masked_loss.py)
+    ref = mae_loss(pred.detach().double(), x.double(), mask.double(), P, norm_pix)
     torch.testing.assert_close(loss.detach().double(), ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(mae(x, generator=gen(6)), loss)
 

@@ -30,14 +30,6 @@ from fastssl.masking import get_at_index, masked_patch_loss, random_masking, uns
 __all__ = ["sincos_pos_embed_2d", "PatchEmbed", "Attention", "Block", "ViT", "MAE"]
 
 
-def _size(value, name):
-    """An int s (an s x s size) or an (h, w) pair of positive ints -> (h, w)."""
-    if _checks.is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1):
-        v = _checks.integer(value, name, lo=1)
-        return v, v
-    return _checks.pair(value, name, integer_values=True, lo=1)
-
-
 # ----------------------------------------------------------------------------- positions
 
 def sincos_pos_embed_2d(dim, grid_h, grid_w, cls_token=False):
@@ -82,7 +74,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size=32, patch_size=4, in_chans=3, dim=192):
         super().__init__()
-        self.img_size = _size(img_size, "img_size")
+        self.img_size = _checks.size2(img_size, "img_size")
         self.patch_size = _checks.integer(patch_size, "patch_size", lo=1)
         self.in_chans = _checks.integer(in_chans, "in_chans", lo=1)
         dim = _checks.integer(dim, "dim", lo=1)
