@@ -151,5 +151,5 @@ def describe():
             "barlow (barlow_twins, vicreg: Gram formulation)": why,
             "augment (crop/resize, colour, blur passes)": why,
             "prototype (prototype_cross_entropy, sinkhorn_knopp)": why,
-            "masked (masking.masked_patch_loss)": why,
+            "masked (masking.masked_patch_loss, masked_latent_loss)": why,
             "ema (update_momentum, EMA)": ema}

@@ -520,3 +520,79 @@ masked_patch = _Op("fastssl::masked_patch", _masked_patch, _masked_patch_fake,
                    _masked_patch_setup, _masked_patch_grad, _masked_patch_eager_forward)
 masked_patch_backward = _Op("fastssl::masked_patch_backward", _masked_patch_backward_impl,
                             _masked_patch_backward_fake)
+
+
+# ----------------------------------------------------------------------------- latent targets
+
+def _masked_latent(pred: Tensor, targets: Tensor, weight: Tensor, prow: Tensor, trow: Tensor,
+                   loss: str, beta: float, layer_norm: bool, instance_norm: bool, scale: float,
+                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair losses ell (Q,), layer-norm statistics (Q, 2) and the instance-norm
+    statistics (2, K, N, D) ((0,) without instance_norm) (kernels/masked.py)."""
+    return _masked_impl(pred, weight).latent_forward(pred, targets, weight, prow, trow, loss,
+                                                     beta, layer_norm, instance_norm, scale, eps)
+
+
+def _masked_latent_fake(pred, targets, weight, prow, trow, loss, beta, layer_norm,
+                        instance_norm, scale, eps):
+    acc = acc_dtype(pred)
+    K, N, _, D = targets.shape
+    return (pred.new_empty(weight.shape[0], dtype=acc),
+            pred.new_empty(weight.shape[0], 2, dtype=acc),
+            pred.new_empty((2, K, N, D) if instance_norm else (0,), dtype=acc))
+
+
+def _masked_latent_backward_impl(pred: Tensor, targets: Tensor, weight: Tensor, prow: Tensor,
+                                 trow: Tensor, loss: str, beta: float, layer_norm: bool,
+                                 instance_norm: bool, scale: float, stats: Tensor,
+                                 inorm: Tensor, coef: Tensor) -> Tensor:
+    return _masked_impl(pred, weight).latent_backward(
+        pred, targets, weight, prow, trow, loss, beta, layer_norm, instance_norm, scale, stats,
+        inorm, coef)
+
+
+def _masked_latent_backward_fake(pred, targets, weight, prow, trow, loss, beta, layer_norm,
+                                 instance_norm, scale, stats, inorm, coef):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _masked_latent_setup(ctx, inputs, output):
+    pred, targets, weight, prow, trow, loss, beta, layer_norm, instance_norm, scale, _ = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(pred, targets, weight, prow, trow, output[1], output[2])
+    ctx.args = (loss, beta, layer_norm, instance_norm, scale)
+
+
+def _masked_latent_eager_forward(ctx, pred, targets, weight, prow, trow, loss, beta,
+                                 layer_norm, instance_norm, scale, eps):
+    """Eager forward: the portable path keeps d ell / d pred (float32 or float64 pred) for
+    the backward, which then only scales it; a second backward recomputes."""
+    name, impl = _dispatch.implementation("masked", pred, weight)
+    args = (pred, targets, weight, prow, trow, loss, beta, layer_norm, instance_norm, scale,
+            eps)
+    ctx.kept = None
+    if name == "torch" and pred.requires_grad and pred.dtype in (torch.float32, torch.float64):
+        *out, ctx.kept = impl.latent_forward(*args, keep=True)
+        ctx.kept_by = impl
+    else:
+        out = impl.latent_forward(*args)
+    _masked_latent_setup(ctx, args, out)
+    return tuple(out)
+
+
+def _masked_latent_grad(ctx, grad_ell, grad_stats, grad_inorm):
+    pred, targets, weight, prow, trow, stats, inorm = ctx.saved_tensors
+    d = None
+    kept, ctx.kept = getattr(ctx, "kept", None), None  # the buffer serves one backward
+    if ctx.needs_input_grad[0] and kept is not None:
+        d = ctx.kept_by.backward_kept(kept, weight, prow, grad_ell).to(pred.dtype)
+    elif ctx.needs_input_grad[0]:
+        d = masked_latent_backward(pred, targets, weight, prow, trow, *ctx.args, stats, inorm,
+                                   grad_ell.contiguous())
+    return (d,) + (None,) * 10
+
+
+masked_latent = _Op("fastssl::masked_latent", _masked_latent, _masked_latent_fake,
+                    _masked_latent_setup, _masked_latent_grad, _masked_latent_eager_forward)
+masked_latent_backward = _Op("fastssl::masked_latent_backward", _masked_latent_backward_impl,
+                             _masked_latent_backward_fake)

@@ -446,6 +446,124 @@ def masked_patch_backward(pred, images, weight, prow, p, norm_pix, loss, beta, s
     return d
 
 
+# ----------------------------------------------------------------------------- latent targets
+
+LATENT_CHUNK = 2 ** 18  # float values per temporary (one layer's) on the portable path
+
+
+def latent_stats(targets, eps, acc):
+    """kernels/masked.py's ``latent_stats`` in ``acc``: (2, K, N, D) mean and
+    1 / sqrt(biased var + eps) over the L tokens, two passes over chunks of images of one
+    layer: float temporaries of about LATENT_CHUNK values (at least one image's L D), never
+    a float copy of the targets. (``torch.var_mean`` over L, the middle dimension, runs
+    ~15x slower on CPU.)"""
+    K, N, L, D = targets.shape
+    st = torch.empty(2, K, N, D, dtype=acc, device=targets.device)
+    step = max(1, LATENT_CHUNK // max(L * D, 1))
+    for k in range(K):
+        for n0 in range(0, N, step):
+            t = targets[k, n0:n0 + step].to(acc)  # (c, L, D); may be the targets themselves
+            mu = t.mean(1)
+            var = (t - mu[:, None]).square_().mean(1)
+            st[0, k, n0:n0 + step], st[1, k, n0:n0 + step] = mu, var.add_(eps).rsqrt_()
+    return st
+
+
+def _latent_chunks(weight, prow, D):
+    """Chunks of the scored pairs (weight != 0, a pred row): about LATENT_CHUNK values of D."""
+    live = ((weight != 0) & (prow >= 0)).nonzero().flatten()
+    chunk = max(1, LATENT_CHUNK // max(D, 1))
+    for i0 in range(0, live.numel(), chunk):
+        yield live[i0:i0 + chunk]
+
+
+def _token_rows(targets, k, trow):
+    """Rows ``trow`` (n L + l) of layer k, (c, D) in the targets' dtype: a row gather of the
+    (N L, D) view where the layer's strides allow one, else an advanced-index gather."""
+    K, N, L, D = targets.shape
+    layer = targets[k]
+    if N <= 1 or layer.stride(0) == L * layer.stride(1):
+        return layer.reshape(N * L, D).index_select(0, trow)  # reshape is a view here
+    return layer[trow // L, trow % L]
+
+
+def _latent_y(targets, trow, inorm, acc):
+    """The averaged (and instance-normalised) targets y (c, D) of tokens ``trow`` (n L + l),
+    gathered one layer at a time (temporaries of c D values)."""
+    K, L = targets.shape[0], targets.shape[2]
+    n = trow // L
+    y = None
+    for k in range(K):
+        a = _token_rows(targets, k, trow).to(acc)  # a fresh gather
+        if inorm.numel():
+            a.sub_(inorm[0, k].index_select(0, n)).mul_(inorm[1, k].index_select(0, n))
+        y = a if y is None else y.add_(a)
+    return y.div_(K)
+
+
+def _layer_norm(y, eps):
+    """y (c, D) layer-normalised over D: (y', mu, rstd), torch's fused layer norm (its
+    statistics one-pass and free of cancellation)."""
+    out, mu, rstd = torch.native_layer_norm(y, (y.shape[1],), None, None, eps)
+    return out, mu[:, 0], rstd[:, 0]
+
+
+def _pair_loss(d, loss, beta, grad):
+    """(sum_d l(d) per row, dl/dd or None) with fused row reductions. Smooth-L1 from
+    c = clamp(d, -beta, beta): l = c (d - c / 2) / beta and dl/dd = c / beta."""
+    if loss == "mse":
+        return torch.linalg.vecdot(d, d), (d.mul(2) if grad else None)
+    if loss == "l1":
+        return d.abs().sum(1), (torch.sign(d) if grad else None)
+    c = d.clamp(-beta, beta)
+    ell = torch.linalg.vecdot(c, d.add(c, alpha=-0.5)).div_(beta)
+    return ell, (c.div_(beta) if grad else None)
+
+
+def latent_forward(pred, targets, weight, prow, trow, loss, beta, layer_norm, instance_norm,
+                   scale, eps, keep=False):
+    """kernels/masked.py's ``latent_forward``, in chunks of scored pairs. With ``keep`` it
+    also returns d ell_j / d pred for every pred row (a pred-shaped buffer, zero in rows no
+    scored pair predicts), which the backward only scales."""
+    acc = _acc(pred)
+    K, N, L, D = targets.shape
+    Q = weight.shape[0]
+    inorm = latent_stats(targets, eps, acc) if instance_norm else \
+        torch.empty(0, dtype=acc, device=pred.device)
+    kept = torch.zeros_like(pred, dtype=acc, memory_format=torch.contiguous_format) \
+        if keep else None
+    ell = torch.zeros(Q, dtype=acc, device=pred.device)
+    st = torch.zeros(Q, 2, dtype=acc, device=pred.device)
+    st[:, 1] = 1.0
+    for idx in _latent_chunks(weight, prow, D):
+        y = _latent_y(targets, trow[idx], inorm, acc)
+        if layer_norm:
+            y, st[idx, 0], st[idx, 1] = _layer_norm(y, eps)
+        d = y.neg_().add_(pred[prow[idx]])  # pred - y', in y's storage
+        e, g = _pair_loss(d, loss, beta, keep)
+        ell[idx] = e.div_(scale)
+        if keep:
+            kept[prow[idx]] = g.div_(scale)
+    return (ell, st, inorm, kept) if keep else (ell, st, inorm)
+
+
+def latent_backward(pred, targets, weight, prow, trow, loss, beta, layer_norm, instance_norm,
+                    scale, stats, inorm, coef):
+    """kernels/masked.py's ``latent_backward``: the targets recomputed from the statistics
+    (mean 0 and rstd 1 without layer_norm)."""
+    acc = _acc(pred)
+    D = targets.shape[3]
+    inorm = inorm.to(acc)
+    d = torch.zeros_like(pred, memory_format=torch.contiguous_format)
+    for idx in _latent_chunks(weight, prow, D):
+        y = _latent_y(targets, trow[idx], inorm, acc)
+        y.sub_(stats[idx, 0].to(acc)[:, None]).mul_(stats[idx, 1].to(acc)[:, None])
+        r = y.neg_().add_(pred[prow[idx]])
+        g = _pair_loss(r, loss, beta, True)[1].mul_((coef[idx].to(acc) / scale)[:, None])
+        d[prow[idx]] = g.to(d.dtype)
+    return d
+
+
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
 barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardize=standardize,
                          standardize_backward=standardize_backward)
@@ -453,4 +571,5 @@ siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward,
                          backward_kept=siglip_backward_kept, KEEP_PAIRS=KEEP_PAIRS)
 prototype = SimpleNamespace(rows=prototype_rows, cols=prototype_cols)
 masked = SimpleNamespace(forward=masked_patch_forward, backward=masked_patch_backward,
-                         backward_kept=masked_patch_backward_kept)
+                         backward_kept=masked_patch_backward_kept, latent_forward=latent_forward,
+                         latent_backward=latent_backward)

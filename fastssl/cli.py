@@ -89,7 +89,8 @@ def _pretrain(args, parser, argv):
                      test_fraction=args.test_fraction, knn_k=args.knn_k, seed=args.seed,
                      device=args.device, max_steps=args.max_steps, stop_after=args.stop_after,
                      workers=args.workers, precision=args.precision, resume=args.resume,
-                     evaluate=not args.no_eval, progress=not args.no_progress)
+                     evaluate=not args.no_eval, progress=not args.no_progress,
+                     fine_tune=not args.no_fine_tune, fine_tune_draws=args.fine_tune_draws)
     except ValueError as e:  # bad settings found once the data is known
         parser.error(str(e))
     return 0
@@ -159,8 +160,9 @@ def main(argv=None):
                        "from fastssl's losses, EMA and augmentation, then evaluate the frozen "
                        "encoder on held-out images (kNN, linear probe, and with 1/5/10 labels "
                        "per class) beside the same encoder at random initialisation and raw "
-                       "pixels. Default data: scikit-learn's digits (no download). One process, "
-                       "or many under torchrun (--nproc N on one machine). Writes "
+                       "pixels, and fine-tune the trained and random-init encoders end to end "
+                       "(1/5/10 labels per class and every label). Default data: "
+                       "scikit-learn's digits (no download). One process, or many under torchrun (--nproc N on one machine). Writes "
                        "runs/<method>-<time>/report.json, loss.png, checkpoint.pt and encoder.pt.")
     p.add_argument("--method", required=True, choices=list(METHODS) + ["all"])
     p.add_argument("--data", help="image folder, one sub-folder per class (labels are used "
@@ -207,6 +209,12 @@ def main(argv=None):
                    "losses in float64 (slow; runs that agree across process counts to "
                    "float64 rounding)")
     p.add_argument("--no-eval", action="store_true", help="train and save only")
+    p.add_argument("--no-fine-tune", action="store_true", help="evaluate the frozen encoder "
+                   "only: no end-to-end fine-tuning (which adds about 11 s per encoder on "
+                   "the digits, one CPU thread)")
+    p.add_argument("--fine-tune-draws", type=_positive(int), default=2, help="draws of the "
+                   "labelled images per shot count (1/5/10 per class) for fine-tuning, mean "
+                   "and std over them (default 2; the run with every label is one)")
     p.set_defaults(func=lambda a, parser=p: _pretrain(a, parser, argv))
     p = sub.add_parser("prepare", help="decode an image folder once into a memory-mapped "
                        "uint8 array for --data", description="Decode every image of FOLDER "

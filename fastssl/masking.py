@@ -19,6 +19,10 @@ handles the batch with tensor operations: there is no Python loop over images.
 - ``masked_patch_loss(pred, images, mask, patch_size)``: MAE's norm-pix reconstruction loss
   (and SimMIM's L1, smooth-L1) over the masked patches, the targets read straight from the
   images by a fused kernel (kernels/masked.py).
+- ``masked_latent_loss(pred, targets, mask)``: I-JEPA's and data2vec's regression to the
+  teacher's (layer-/instance-normalised, layer-averaged) tokens at the scored positions (a
+  bool mask or I-JEPA's target-block indices), the targets read straight from the teacher's
+  tensor by the same family of fused kernels.
 
 Boolean masks use True = masked (hidden from the encoder / to be predicted); MAE's float
 ``mask`` uses 1 = removed, 0 = kept, as MAE does. Index tensors are int64. Grids are
@@ -37,7 +41,7 @@ from fastssl import _checks, _ops
 
 __all__ = ["random_token_mask", "random_masking", "mae_random_masking", "get_at_index",
            "set_at_index", "unshuffle", "block_mask", "simmim_mask", "multiblock_masks",
-           "masked_patch_loss"]
+           "masked_patch_loss", "masked_latent_loss"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -706,6 +710,189 @@ def masked_patch_loss(pred, images, mask, patch_size, norm_pix=True, loss="mse",
         raise _checks.ShapeError(f"pred must be (N, L, P) or (masked, P), got shape "
                                  f"{tuple(pred.shape)}")
     ell, _ = _ops.masked_patch(rows, images, weight, prow, p, norm_pix, loss, beta, eps)
+    w = weight.to(torch.float64)
+    total = (w * ell.to(torch.float64)).sum()
+    return (total / w.sum().clamp_min(torch.finfo(torch.float64).tiny)).to(pred.dtype)
+
+
+def _host_checks(*tensors):
+    """Whether checks that read values on the host run: not on meta tensors, and not while
+    torch.compile traces (a host read would break the graph)."""
+    return _checks.has_values(*tensors) and not torch.compiler.is_compiling()
+
+
+def _stacked(layers):
+    """K (N, L, D) tensors as one (K, N, L, D) tensor: a strided view when they are equally
+    spaced views of one storage with the same layout (``list(t)``, ``t.unbind(0)``), else a
+    stacked copy in their common dtype."""
+    t0 = layers[0]
+    if len(layers) == 1:
+        return t0.unsqueeze(0)
+    same = _host_checks(*layers) and all(
+        t.dtype == t0.dtype and t.stride() == t0.stride() and
+        t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr() for t in layers)
+    if same:
+        step = layers[1].storage_offset() - t0.storage_offset()
+        if step >= 0 and all(t.storage_offset() == t0.storage_offset() + k * step
+                             for k, t in enumerate(layers)):
+            return t0.as_strided((len(layers), *t0.shape), (step, *t0.stride()),
+                                 t0.storage_offset())
+    dtype = t0.dtype
+    for t in layers[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.stack([t.to(dtype) for t in layers])
+
+
+def _latent_targets(targets, pred):
+    """The teacher's tokens as one detached (K, N, L, D) tensor, checked."""
+    if isinstance(targets, (list, tuple)):
+        layers = list(targets)
+        if not layers:
+            raise ValueError("targets must hold at least one layer (K >= 1), got an empty "
+                             f"{type(targets).__name__}")
+        for k, t in enumerate(layers):
+            _checks.floating(t, f"targets[{k}]")
+            if t.dim() != 3 or t.shape != layers[0].shape:
+                raise _checks.ShapeError(
+                    f"targets[{k}] must be (N, L, D) like targets[0] "
+                    f"{tuple(layers[0].shape)}, got {tuple(t.shape)}")
+            if t.device != pred.device:
+                raise ValueError(f"targets[{k}] is on {t.device} but pred on {pred.device}")
+        return _stacked([t.detach() for t in layers])
+    _checks.floating(targets, "targets")
+    if targets.dim() not in (3, 4):
+        raise _checks.ShapeError(f"targets must be (N, L, D), (K, N, L, D) or a list of K "
+                                 f"(N, L, D) tensors, got shape {tuple(targets.shape)}")
+    if targets.device != pred.device:
+        raise ValueError(f"targets is on {targets.device} but pred on {pred.device}")
+    t = targets.detach()
+    t = t.unsqueeze(0) if t.dim() == 3 else t
+    if t.shape[0] == 0:
+        raise ValueError("targets must hold at least one layer (K >= 1), got K = 0")
+    return t
+
+
+def _index_pairs(pred, mask, N, L, D):
+    """(pred rows, weight, prow, trow) of integer token indices mask (N, M)."""
+    M = mask.shape[1]
+    if pred.shape != (N, M, D):
+        raise _checks.ShapeError(f"pred must be (N, M, D) = ({N}, {M}, {D}) for a (N, M) "
+                                 f"index mask, got {tuple(pred.shape)}")
+    idx = mask.long()
+    if _host_checks(idx) and idx.numel() and bool(((idx < 0) | (idx >= L)).any()):
+        raise ValueError(f"mask indices must lie in [0, L) = [0, {L}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    base = torch.arange(N, device=idx.device)[:, None] * L
+    weight = torch.ones(N * M, device=pred.device, dtype=_ops.acc_dtype(pred))
+    return (pred.reshape(N * M, D), weight, torch.arange(N * M, device=pred.device),
+            (base + idx).reshape(N * M))
+
+
+def _bool_pairs(pred, mask, N, L, D):
+    """(pred rows, weight, prow, trow) of a bool mask (N, L) with pred (N, L, D) or packed
+    (M, D) in ``mask.nonzero()`` order: one pair per token, weight 1 where scored."""
+    live = mask.reshape(N * L)
+    weight = live.to(_ops.acc_dtype(pred))
+    trow = torch.arange(N * L, device=pred.device)
+    if pred.dim() == 3:
+        if pred.shape != (N, L, D):
+            raise _checks.ShapeError(f"pred must be (N, L, D) = ({N}, {L}, {D}) or (masked, "
+                                     f"{D}) for a bool mask, got {tuple(pred.shape)}")
+        return pred.reshape(N * L, D), weight, trow, trow
+    if pred.dim() != 2 or pred.shape[1] != D:
+        raise _checks.ShapeError(f"pred must be (masked, D = {D}) or (N, L, D) for a bool "
+                                 f"mask, got {tuple(pred.shape)}")
+    if _host_checks(live) and int(live.sum()) != pred.shape[0]:
+        raise _checks.ShapeError(f"pred has {pred.shape[0]} rows but the mask marks "
+                                 f"{int(live.sum())} tokens")
+    return pred, weight, torch.where(live, torch.cumsum(live.long(), 0) - 1, -1), trow
+
+
+def _latent_pairs(pred, mask, N, L, D):
+    mask = _checks.tensor(mask, "mask")
+    if mask.device != pred.device:
+        raise ValueError(f"mask is on {mask.device} but pred on {pred.device}")
+    if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+        raise ValueError(f"mask must be bool (N, L) or integer token indices (N, M), got "
+                         f"{mask.dtype}")
+    if mask.dim() != 2 or mask.shape[0] != N or (mask.dtype == torch.bool and
+                                                  mask.shape[1] != L):
+        want = f"(N, L) = ({N}, {L})" if mask.dtype == torch.bool else f"(N = {N}, M)"
+        raise _checks.ShapeError(f"mask must be {want} for targets of (N, L, D) = "
+                                 f"({N}, {L}, {D}), got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return _bool_pairs(pred, mask, N, L, D)
+    return _index_pairs(pred, mask, N, L, D)
+
+
+def masked_latent_loss(pred, targets, mask, loss="smooth_l1", beta=1.0, layer_norm=True,
+                       instance_norm=False, dim_scale=None, eps=1e-5):
+    """Latent-target regression loss (I-JEPA, data2vec), the targets read from the teacher.
+
+    ``targets``: the teacher's tokens (N, L, D), or K layers of them as a (K, N, L, D)
+    tensor or a list/tuple of K (N, L, D) tensors, any floating dtype (e.g. bf16 under
+    autocast); constants (detached, no gradient). ``mask`` says which (prediction, target)
+    pairs are scored:
+
+    - bool (N, L), True = scored: ``pred`` is (N, L, D), a prediction for every token
+      (data2vec's student), or (M, D) for the M scored tokens in ``mask.nonzero()`` order;
+    - integer (N, M) token indices into [0, L) (I-JEPA's target blocks, e.g. the n_pred
+      blocks concatenated; duplicates allowed): ``pred`` is (N, M, D) and row (n, j)
+      predicts token mask[n, j] of image n.
+
+    The target of token (n, l) is the mean over the K layers
+
+        y = (1/K) sum_k a_k,   a_k = (t_k[n, l] - mean_l t_k[n]) / sqrt(var_l t_k[n] + eps)
+
+    with ``instance_norm`` (per channel over the L tokens of the image, biased variance:
+    ``F.instance_norm`` on (N, D, L)), else a_k = t_k[n, l]; with ``layer_norm`` y is then
+    normalised over its D channels, y' = (y - mean_d y) / sqrt(var_d y + eps) (biased, no
+    affine: ``F.layer_norm(y, (D,))``). With d = pred - y' the pair loss is
+
+        ell = sum_d l(d_d) / s,   l(d) = d^2 ("mse"), |d| ("l1"),
+                                  0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta ("smooth_l1")
+
+    with s = ``dim_scale`` (None: s = D, the element mean of ``F.smooth_l1_loss`` and
+    ``F.mse_loss``), and the result is the mean of ell over the scored pairs (0 with a zero
+    gradient when there are none). I-JEPA: K = 1, ``layer_norm=True``, the integer target
+    indices (its loss is ``F.smooth_l1_loss(pred, get_at_index(F.layer_norm(h, (D,)), idx))``);
+    data2vec: the top K blocks, ``instance_norm=True``, ``layer_norm=True``,
+    ``dim_scale=D ** 0.5`` (summed over D and scaled by 1 / sqrt(D)). Both off: plain
+    regression to the (averaged) teacher tokens. The gradient flows to ``pred`` only.
+
+    The fused path (kernels/masked.py; a portable twin on CPU) walks the scored pairs, reads
+    each pair's K target rows straight from the teacher tensor (any strides) and normalises
+    them on the fly: no gathered, normalised or float32 copy of the targets, and no
+    difference tensor, is stored; it keeps per-pair layer-norm statistics (and the (K, N, D)
+    instance-norm statistics, a separate reduction over L) for the backward. A list of
+    layers that are equally spaced views of one storage (``list(t)``, ``t.unbind(0)``) is
+    read in place; any other list is stacked first, a copy of K N L D values in the
+    targets' dtype (pass a (K, N, L, D) tensor to avoid it). Arithmetic in float32 (float64
+    for float64 ``pred``), the sum over pairs in float64, the result in pred's dtype. A
+    packed (M, D) ``pred`` is checked against the mask's count and integer indices against
+    [0, L): each reads the mask on the host once (a device synchronisation on CUDA; skipped
+    under torch.compile and on meta tensors; a bool mask with (N, L, D) predictions reads
+    nothing). On the portable path the forward also writes the gradient of float32/float64
+    ``pred`` into a pred-shaped buffer that the backward scales (as ``masked_patch_loss``).
+    """
+    _checks.floating(pred, "pred")
+    t = _latent_targets(targets, pred)
+    K, N, L, D = t.shape
+    if D < 1:
+        raise _checks.ShapeError(f"targets must have D >= 1 channels, got shape "
+                                 f"{tuple(t.shape)}")
+    loss = _checks.choice(loss, "loss", ("mse", "l1", "smooth_l1"))
+    beta = _checks.number(beta, "beta", lo=0.0, lo_open=True)
+    layer_norm = _checks.flag(layer_norm, "layer_norm")
+    instance_norm = _checks.flag(instance_norm, "instance_norm")
+    eps = _checks.number(eps, "eps", lo=0.0)
+    scale = float(D) if dim_scale is None else \
+        _checks.number(dim_scale, "dim_scale", lo=0.0, lo_open=True)
+    if instance_norm and L < 1:
+        raise ValueError("instance_norm needs at least one token per image (L >= 1), got L = 0")
+    rows, weight, prow, trow = _latent_pairs(pred, mask, N, L, D)
+    ell, _, _ = _ops.masked_latent(rows, t, weight, prow, trow, loss, beta, layer_norm,
+                                   instance_norm, scale, eps)
     w = weight.to(torch.float64)
     total = (w * ell.to(torch.float64)).sum()
     return (total / w.sum().clamp_min(torch.finfo(torch.float64).tiny)).to(pred.dtype)

@@ -35,6 +35,8 @@ def config_id(family, cfg):
     dtype = next(iter(sig.values()))[1:]  # the first pointer is the embeddings'
     if "IMG" in sig:  # the masked-patch kernels: one per image pointer too
         dtype += "-img" + sig["IMG"][1:]
+    if "TGT" in sig:  # the latent-target kernels: one per teacher-token pointer too
+        dtype += "-tgt" + sig["TGT"][1:]
     return f"{family}.{fn.__name__}-{dtype}-{blocks}-{flags}"
 
 

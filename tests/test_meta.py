@@ -307,6 +307,19 @@ entry("masking.masked_patch_loss[l1, packed]", "masking.masked_patch_loss")(
     lambda mk: fastssl.masking.masked_patch_loss(mk.randn(12, 48, grad=True),
                                                  mk.randn(2, 3, 8, 12), mk.scalar(1.0).expand(2, 6),
                                                  4, norm_pix=False, loss="l1"))
+entry("masking.masked_latent_loss[ijepa]", "masking.masked_latent_loss")(
+    lambda mk: fastssl.masking.masked_latent_loss(
+        mk.randn(2, 4, 6, grad=True), mk.randn(2, 7, 6),
+        mk._leaf(torch.tensor([[0, 2, 2, 6], [1, 3, 4, 5]]), False)))
+entry("masking.masked_latent_loss[data2vec, list]", "masking.masked_latent_loss")(
+    lambda mk: fastssl.masking.masked_latent_loss(
+        mk.randn(2, 7, 6, grad=True), [mk.randn(2, 7, 6, dtype=torch.bfloat16) for _ in range(3)],
+        mk.mask(2, 7), instance_norm=True, dim_scale=6 ** 0.5))
+entry("masking.masked_latent_loss[mse, packed]", "masking.masked_latent_loss")(
+    lambda mk: fastssl.masking.masked_latent_loss(
+        mk.randn(3, 6, dtype=torch.bfloat16, grad=True), mk.randn(2, 2, 4, 6),
+        mk._leaf(torch.tensor([[True, False, False, True], [False, True, False, False]]),
+                 False), loss="mse", layer_norm=False))
 entry("masking.get_at_index", "masking.get_at_index")(
     lambda mk: fastssl.masking.get_at_index(mk.randn(3, 7, 5, grad=True),
                                             mk._leaf(torch.tensor([[0, 2], [1, 6], [3, 4]]),

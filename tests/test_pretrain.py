@@ -12,7 +12,9 @@ import torch
 
 from fastssl import pretrain as P
 
-SHORT = dict(epochs=2, max_steps=12, batch_size=64, progress=False, log=lambda *a: None)
+# (fine-tuning is tested in test_fine_tune.py)
+SHORT = dict(epochs=2, max_steps=12, batch_size=64, progress=False, log=lambda *a: None,
+             fine_tune=False)
 
 
 @pytest.mark.parametrize("method", P.METHODS)
@@ -20,12 +22,17 @@ def test_short_run_lowers_the_loss_and_writes_the_report(method, tmp_path):
     # MoCo's loss first rises while real keys replace the queue's random start (1024 keys,
     # 128 per step of 64 pairs: 8 steps); DINO's rises towards log K while the centre
     # follows the teacher's scores (about 10 steps). Each must fall after that.
-    steps, start = {"moco": (24, 8), "dino": (48, 10)}.get(method, (12, 0))
+    # DINOv2 carries DINO's class-token loss. iBOT's two centred losses climb towards
+    # their entropy bound for longer (about 160 steps on the digits, then fall: see
+    # benchmarks/results/trainer/), so its short run checks the run, not the trend; its
+    # loss is checked against float64 in test_masked_methods.py.
+    steps, start = {"moco": (24, 8), "dino": (48, 10), "dinov2": (48, 10)}.get(method, (12, 0))
     report = P.pretrain(method, out_dir=str(tmp_path), device="cpu",
                         **dict(SHORT, max_steps=steps, epochs=3))
     losses = report["step_loss"]
     assert len(losses) == steps and all(map(lambda v: v == v, losses))
-    assert sum(losses[-3:]) / 3 < sum(losses[start:start + 3]) / 3, losses
+    if method != "ibot":
+        assert sum(losses[-3:]) / 3 < sum(losses[start:start + 3]) / 3, losses
     run_dir = report["run_dir"]
     assert os.path.basename(run_dir).startswith(method + "-")
     with open(os.path.join(run_dir, "report.json")) as f:
@@ -173,7 +180,7 @@ def test_default_simclr_settings_learn_in_250_steps(tmp_path):
     +9.6 points at 250 steps (96.4% against 86.9%); the bar leaves 2.6 points for thread
     counts and machines."""
     report = P.pretrain("simclr", out_dir=str(tmp_path), progress=False, log=lambda *a: None,
-                        max_steps=250)
+                        max_steps=250, fine_tune=False)
     acc = report["accuracy"]
     assert report["config"]["seed"] == 0
     assert acc["simclr"]["knn"] - acc["random init"]["knn"] >= 7.0, acc
@@ -210,12 +217,12 @@ def test_cli_errors_give_usage(args, message):
 
 def test_cli_pretrain_prints_the_table(tmp_path):
     out = _cli("pretrain", "--method", "vicreg", "--epochs", "1", "--batch-size", "128",
-               "--out", str(tmp_path))
+               "--no-fine-tune", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "| vicreg |" in out.stdout and "| random init |" in out.stdout
     assert "| raw pixels |" in out.stdout
     assert "epoch   1/1" in out.stderr  # the progress line
     assert "img/s" in out.stderr and "too few for SSL" in out.stdout
-    assert "1-shot kNN" in out.stdout
+    assert "1-shot kNN" in out.stdout and "fine-tune" not in out.stdout
     (run_dir,) = tmp_path.glob("vicreg-*")
     assert json.loads((run_dir / "report.json").read_text())["command"].startswith("fastssl pretrain")

@@ -303,10 +303,11 @@ def test_cli_prepare_and_torchrun(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "2 processes x batch 4 = global batch 8" in out.stdout
-    assert out.stdout.count("| simclr |") == 2  # rank 0 alone reports: the two tables
+    assert out.stdout.count("| simclr |") == 3  # rank 0 alone reports: the three tables
     (run,) = (tmp_path / "runs").glob("simclr-*")
     report = json.loads((run / "report.json").read_text())
     assert report["throughput"]["world"] == 2 and report["accuracy"]["simclr"]["low_shot"]
+    assert set(report["accuracy"]["simclr"]["fine_tune"]) >= {"1", "5", "10", "all"}
 
 
 def _lars_reference(params, grads, steps, lr, momentum, wd, eta):

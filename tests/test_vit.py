@@ -423,3 +423,56 @@ def test_bad_arguments():
         enc.forward_tokens(images(2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(RuntimeError, match="mask_token"):
         tiny_vit(mask_token=False).forward_masked(images(2), torch.zeros(2, L, dtype=bool))
+
+
+def test_forward_blocks_are_the_encoder_layers():
+    vit = tiny_vit().double()
+    x = images().double()
+    final, layers = vit.forward_blocks(x)
+    torch.testing.assert_close(final, vit.forward_tokens(x))
+    assert len(layers) == DEPTH
+    torch.testing.assert_close(vit.norm(layers[-1]), final)
+    tokens = vit._with_prefix(vit.patch_embed(x) + vit.pos_embed.double())
+    torch.testing.assert_close(layers[0], vit.blocks[0](tokens))
+    _, last = vit.forward_blocks(x, last=1)
+    assert len(last) == 1 and torch.equal(last[0], layers[-1])
+    with pytest.raises(ValueError, match="at most the depth"):
+        vit.forward_blocks(x, last=DEPTH + 1)
+
+
+def _predictor(seed=0):
+    from fastssl.pretrain.vit import Predictor
+    torch.manual_seed(seed)
+    return Predictor(tiny_vit(seed), dim=16, depth=2, heads=2).double()
+
+
+def test_predictor_carries_positions_not_order():
+    """Attention is permutation-equivariant, so what ties a prediction to a place is the
+    position embedding: permuting the target list permutes the predictions, and permuting
+    the context (tokens with their indices) changes nothing."""
+    pred = _predictor()
+    g = gen(3)
+    context = torch.randn(2, 4, DIM, generator=g, dtype=torch.float64)
+    cidx = torch.stack([torch.randperm(L, generator=g)[:4] for _ in range(2)])
+    tidx = torch.tensor([[0, 5], [2, 3]])
+    out = pred(context, cidx, tidx)
+    assert out.shape == (2, 2, DIM)
+    torch.testing.assert_close(pred(context, cidx, tidx.flip(1)), out.flip(1))
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(pred(context[:, perm], cidx[:, perm], tidx), out)
+    moved = pred(context, cidx, torch.tensor([[1, 5], [2, 3]]))
+    assert not torch.allclose(moved[0, 0], out[0, 0])  # another place, another prediction
+    torch.testing.assert_close(moved[1], out[1])  # images are independent
+
+
+def test_predictor_bad_shapes():
+    pred = _predictor()
+    context = torch.zeros(2, 4, DIM, dtype=torch.float64)
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ShapeError, match="context must be"):
+        pred(context[:, :3], idx, idx[:, :1])
+    with pytest.raises(ShapeError, match="target_idx must be"):
+        pred(context, idx, idx[:1, :1])
+    with pytest.raises(TypeError, match="ViT"):
+        from fastssl.pretrain.vit import Predictor
+        Predictor(torch.nn.Linear(2, 2))

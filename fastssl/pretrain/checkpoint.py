@@ -34,6 +34,7 @@ def save(run_dir, method, optimizer, step, generator, history, config):
 def save_encoder(run_dir, encoder, config):
     _atomic_save({"arch": config["arch"], "width": config["width"], "size": config["size"],
                   "dim": encoder.dim, "method": config["method"],
+                  "cls_token": getattr(encoder, "num_prefix_tokens", 1) == 1,
                   "state_dict": encoder.state_dict()}, os.path.join(run_dir, ENCODER))
 
 
@@ -65,6 +66,7 @@ def load_encoder(path, map_location="cpu"):
     if os.path.isdir(path):
         path = os.path.join(path, ENCODER)
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_encoder(saved["arch"], saved["width"], saved["size"])
+    model = build_encoder(saved["arch"], saved["width"], saved["size"],
+                          cls_token=saved.get("cls_token", True))
     model.load_state_dict(saved["state_dict"])
     return model

@@ -14,7 +14,7 @@ from fastssl import augment as A
 from fastssl.optim import LARS
 from fastssl.pretrain import checkpoint
 from fastssl.pretrain.data import BatchOrder, collate, open_data, split
-from fastssl.pretrain.methods import MASKED, METHODS, build, views_for
+from fastssl.pretrain.methods import MASKED, METHODS, NO_CLASS_TOKEN, build, views_for
 from fastssl.pretrain.models import encoder as build_encoder
 from fastssl.pretrain.models import sync_batchnorm
 
@@ -22,7 +22,8 @@ from fastssl.pretrain.models import sync_batchnorm
 # also run a momentum encoder on both views, so they get fewer epochs). On --data without
 # --epochs, enough epochs for about FOLDER_STEPS optimiser steps.
 EPOCHS = {"simclr": 100, "moco": 80, "byol": 80, "simsiam": 100, "barlow": 100, "vicreg": 100,
-          "dino": 60, "swav": 50, "mae": 100, "simmim": 100}
+          "dino": 60, "swav": 50, "mae": 100, "simmim": 100, "ijepa": 100, "data2vec": 100,
+          "ibot": 50, "dinov2": 50}
 FOLDER_STEPS = 1000
 SHORT_RUN = 500  # fewer optimiser steps than this: warn that the run is too short to learn
 LR = {"adamw": 4e-3, "lars": 0.3}  # per 256 images of the global batch (linear scaling)
@@ -34,7 +35,8 @@ DEFAULTS = {"epochs": None, "batch_size": 128, "optimizer": "adamw", "lr": None,
 # (slow; for runs that must agree across process counts to float64 rounding)
 PRECISIONS = ("auto", "fp32", "bf16", "fp64")
 # Settings a resumed run may change (they do not change what is computed).
-RESUMABLE = {"workers", "stop_after", "max_steps", "device", "evaluate", "low_shot_draws"}
+RESUMABLE = {"workers", "stop_after", "max_steps", "device", "evaluate", "low_shot_draws",
+             "fine_tune", "fine_tune_draws"}
 
 
 def settings(method, given):
@@ -211,7 +213,8 @@ def _config(method, given, say):
 def _model(method, cfg, ctx, plan):
     """(encoder, its random initialisation, the method's model, the optimiser)."""
     torch.manual_seed(cfg["seed"])
-    enc = build_encoder(cfg["arch"], cfg["width"], cfg["size"])
+    enc = build_encoder(cfg["arch"], cfg["width"], cfg["size"],
+                        cls_token=method not in NO_CLASS_TOKEN)
     initial = copy.deepcopy(enc)
     model = build(method, enc, distributed=ctx.world > 1)
     if ctx.world > 1:

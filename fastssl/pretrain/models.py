@@ -72,9 +72,26 @@ def vit_patch(size):
     return 4 if size < 64 else 16
 
 
-def encoder(arch, width=32, size=None):
+def _timm(timm, arch, size, cls_token):
+    """A timm model by name without its classifier; a ``VisionTransformer`` comes as
+    ``vit.TimmViT`` (the masked methods' token interface), built without a class token and
+    with mean pooling when ``cls_token`` is False."""
+    from timm.models.vision_transformer import VisionTransformer
+    kw = {} if cls_token else {"class_token": False, "global_pool": "avg"}
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size, **kw)
+    except TypeError:  # models without an image size argument
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if isinstance(model, VisionTransformer):
+        from fastssl.pretrain.vit import TimmViT
+        return TimmViT(model)
+    return Backbone(model, model.num_features)
+
+
+def encoder(arch, width=32, size=None, cls_token=True):
     """``"small"`` (SmallResNet(width)), ``"vit"`` (fastssl's ViT: 4 * width channels, 6
-    blocks of 4 heads, patches of ``vit_patch(size)``, a class token), a torchvision model
+    blocks of 4 heads, patches of ``vit_patch(size)``, a class token unless ``cls_token``
+    is False: then its features are the mean patch token; timm ViTs likewise), a torchvision model
     name (resnet18, resnet50, vit_b_16, ...) or a timm model name (vit_small_patch16_224,
     ...), randomly initialised."""
     if arch == "small":
@@ -88,7 +105,7 @@ def encoder(arch, width=32, size=None):
         # no mask token: methods that do not use one would leave it without a gradient,
         # which DistributedDataParallel refuses
         return ViT(img_size=size, patch_size=vit_patch(size), dim=4 * width, depth=6, heads=4,
-                   mask_token=False)
+                   cls_token=cls_token, mask_token=False)
     found = []
     try:
         import torchvision
@@ -104,11 +121,7 @@ def encoder(arch, width=32, size=None):
     except ImportError:
         timm = None
     if timm is not None and arch in timm.list_models():
-        try:
-            model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size)
-        except TypeError:  # models without an image size argument
-            model = timm.create_model(arch, pretrained=False, num_classes=0)
-        return Backbone(model, model.num_features)
+        return _timm(timm, arch, size, cls_token)
     found.append("timm" if timm is not None else "timm (not installed)")
     raise ValueError(f"unknown --arch {arch!r}: not 'small' and not a model of "
                      f"{' or '.join(found)}")

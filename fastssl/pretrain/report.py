@@ -1,5 +1,6 @@
 """Reports: the evaluation of a trained encoder beside its random initialisation and raw
-pixels, ``report.json``, the loss plots and the markdown tables."""
+pixels (frozen probes; fine-tuning for the two encoders), ``report.json``, the loss plots
+and the markdown tables."""
 import datetime
 import json
 import math
@@ -10,6 +11,7 @@ import time
 import torch
 
 from fastssl.pretrain.evaluation import SHOTS, evaluate
+from fastssl.pretrain.evaluation import fine_tune as fine_tune_scores
 
 
 def environment(device):
@@ -45,20 +47,42 @@ def fresh(path):
     return candidate
 
 
-def report(t, evaluate_encoders=True, draws=5, log=print):
-    """The run's report (evaluation on this process), written to its run folder."""
+def _evaluate(t, draws, fine_tune_draws, log):
+    """{name: evaluate(...)} for the trained encoder, its random initialisation and raw
+    pixels; with ``fine_tune_draws`` (not None) each encoder's entry also holds
+    ``"fine_tune"``: ``evaluation.fine_tune`` with that many draws per shot count (one
+    progress line per encoder)."""
+    cfg = t.cfg
+    t.encoder.eval(), t.initial.eval()
+    initial = t.initial.to(t.device)
+    kw = dict(dataset=t.dataset, train=t.train, test=t.test, size=cfg["size"],
+              device=t.device, workers=int(cfg["workers"]))
+    acc = {t.method: evaluate(t.encoder, knn_k=cfg["knn_k"], draws=draws, **kw),
+           "random init": evaluate(initial, knn_k=cfg["knn_k"], draws=draws, **kw),
+           "raw pixels": evaluate(lambda x: x.flatten(1), knn_k=cfg["knn_k"], draws=draws,
+                                  **kw)}
+    if fine_tune_draws is not None:
+        shots = "/".join(map(str, SHOTS))
+        for name, enc in ((t.method, t.encoder), ("random init", initial)):
+            log(f"{name}: fine-tuning ({shots} labels per class, all labels)")
+            acc[name]["fine_tune"] = fine_tune_scores(enc, draws=fine_tune_draws, **kw)
+    return acc
+
+
+def report(t, evaluate_encoders=True, draws=5, log=print, fine_tune=True, fine_tune_draws=2):
+    """The run's report (evaluation on this process), written to its run folder. With
+    ``fine_tune`` the trained and random-init encoders are also fine-tuned end to end
+    (``fine_tune_draws`` draws at 1, 5 and 10 labels per class, one run on every label):
+    ``accuracy[name]["fine_tune"]`` and ``fine_tune_margin_over_random_init`` (10-label
+    means, trained minus random init; None without fine-tuning)."""
     cfg, h = t.cfg, t.history
     acc = None
     eval_s = 0.0
     if evaluate_encoders:
         t0 = time.perf_counter()
-        t.encoder.eval(), t.initial.eval()
-        initial = t.initial.to(t.device)
-        kw = dict(dataset=t.dataset, train=t.train, test=t.test, size=cfg["size"],
-                  knn_k=cfg["knn_k"], device=t.device, workers=int(cfg["workers"]), draws=draws)
-        acc = {t.method: evaluate(t.encoder, **kw), "random init": evaluate(initial, **kw),
-               "raw pixels": evaluate(lambda x: x.flatten(1), **kw)}
+        acc = _evaluate(t, draws, fine_tune_draws if fine_tune else None, log)
         eval_s = time.perf_counter() - t0
+    tuned = acc is not None and "fine_tune" in acc[t.method]
     out = {"method": t.method, "config": cfg,
            "dataset": {"name": t.dataset.name, "train": len(t.train), "test": len(t.test),
                        "classes": t.dataset.classes,
@@ -69,6 +93,9 @@ def report(t, evaluate_encoders=True, draws=5, log=print):
            "throughput": h["throughput"], "accuracy": acc,
            "knn_margin_over_random_init":
                acc[t.method]["knn"] - acc["random init"]["knn"] if acc else None,
+           "fine_tune_margin_over_random_init":
+               acc[t.method]["fine_tune"]["10"][0] - acc["random init"]["fine_tune"]["10"][0]
+               if tuned else None,
            "timings": {"train_s": h["train_s"], "data_wait_s": h["data_wait_s"],
                        "eval_s": eval_s},
            "environment": environment(t.device), "command": command(),
@@ -142,3 +169,27 @@ def low_shot_table(reports):
     for name in ("random init", "raw pixels"):
         lines.append(row(name, reports[0]["accuracy"][name]))
     return "\n".join(lines)
+
+
+def fine_tune_table(reports):
+    """End-to-end fine-tuning accuracy with 1, 5 and 10 labelled images per class (mean ±
+    std over the draws) and with every label, for each method and random init; the last
+    column is the 10-label mean minus random init's."""
+    head = " | ".join(f"{s}-shot fine-tune" for s in SHOTS)
+    lines = [f"| encoder | {head} | all labels fine-tune | 10-shot - random init |",
+             "|---|" + "---|" * (len(SHOTS) + 2)]
+
+    def row(name, f, margin):
+        cells = " | ".join(f"{f[str(s)][0]:.1f} ± {f[str(s)][1]:.1f}" for s in SHOTS)
+        return f"| {name} | {cells} | {f['all'][0]:.1f} | {margin} |"
+    for r in reports:
+        lines.append(row(r["method"], r["accuracy"][r["method"]]["fine_tune"],
+                         f"{r['fine_tune_margin_over_random_init']:+.1f}"))
+    lines.append(row("random init", reports[0]["accuracy"]["random init"]["fine_tune"], ""))
+    return "\n".join(lines)
+
+
+def has_fine_tune(reports):
+    """Whether every report holds the fine-tune entries (``fine_tune_table`` can show it)."""
+    return all((r.get("accuracy") or {}).get(r["method"], {}).get("fine_tune") is not None
+               for r in reports)

@@ -11,6 +11,9 @@ its patches (MAE) or blend in a mask token (SimMIM), and MAE's decoder and loss 
   of the patch tokens), so it serves the kNN / linear probes like the other encoders
   (``.dim``); ``forward_tokens(x, ids_keep)`` encodes only the kept patches (MAE);
   ``forward_masked(x, mask)`` replaces masked patch embeddings by a mask token (SimMIM).
+- ``TimmViT(model)``: a timm ``VisionTransformer`` with the same token interface.
+- ``Predictor(encoder)``: I-JEPA's predictor, context tokens and target positions ->
+  predictions of the target tokens in the encoder's width.
 - ``MAE(encoder)``: MAE's decoder; ``forward(images)`` -> the norm-pix loss of
   ``fastssl.masking.masked_patch_loss`` over the removed patches.
 
@@ -27,7 +30,8 @@ from torch import nn
 from fastssl import _checks
 from fastssl.masking import get_at_index, masked_patch_loss, random_masking, unshuffle
 
-__all__ = ["sincos_pos_embed_2d", "PatchEmbed", "Attention", "Block", "ViT", "MAE"]
+__all__ = ["sincos_pos_embed_2d", "PatchEmbed", "Attention", "Block", "TokenEncoder", "ViT",
+           "TimmViT", "MAE", "Predictor"]
 
 
 # ----------------------------------------------------------------------------- positions
@@ -150,7 +154,79 @@ def _init_weights(module):
 
 # ----------------------------------------------------------------------------- encoder
 
-class ViT(nn.Module):
+class TokenEncoder(nn.Module):
+    """What the masked-modelling methods need of a ViT, on top of the parts a subclass
+    provides: ``patch_embed`` ((N, C, H, W) -> (N, L, dim) in raster order),
+    ``_patch_positions()`` ((1, L, dim), added to the patch tokens before any masking),
+    ``_with_prefix(tokens)`` (the prefix tokens -- class, registers -- with their own
+    positions, prepended), ``blocks`` and ``norm`` (and optionally ``_before_blocks``, applied
+    to the full sequence before the first block). Subclasses: ``ViT`` and ``TimmViT``."""
+
+    def _before_blocks(self, tokens):
+        return tokens
+
+    def _encode(self, tokens, last=0):
+        """The blocks and the final norm: (normed output, the last ``last`` block outputs)."""
+        tokens = self._before_blocks(tokens)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i >= len(self.blocks) - last:
+                outputs.append(tokens)
+        return self.norm(tokens), outputs
+
+    def forward_tokens(self, x, ids_keep=None):
+        """Encode the patches of ``x`` (N, C, H, W) at ``ids_keep`` (int (N, K), e.g. from
+        ``fastssl.masking.random_masking``; all L patches when None) -> (N, 1 + K, dim),
+        the class token first (N, K, dim without one), after the final LayerNorm. Position
+        embeddings are added to all patches before the kept ones are gathered."""
+        tokens = self.patch_embed(x) + self._patch_positions().to(x.dtype)
+        if ids_keep is not None:
+            if ids_keep.dim() != 2:
+                raise _checks.ShapeError(f"ids_keep must be (N, K), got shape "
+                                         f"{tuple(ids_keep.shape)}")
+            tokens = get_at_index(tokens, ids_keep)
+        return self._encode(self._with_prefix(tokens))[0]
+
+    def forward_masked(self, x, mask, mask_token=None):
+        """SimMIM's encoder: the patch embeddings where ``mask`` is True (bool (N, L) or
+        (N, h, w), e.g. ``fastssl.masking.simmim_mask``; a numeric mask counts non-zero as
+        masked) replaced by the mask token (``mask_token`` (1, 1, dim) when given, e.g. a
+        method's own parameter, else the model's), then position embeddings, all tokens
+        encoded -> (N, 1 + L, dim) (N, L, dim without a class token)."""
+        token = self.mask_token if mask_token is None else mask_token
+        if token is None:
+            raise RuntimeError("this ViT was built with mask_token=False; forward_masked "
+                               "needs ViT(..., mask_token=True) or a mask_token argument")
+        _checks.tensor(mask, "mask")
+        tokens = self.patch_embed(x)
+        n, length = tokens.shape[:2]
+        if mask.shape not in ((n, length), (n, *self.grid)):
+            raise _checks.ShapeError(f"mask must be (N, L) = ({n}, {length}) or (N, h, w) = "
+                                     f"({n}, {self.grid[0]}, {self.grid[1]}), got "
+                                     f"{tuple(mask.shape)}")
+        if mask.device != tokens.device:
+            raise ValueError(f"mask is on {mask.device} but the images on {tokens.device}")
+        masked = mask.reshape(n, length, 1)
+        if masked.dtype != torch.bool:
+            masked = masked != 0
+        tokens = torch.where(masked, token.to(tokens.dtype), tokens)
+        tokens = tokens + self._patch_positions().to(tokens.dtype)
+        return self._encode(self._with_prefix(tokens))[0]
+
+    def forward_blocks(self, x, last=None):
+        """Every patch encoded: (the final LayerNorm's output (N, prefix + L, dim), the
+        outputs of the ``last`` blocks (all when None), each (N, prefix + L, dim) before the
+        final LayerNorm, first to last) -- data2vec's teacher averages them."""
+        depth = len(self.blocks)
+        last = depth if last is None else _checks.integer(last, "last", lo=1)
+        if last > depth:
+            raise ValueError(f"last ({last}) must be at most the depth ({depth})")
+        tokens = self.patch_embed(x) + self._patch_positions().to(x.dtype)
+        return self._encode(self._with_prefix(tokens), last)
+
+
+class ViT(TokenEncoder):
     """A Vision Transformer encoder with fixed 2-D sine-cosine position embeddings.
 
     Args:
@@ -205,61 +281,85 @@ class ViT(nn.Module):
                 nn.init.normal_(token, std=0.02)
         self.apply(_init_weights)
 
+    def _patch_positions(self):
+        return self.pos_embed
+
     def _with_prefix(self, tokens):
         if self.cls_token is None:
             return tokens
         return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype),
                           tokens], dim=1)
 
-    def _encode(self, tokens):
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)
-
-    def forward_tokens(self, x, ids_keep=None):
-        """Encode the patches of ``x`` (N, C, H, W) at ``ids_keep`` (int (N, K), e.g. from
-        ``fastssl.masking.random_masking``; all L patches when None) -> (N, 1 + K, dim),
-        the class token first (N, K, dim without one), after the final LayerNorm. Position
-        embeddings are added to all patches before the kept ones are gathered."""
-        tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)
-        if ids_keep is not None:
-            if ids_keep.dim() != 2:
-                raise _checks.ShapeError(f"ids_keep must be (N, K), got shape "
-                                         f"{tuple(ids_keep.shape)}")
-            tokens = get_at_index(tokens, ids_keep)
-        return self._encode(self._with_prefix(tokens))
-
-    def forward_masked(self, x, mask, mask_token=None):
-        """SimMIM's encoder: the patch embeddings where ``mask`` is True (bool (N, L) or
-        (N, h, w), e.g. ``fastssl.masking.simmim_mask``; a numeric mask counts non-zero as
-        masked) replaced by the mask token (``mask_token`` (1, 1, dim) when given, e.g. a
-        method's own parameter, else the model's), then position embeddings, all tokens
-        encoded -> (N, 1 + L, dim) (N, L, dim without a class token)."""
-        token = self.mask_token if mask_token is None else mask_token
-        if token is None:
-            raise RuntimeError("this ViT was built with mask_token=False; forward_masked "
-                               "needs ViT(..., mask_token=True) or a mask_token argument")
-        _checks.tensor(mask, "mask")
-        tokens = self.patch_embed(x)
-        n, length = tokens.shape[:2]
-        if mask.shape not in ((n, length), (n, *self.grid)):
-            raise _checks.ShapeError(f"mask must be (N, L) = ({n}, {length}) or (N, h, w) = "
-                                     f"({n}, {self.grid[0]}, {self.grid[1]}), got "
-                                     f"{tuple(mask.shape)}")
-        if mask.device != tokens.device:
-            raise ValueError(f"mask is on {mask.device} but the images on {tokens.device}")
-        masked = mask.reshape(n, length, 1)
-        if masked.dtype != torch.bool:
-            masked = masked != 0
-        tokens = torch.where(masked, token.to(tokens.dtype), tokens)
-        tokens = tokens + self.pos_embed.to(tokens.dtype)
-        return self._encode(self._with_prefix(tokens))
-
     def forward(self, x):
         """Features (N, dim): the class token's output, or the mean of the patch tokens'
         outputs (after the final LayerNorm) when the model has no class token."""
         out = self.forward_tokens(x)
         return out[:, 0] if self.cls_token is not None else out.mean(dim=1)
+
+
+class TimmViT(TokenEncoder):
+    """A timm ``VisionTransformer`` behind ``TokenEncoder``'s interface, so that the masked
+    methods train it: ``forward_tokens`` / ``forward_masked`` / ``forward_blocks`` run
+    timm's own patch embedding, position table, prefix tokens (class and register
+    tokens), ``norm_pre``, blocks and final norm on the kept or masked patches;
+    ``forward(x)`` is the model's own pooled features (``num_classes=0``). Position
+    embeddings follow timm's convention: with ``no_embed_class`` only the patches have
+    them, otherwise the table's first ``num_prefix_tokens`` rows belong to the prefix.
+    Needs a fixed image size (no ``dynamic_img_size``) and no patch dropout. Weights live
+    under ``model.`` as in ``models.Backbone``."""
+
+    def __init__(self, model):
+        super().__init__()
+        embed = model.patch_embed
+        if getattr(model, "dynamic_img_size", False) or model.pos_embed is None:
+            raise ValueError("TimmViT needs a timm ViT with a fixed image size and a "
+                             "learned position table")
+        if not isinstance(model.patch_drop, nn.Identity):
+            raise ValueError("TimmViT needs patch_drop_rate=0 (masking chooses the tokens)")
+        ph, pw = embed.patch_size
+        if ph != pw:
+            raise ValueError(f"TimmViT needs square patches, got {ph} x {pw}")
+        self.model = model
+        self.dim = int(model.num_features)
+        self.patch_size, self.grid = ph, tuple(embed.grid_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.img_size = tuple(embed.img_size)
+        self.in_chans = embed.proj.in_channels
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.mask_token = None
+
+    @property
+    def patch_embed(self):
+        return self.model.patch_embed
+
+    @property
+    def blocks(self):
+        return self.model.blocks
+
+    def _patch_positions(self):
+        table = self.model.pos_embed
+        return table if self.model.no_embed_class else table[:, self.num_prefix_tokens:]
+
+    def _with_prefix(self, tokens):
+        m, n = self.model, tokens.shape[0]
+        prefix = [t.expand(n, -1, -1).to(tokens.dtype) for t in (m.cls_token, m.reg_token)
+                  if t is not None]
+        if not prefix:
+            return tokens
+        prefix = torch.cat(prefix, dim=1)
+        if not m.no_embed_class:
+            prefix = prefix + m.pos_embed[:, :self.num_prefix_tokens].to(tokens.dtype)
+        return torch.cat([prefix, tokens], dim=1)
+
+    @property
+    def norm(self):
+        return self.model.norm
+
+    def _before_blocks(self, tokens):
+        return self.model.norm_pre(self.model.pos_drop(tokens))
+
+    def forward(self, x):
+        return self.model(x)
 
 
 # ----------------------------------------------------------------------------- MAE
@@ -286,8 +386,8 @@ class MAE(nn.Module):
     def __init__(self, encoder, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                  mask_ratio=0.75, norm_pix=True):
         super().__init__()
-        if not isinstance(encoder, ViT):
-            raise TypeError(f"encoder must be a fastssl.pretrain.vit.ViT, got "
+        if not isinstance(encoder, TokenEncoder):
+            raise TypeError(f"encoder must be a fastssl.pretrain.vit.ViT or TimmViT, got "
                             f"{type(encoder).__name__}")
         decoder_dim = _checks.integer(decoder_dim, "decoder_dim", lo=1)
         decoder_depth = _checks.integer(decoder_depth, "decoder_depth", lo=1)
@@ -354,3 +454,57 @@ class MAE(nn.Module):
         """The scalar MAE loss of ``images`` (N, C, H, W), masks drawn from ``generator``
         (or given: see ``forward_with_outputs``)."""
         return self.forward_with_outputs(images, generator, masks)[0]
+
+
+# ----------------------------------------------------------------------------- I-JEPA
+
+class Predictor(nn.Module):
+    """I-JEPA's predictor: a narrow ViT from the context encoder's tokens to predictions of
+    the target tokens.
+
+    ``forward(context, context_idx, target_idx)``: ``context`` (N, K, encoder.dim) are the
+    encoder's outputs for the patches ``context_idx`` (N, K) (no prefix tokens);
+    ``target_idx`` (N, M) the patches to predict. The context is mapped to ``dim``, gets
+    the fixed sine-cosine position embedding of its patch, and is followed by M copies of a
+    learnable mask token, each with the position embedding of its target patch; ``depth``
+    blocks, a LayerNorm and a Linear back to encoder.dim give (N, M, encoder.dim), the
+    outputs at the mask tokens. One call predicts one target block per image (I-JEPA runs
+    the predictor once per block, so the blocks never attend to each other).
+    """
+
+    def __init__(self, encoder, dim=64, depth=2, heads=4):
+        super().__init__()
+        if not isinstance(encoder, TokenEncoder):
+            raise TypeError(f"encoder must be a fastssl.pretrain.vit.ViT or TimmViT, got "
+                            f"{type(encoder).__name__}")
+        dim = _checks.integer(dim, "dim", lo=1)
+        depth = _checks.integer(depth, "depth", lo=1)
+        heads = _checks.integer(heads, "heads", lo=1)
+        if dim % heads or dim % 4:
+            raise ValueError(f"predictor dim ({dim}) must be a multiple of 4 and of heads "
+                             f"({heads})")
+        self.encoder_dim, self.num_patches = encoder.dim, encoder.num_patches
+        self.embed = nn.Linear(encoder.dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, *encoder.grid)[None])
+        self.blocks = nn.ModuleList(Block(dim, heads, 4.0) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, encoder.dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(_init_weights)
+
+    def forward(self, context, context_idx, target_idx):
+        for t, name in ((context_idx, "context_idx"), (target_idx, "target_idx")):
+            if t.dim() != 2 or t.shape[0] != context.shape[0]:
+                raise _checks.ShapeError(f"{name} must be (N, count) with N = "
+                                         f"{context.shape[0]}, got {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[1:] != (context_idx.shape[1], self.encoder_dim):
+            raise _checks.ShapeError(f"context must be (N, K, {self.encoder_dim}) with K = "
+                                     f"{context_idx.shape[1]}, got {tuple(context.shape)}")
+        pos = self.pos_embed.to(context.dtype).expand(context.shape[0], -1, -1)
+        x = self.embed(context) + get_at_index(pos, context_idx)
+        queries = self.mask_token.to(x.dtype) + get_at_index(pos, target_idx)
+        x = torch.cat([x, queries], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x[:, context_idx.shape[1]:]))

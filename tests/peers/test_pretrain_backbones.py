@@ -60,3 +60,57 @@ def test_pretrain_arch_then_load_encoder(arch, size, tmp_path):
         f = enc(x)
         assert f.shape == (3, dim) and torch.isfinite(f).all()
         assert torch.equal(f, fresh.eval()(x))
+
+
+def _timm_vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=0, **kw).double().eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"no_embed_class": True, "reg_tokens": 2},
+                                {"class_token": False, "global_pool": "avg"}])
+def test_timm_vit_tokens_are_timms_own(kw):
+    """``TimmViT`` on every patch is timm's ``forward_features`` exactly (prefix tokens,
+    their positions and timm's conventions for them), its pooled features are timm's, and
+    the kept-patch and masked encodings are the same network on fewer or replaced tokens:
+    the kept tokens' positions are the table's rows of those patches."""
+    from fastssl.masking import get_at_index
+    from fastssl.pretrain.vit import TimmViT
+    model = _timm_vit(**kw)
+    enc = TimmViT(model)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_tokens(x), model.forward_features(x),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(enc(x), model(x), rtol=0, atol=0)
+        final, layers = enc.forward_blocks(x, last=1)
+        torch.testing.assert_close(model.norm(layers[0]), final, rtol=0, atol=0)
+        keep = torch.stack([torch.randperm(16)[:5] for _ in range(3)])
+        kept = enc.forward_tokens(x, keep)
+        pre = enc.num_prefix_tokens
+        patches = model.patch_embed(x) + enc._patch_positions()
+        tokens = enc._with_prefix(get_at_index(patches, keep))
+        ref = model.norm(model.blocks(model.norm_pre(tokens)))
+        torch.testing.assert_close(kept, ref, rtol=1e-12, atol=1e-12)
+        assert kept.shape == (3, pre + 5, 32)
+        token = torch.randn(1, 1, 32, dtype=torch.float64)
+        none = torch.zeros(3, 16, dtype=torch.bool)
+        torch.testing.assert_close(enc.forward_masked(x, none, mask_token=token),
+                                   model.forward_features(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["mae", "ijepa", "data2vec", "ibot"])
+def test_masked_methods_train_a_timm_vit(method, tmp_path):
+    out = tmp_path / "runs"
+    rc = cli.main(["pretrain", "--method", method, "--arch", "vit_tiny_patch16_224",
+                   "--size", "64", "--batch-size", "8", "--max-steps", "2", "--epochs", "1",
+                   "--no-eval", "--no-progress", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    (run_dir,) = glob.glob(str(out / f"{method}-*"))
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    assert len(report["step_loss"]) == 2 and all(torch.isfinite(torch.tensor(report["step_loss"])))
+    enc = load_encoder(run_dir).eval()
+    assert type(enc.model).__name__ == "VisionTransformer"
+    assert (enc.num_prefix_tokens == 0) == (method in ("ijepa", "data2vec"))
