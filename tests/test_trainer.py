@@ -187,8 +187,8 @@ def test_resume_refuses_changed_settings(tmp_path):
 def test_bad_settings_are_refused_before_training(settings, error, match):
     with pytest.raises(error, match=match):
         P.pretrain("simclr", out_dir=None, **dict(TINY, **settings))
-    with pytest.raises(ValueError, match="unknown method 'ibot'"):
-        P.pretrain("ibot", out_dir=None, **TINY)
+    with pytest.raises(ValueError, match="unknown method 'simclr2'"):
+        P.pretrain("simclr2", out_dir=None, **TINY)
 
 
 def test_bad_data_files_are_refused(tmp_path):

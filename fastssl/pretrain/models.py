@@ -76,7 +76,10 @@ def _timm(timm, arch, size, cls_token):
     """A timm model by name without its classifier; a ``VisionTransformer`` comes as
     ``vit.TimmViT`` (the masked methods' token interface), built without a class token and
     with mean pooling when ``cls_token`` is False."""
-    from timm.models.vision_transformer import VisionTransformer
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # a timm without its ViT module
+        VisionTransformer = ()
     kw = {} if cls_token else {"class_token": False, "global_pool": "avg"}
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size, **kw)
