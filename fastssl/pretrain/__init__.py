@@ -46,8 +46,7 @@ def pretrain(method, out_dir="runs", log=print, progress=True, evaluate=True,
     initialisation and raw pixels, with every training label and ``low_shot_draws`` draws
     of 1, 5 and 10 labels per class; with ``fine_tune`` also the trained and random-init
     encoders fine-tuned end to end (``evaluation.fine_tune``: ``fine_tune_draws`` draws per
-    shot count, one run with every label; about 11 s per encoder on the digits, one CPU
-    thread), in ``accuracy[name]["fine_tune"]`` and ``fine_tune_margin_over_random_init``."""
+    shot count, one run with every label, on one CPU thread), in ``accuracy[name]["fine_tune"]`` and ``fine_tune_margin_over_random_init``."""
     return run([method], out_dir, log, progress, evaluate, low_shot_draws, fine_tune,
                fine_tune_draws, **settings_)[0]
 

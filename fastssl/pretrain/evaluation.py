@@ -26,12 +26,9 @@ from fastssl.pretrain.data import collate
 from fastssl.pretrain.loop import learning_rate
 
 SHOTS = (1, 5, 10)
-# Fine-tuning defaults, measured on the digits (16-px views, the small ResNet, one CPU
-# thread, a SimCLR encoder of 200 steps): the seven runs of ``fine_tune`` take 10-11 s per
-# encoder (2.6 s the run on every label) and reach 77/91/94/96% at 1/5/10/all labels per
-# class against 58/87/91/94% from random init. 100 steps doubled the time and gained only
-# with every label (98.7 against 95.8%); lr 3e-3, or 3e-4 with the head's at x10, did no
-# better than 1e-3.
+# Fine-tuning defaults: a short schedule that separates pretrained from random encoders at
+# 1-10 labels per class on the digits in seconds per run on two CPU cores (the committed
+# reports in benchmarks/results/trainer/ show what it gives).
 FINE_TUNE = {"steps": 50, "batch": 32, "lr": 1e-3, "weight_decay": 0.05,
              "label_smoothing": 0.1}
 

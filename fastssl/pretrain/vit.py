@@ -362,6 +362,23 @@ class TimmViT(TokenEncoder):
         return self.model(x)
 
 
+def _head_sizes(encoder, dim, depth, heads, what):
+    """(dim, depth, heads) of a decoder or predictor on ``encoder``, checked: positive
+    integers, ``dim`` a multiple of 4 (2-D sine-cosine positions) and of ``heads``."""
+    if not isinstance(encoder, TokenEncoder):
+        raise TypeError(f"encoder must be a fastssl.pretrain.vit.ViT or TimmViT, got "
+                        f"{type(encoder).__name__}")
+    dim = _checks.integer(dim, f"{what}_dim", lo=1)
+    depth = _checks.integer(depth, f"{what}_depth", lo=1)
+    heads = _checks.integer(heads, f"{what}_heads", lo=1)
+    if dim % heads:
+        raise ValueError(f"{what}_dim ({dim}) must be divisible by {what}_heads ({heads})")
+    if dim % 4:
+        raise ValueError(f"{what}_dim must be a multiple of 4 (2-D sine-cosine position "
+                         f"embeddings), got {dim}")
+    return dim, depth, heads
+
+
 # ----------------------------------------------------------------------------- MAE
 
 class MAE(nn.Module):
@@ -386,18 +403,8 @@ class MAE(nn.Module):
     def __init__(self, encoder, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                  mask_ratio=0.75, norm_pix=True):
         super().__init__()
-        if not isinstance(encoder, TokenEncoder):
-            raise TypeError(f"encoder must be a fastssl.pretrain.vit.ViT or TimmViT, got "
-                            f"{type(encoder).__name__}")
-        decoder_dim = _checks.integer(decoder_dim, "decoder_dim", lo=1)
-        decoder_depth = _checks.integer(decoder_depth, "decoder_depth", lo=1)
-        decoder_heads = _checks.integer(decoder_heads, "decoder_heads", lo=1)
-        if decoder_dim % decoder_heads:
-            raise ValueError(f"decoder_dim ({decoder_dim}) must be divisible by decoder_heads "
-                             f"({decoder_heads})")
-        if decoder_dim % 4:
-            raise ValueError(f"decoder_dim must be a multiple of 4 (2-D sine-cosine position "
-                             f"embeddings), got {decoder_dim}")
+        decoder_dim, decoder_depth, decoder_heads = _head_sizes(
+            encoder, decoder_dim, decoder_depth, decoder_heads, "decoder")
         self.mask_ratio = _checks.number(mask_ratio, "mask_ratio", lo=0.0, hi=1.0, hi_open=True)
         self.norm_pix = _checks.flag(norm_pix, "norm_pix")
         p, c = encoder.patch_size, encoder.in_chans
@@ -474,15 +481,7 @@ class Predictor(nn.Module):
 
     def __init__(self, encoder, dim=64, depth=2, heads=4):
         super().__init__()
-        if not isinstance(encoder, TokenEncoder):
-            raise TypeError(f"encoder must be a fastssl.pretrain.vit.ViT or TimmViT, got "
-                            f"{type(encoder).__name__}")
-        dim = _checks.integer(dim, "dim", lo=1)
-        depth = _checks.integer(depth, "depth", lo=1)
-        heads = _checks.integer(heads, "heads", lo=1)
-        if dim % heads or dim % 4:
-            raise ValueError(f"predictor dim ({dim}) must be a multiple of 4 and of heads "
-                             f"({heads})")
+        dim, depth, heads = _head_sizes(encoder, dim, depth, heads, "predictor")
         self.encoder_dim, self.num_patches = encoder.dim, encoder.num_patches
         self.embed = nn.Linear(encoder.dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
