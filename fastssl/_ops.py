@@ -362,85 +362,74 @@ def _prototype_impl(*tensors):
 
 
 def _prototype_ce(student: Tensor, prototypes: Tensor, teacher: Tensor,
-                  teacher_prototypes: Tensor, center: Optional[Tensor], student_idx: Tensor,
-                  teacher_idx: Tensor, weights: Tensor, student_temp: float,
-                  teacher_temp: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """sum_p weights_p CE(student_idx_p, teacher_idx_p) (fastssl.prototype's docstring) and
-    the statistics the backward uses: m (student softmax means), q (teacher targets), and
-    the row statistics st_s, st_t ((rows, 2): maximum product and log-sum, see
-    kernels/prototype.py). Two ``rows`` passes over the prototypes. The value
-    sum_p w_p (lse_s - s . q / tau_s), lse_s = m_s / tau_s + l_s, is formed in the arithmetic
-    dtype: where the target is one prototype, q is that prototype and s . q rounds as m_s
-    did, so the two roundings cancel (a float64 difference of the float32 terms is less
-    accurate there, measured by tests/test_precision.py)."""
+                  teacher_prototypes: Tensor, center: Optional[Tensor], pair_idx: Tensor,
+                  pair_weights: Tensor, student_temp: float,
+                  teacher_temp: float) -> tuple[Tensor, Tensor, Tensor]:
+    """sum_i sum_p pair_weights_ip CE(i, pair_idx_ip) (fastssl.prototype's docstring) and the
+    row statistics st_s, st_t ((rows, 2): maximum product and log-sum, kernels/prototype.py)
+    the backward reuses. Two ``rows`` passes (the log-partitions), then one ``pair_value`` pass
+    forming -sum_k R_ik log P^s_ik entry by entry, log P^s = -(l + (m - x) / tau_s): the
+    eager formulation's rounding, no difference of the two large terms LSE and s . q."""
     impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
-    st_t, q = impl.rows(teacher, teacher_prototypes, prototypes, center, 1.0 / teacher_temp)
-    st_s, m = impl.rows(student, prototypes, prototypes, None, 1.0 / student_temp)
-    acc = q.dtype
-    lse = st_s[:, 0] * (1.0 / student_temp) + st_s[:, 1]
-    cross = torch.linalg.vecdot(student.to(acc)[student_idx], q[teacher_idx])
-    loss = (weights.to(acc) * (lse[student_idx] - cross / student_temp)).sum()
-    return loss.to(st_s.dtype), m, q, st_s, st_t
+    st_t = impl.rows(teacher, teacher_prototypes, None, center, 1.0 / teacher_temp)[0]
+    st_s = impl.rows(student, prototypes, None, None, 1.0 / student_temp)[0]
+    per_row = impl.pair_value(student, prototypes, teacher, teacher_prototypes, center,
+                              1.0 / student_temp, 1.0 / teacher_temp, st_s, st_t, pair_idx,
+                              pair_weights)
+    return per_row.sum(), st_s, st_t
 
 
-def _prototype_ce_fake(student, prototypes, teacher, teacher_prototypes, center, student_idx,
-                       teacher_idx, weights, student_temp, teacher_temp):
+def _prototype_ce_fake(student, prototypes, teacher, teacher_prototypes, center, pair_idx,
+                       pair_weights, student_temp, teacher_temp):
     acc = acc_dtype(student)
-    D = student.shape[1]
-    return (student.new_empty((), dtype=acc), student.new_empty(student.shape[0], D, dtype=acc),
-            student.new_empty(teacher.shape[0], D, dtype=acc),
+    return (student.new_empty((), dtype=acc),
             student.new_empty(student.shape[0], 2, dtype=acc),
             student.new_empty(teacher.shape[0], 2, dtype=acc))
 
 
 def _prototype_ce_backward_impl(
         student: Tensor, prototypes: Tensor, teacher: Tensor, teacher_prototypes: Tensor,
-        center: Optional[Tensor], student_idx: Tensor, teacher_idx: Tensor, weights: Tensor,
-        student_temp: float, teacher_temp: float, m: Tensor, q: Tensor, st_s: Tensor,
-        st_t: Tensor, grad: Tensor, need_student: bool,
-        need_prototypes: bool) -> tuple[Tensor, Tensor]:
-    """d/d student = (a_i m_i - r_i) / tau_s and d/d prototypes =
-    (cols(student; a_i s_i) - cols(teacher; h_j)) / tau_s, with a_i = sum_p g_p [i_p = i],
-    r_i = sum_p g_p q_{j_p}, h_j = sum_p g_p s_{i_p}, g = weights * grad."""
-    acc = m.dtype
-    g = weights.to(acc) * grad.to(acc)
-    s = student.to(acc)
-    a = torch.zeros(s.shape[0], dtype=acc, device=s.device).index_add_(0, student_idx, g)
-    d_s = d_w = None
-    if need_student:
-        r = torch.zeros_like(m).index_add_(0, student_idx, g[:, None] * q[teacher_idx])
-        d_s = ((a[:, None] * m - r) / student_temp).to(student.dtype)
-    if need_prototypes:
-        impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
-        h = torch.zeros_like(q).index_add_(0, teacher_idx, g[:, None] * s[student_idx])
-        # one (K, D) buffer: the teacher's term subtracted in place, 1 / tau_s folded in
-        d_w = impl.cols(student, prototypes, None, 1.0 / student_temp, st_s, a[:, None] * s,
-                        alpha=1.0 / student_temp)
-        del s
-        d_w = impl.cols(teacher, teacher_prototypes, center, 1.0 / teacher_temp, st_t, h,
-                        out=d_w, alpha=-1.0 / student_temp).to(prototypes.dtype)
-    return (student.new_empty(0) if d_s is None else d_s,
-            prototypes.new_empty(0) if d_w is None else d_w)
+        center: Optional[Tensor], pair_idx: Tensor, pair_weights: Tensor,
+        student_temp: float, teacher_temp: float, st_s: Tensor, st_t: Tensor, grad: Tensor,
+        need_student: bool, need_prototypes: bool) -> tuple[Tensor, Tensor]:
+    """With g = pair_weights * grad, a_i = sum_p g_ip and d_ik = a_i P^s_ik - R_ik (the
+    eager formulation's entry-by-entry difference, never stored): d/d student = d W / tau_s
+    and d/d prototypes = d^T S / tau_s (``pair_grad``: one pass on the portable path, a row
+    and a column pass in the kernels). g and a
+    are scaled by one power of two into [-1, 1] (exact) so that 16-bit tile operands keep
+    their relative precision; the factor comes back with 1 / tau_s."""
+    acc = st_s.dtype
+    g = pair_weights.to(acc) * grad.to(acc)
+    bound = pow2_bound(g)
+    g = g / bound
+    a = g.sum(1)
+    impl = _prototype_impl(student, prototypes, teacher, teacher_prototypes)
+    d_s, d_w = impl.pair_grad(student, prototypes, teacher, teacher_prototypes, center,
+                              1.0 / student_temp, 1.0 / teacher_temp, st_s, st_t, pair_idx, g,
+                              a, need_student, need_prototypes)
+    factor = bound / student_temp
+    return (student.new_empty(0) if d_s is None else d_s.mul_(factor).to(student.dtype),
+            prototypes.new_empty(0) if d_w is None else d_w.mul_(factor).to(prototypes.dtype))
 
 
 def _prototype_ce_backward_fake(student, prototypes, teacher, teacher_prototypes, center,
-                                student_idx, teacher_idx, weights, student_temp, teacher_temp,
-                                m, q, st_s, st_t, grad, need_student, need_prototypes):
+                                pair_idx, pair_weights, student_temp, teacher_temp, st_s, st_t,
+                                grad, need_student, need_prototypes):
     return _grad_like(student, need_student), _grad_like(prototypes, need_prototypes)
 
 
 def _prototype_ce_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*inputs[:8], *output[1:])
-    ctx.temps = inputs[8:10]
+    ctx.save_for_backward(*inputs[:7], *output[1:])
+    ctx.temps = inputs[7:9]
 
 
 def _prototype_ce_grad(ctx, grad_loss, *unused):
     saved = ctx.saved_tensors
     need = ctx.needs_input_grad
-    d_s, d_w = prototype_ce_backward(*saved[:8], *ctx.temps, *saved[8:], grad_loss,
+    d_s, d_w = prototype_ce_backward(*saved[:7], *ctx.temps, *saved[7:], grad_loss,
                                      need[0], need[1])
-    return (d_s if need[0] else None, d_w if need[1] else None) + (None,) * 8
+    return (d_s if need[0] else None, d_w if need[1] else None) + (None,) * 7
 
 
 prototype_ce = _Op("fastssl::prototype_ce", _prototype_ce, _prototype_ce_fake,

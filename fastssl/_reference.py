@@ -296,6 +296,32 @@ def standardize_backward(z, grad_a, stats, eps):
 
 # ----------------------------------------------------------------------------- prototype passes
 
+def _debias(t, bias, k0, k1, acc):
+    """(s, e): t - c for the bias columns k0:k1 as the rounded difference s and its
+    rounding error e (Knuth's two-sum; c = hi + lo for a float64 bias with float32 t), so
+    that (s - m) + e, with s - m exact near the row maximum, is t - c - m to a rounding of
+    itself rather than of |t - c| (kernels/prototype.py's module docstring). None for no
+    bias; e = None in float64."""
+    if bias is None:
+        return t, None
+    c = bias[k0:k1]
+    if acc == torch.float64:
+        return t - c.to(acc), None
+    hi = c.to(acc)
+    s = t - hi
+    bb = s - t
+    e = (t - (s - bb)) + (-hi - bb)
+    if c.dtype == torch.float64:
+        e -= (c - hi.double()).to(acc)
+    return s, e
+
+
+def _shifted(s, e, m):
+    """(s - m) + e in place of s: the exponent of every pass before its scale."""
+    s = s.sub_(m)
+    return s if e is None else s.add_(e)
+
+
 def prototype_rows(x, keys, vals, bias, scale, block=None):
     """(stats (n, 2) = [m_i, l_i], out (n, E) or None) of kernels/prototype.py's ``rows``
     pass, in prototype chunks with an online softmax (max over the products, as the
@@ -308,12 +334,10 @@ def prototype_rows(x, keys, vals, bias, scale, block=None):
     z = torch.zeros(n, dtype=acc, device=x.device)
     out = None if vals is None else torch.zeros(n, vals.shape[1], dtype=acc, device=x.device)
     for k0 in range(0, K, block):
-        t = xa @ keys[k0:k0 + block].to(acc).T
-        if bias is not None:
-            t -= bias[k0:k0 + block].to(acc)
+        t, e = _debias(xa @ keys[k0:k0 + block].to(acc).T, bias, k0, k0 + block, acc)
         m_new = torch.maximum(m_run, t.amax(1))
         alpha = torch.exp((m_run - m_new) * scale)
-        t = t.sub_(m_new[:, None]).mul_(scale).exp_()
+        t = _shifted(t, e, m_new[:, None]).mul_(scale).exp_()
         z = z * alpha + t.sum(1)
         if out is not None:
             out = torch.addmm(out * alpha[:, None], t, vals[k0:k0 + block].to(acc))
@@ -335,10 +359,8 @@ def prototype_cols(x, keys, bias, scale, st, y, out=None, alpha=1.0, block=None)
     if out is None:
         out = torch.empty(K, y.shape[1], dtype=acc, device=x.device)
     for k0 in range(0, K, block):
-        t = xa @ keys[k0:k0 + block].to(acc).T
-        if bias is not None:
-            t -= bias[k0:k0 + block].to(acc)
-        t = t.sub_(m_r).mul_(scale).sub_(l_r).clamp_(max=0).exp_()
+        t, e = _debias(xa @ keys[k0:k0 + block].to(acc).T, bias, k0, k0 + block, acc)
+        t = _shifted(t, e, m_r).mul_(scale).sub_(l_r).clamp_(max=0).exp_()
         if accumulate:
             out[k0:k0 + block].addmm_(t.T, ya, alpha=alpha)
         else:
@@ -347,6 +369,60 @@ def prototype_cols(x, keys, bias, scale, st, y, out=None, alpha=1.0, block=None)
                 out[k0:k0 + block] *= alpha
     return out
 
+
+
+def _pair_chunks(s, w, t, v, bias, scale_t, st_t, pidx, pw, block):
+    """Yield (k0, w chunk, student scores x, target R) per prototype chunk (see
+    ``prototype_pair_value``): the teacher's softmax of every row once per chunk, gathered
+    into the student rows' targets."""
+    acc = _acc(s)
+    block = block or BLOCK or _block_width(max(s.shape[0], t.shape[0]))
+    sa, ta = s.to(acc), t.to(acc)
+    m_t, l_t = st_t[:, 0, None].to(acc), st_t[:, 1, None].to(acc)
+    pw = pw.to(acc)
+    for k0 in range(0, w.shape[0], block):
+        wk = w[k0:k0 + block].to(acc)
+        xt, e = _debias(ta @ v[k0:k0 + block].to(acc).T, bias, k0, k0 + block, acc)
+        pt = _shifted(xt, e, m_t).mul_(scale_t).sub_(l_t).clamp_(max=0).exp_()
+        r = pw[:, 0, None] * pt[pidx[:, 0]]
+        for j in range(1, pidx.shape[1]):
+            r.addcmul_(pw[:, j, None], pt[pidx[:, j]])
+        del pt
+        yield k0, wk, sa @ wk.T, r
+
+
+def prototype_pair_value(s, w, t, v, bias, scale_s, scale_t, st_s, st_t, pidx, pw, block=None):
+    """kernels/prototype.py's ``pair_value``, in prototype chunks: with the row statistics of
+    ``prototype_rows`` (st_s of s against w at scale_s; st_t of t against v, bias c, at
+    scale_t) and the pair table (pidx, pw) (n, P), each student row's target is
+    R_ik = sum_p pw_ip P^t_{pidx_ip, k}, P = exp(scale (x - m) - l); returns (n,)
+    sum_k R_ik (l_i + scale_s (m_i - x_ik)) = -sum_k R_ik log P^s_ik."""
+    acc = _acc(s)
+    m_s, l_s = st_s[:, 0, None].to(acc), st_s[:, 1, None].to(acc)
+    out = torch.zeros(s.shape[0], dtype=acc, device=s.device)
+    for _, _, xs, r in _pair_chunks(s, w, t, v, bias, scale_t, st_t, pidx, pw, block):
+        out += (r * xs.neg_().add_(m_s).clamp_(min=0).mul_(scale_s).add_(l_s)).sum(1)
+    return out
+
+
+def prototype_pair_grad(s, w, t, v, bias, scale_s, scale_t, st_s, st_t, pidx, pw, a,
+                        need_rows, need_cols, block=None):
+    """kernels/prototype.py's ``pair_grad``: with d_ik = a_i P^s_ik - R_ik (the targets of
+    ``prototype_pair_value`` at weights pw), (sum_k d_ik w_k (n, D) or None,
+    sum_i d_ik s_i (K, D) or None), both from one pass over the chunks."""
+    acc = _acc(s)
+    m_s, l_s = st_s[:, 0, None].to(acc), st_s[:, 1, None].to(acc)
+    a = a.to(acc)[:, None]
+    rows = torch.zeros(s.shape[0], s.shape[1], dtype=acc, device=s.device) if need_rows else None
+    cols = torch.empty(w.shape[0], s.shape[1], dtype=acc, device=s.device) if need_cols else None
+    sa = s.to(acc)
+    for k0, wk, xs, r in _pair_chunks(s, w, t, v, bias, scale_t, st_t, pidx, pw, block):
+        d = xs.sub_(m_s).mul_(scale_s).sub_(l_s).clamp_(max=0).exp_().mul_(a).sub_(r)
+        if need_rows:
+            rows.addmm_(d, wk)
+        if need_cols:
+            torch.mm(d.T, sa, out=cols[k0:k0 + wk.shape[0]])
+    return rows, cols
 
 # ----------------------------------------------------------------------------- masked patches
 
@@ -569,7 +645,8 @@ barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardi
                          standardize_backward=standardize_backward)
 siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward,
                          backward_kept=siglip_backward_kept, KEEP_PAIRS=KEEP_PAIRS)
-prototype = SimpleNamespace(rows=prototype_rows, cols=prototype_cols)
+prototype = SimpleNamespace(rows=prototype_rows, cols=prototype_cols,
+                            pair_value=prototype_pair_value, pair_grad=prototype_pair_grad)
 masked = SimpleNamespace(forward=masked_patch_forward, backward=masked_patch_backward,
                          backward_kept=masked_patch_backward_kept, latent_forward=latent_forward,
                          latent_backward=latent_backward)

@@ -14,15 +14,21 @@ sample, and the loss is the mean over pairs and samples (lightly's DINOLoss).
 ``pairing="rows"``: student row r against teacher row r with ``weights`` (iBOT's masked
 tokens: 1 / masked count of the row's image / images), loss = sum_r w_r CE(r, r).
 
-The forward is two passes over K (``kernels/prototype.py``'s ``rows``: an online softmax
-that rescales its running sums as the maximum moves) giving q_j, LSE_i and the student's
-softmax mean m_i = sum_k softmax_ik w_k; the backward is
+The forward is two ``rows`` passes over K (``kernels/prototype.py``: an online softmax
+that rescales its running sums as the maximum moves) giving the log-partitions of the
+student and teacher rows, then one ``pairs`` pass that forms, for each student row i and its
+target R_ik = sum_j g_ij p_jk (g_ij the weight of pair (i, j) in the loss, the paired
+teacher rows gathered in the tile), the cross-entropy -sum_k R_ik log softmax_ik entry by
+entry as the eager code rounds it. The backward is two more ``pairs`` passes over the same
+tiles, with d_ik = a_i softmax_ik - R_ik (a_i = sum_j g_ij) formed entry by entry:
 
-    dL/ds_i = (a_i m_i - r_i) / tau_s,                 a_i = sum_j g_ij,  r_i = sum_j g_ij q_j
-    dL/dw_k = (sum_i a_i softmax_ik s_i - sum_j p_jk h_j) / tau_s,        h_j = sum_i g_ij s_i
+    dL/ds_i = sum_k d_ik w_k / tau_s            dL/dw_k = sum_i d_ik s_i / tau_s
 
-(two ``cols`` passes recomputing the softmaxes from the saved log-partitions), with g_ij the
-weight of pair (i, j) in the loss. Memory O((rows + K) x D). CUDA tensors take the Triton
+-- the probabilities are subtracted before the sum over K, as in the eager code, so the
+gradient does not cancel where student and teacher agree (a difference of two softmax
+averages, sum_k softmax_ik w_k - sum_k R_ik w_k, loses ~1/(1 - agreement) roundings there).
+The centre and the Sinkhorn scalings are subtracted as a float32 pair with a two-sum
+(``kernels/prototype.py``). Memory O((rows + K) x D). CUDA tensors take the Triton
 kernels, others the chunked PyTorch twin (``fastssl._dispatch``). ``center_stat`` =
 mean_j t_j . v_k (the batch statistic DINO's centre follows) is V @ mean_j t_j.
 
@@ -60,6 +66,27 @@ def _pairs(student_rows, teacher_rows, pairing, student_crops, teacher_crops, we
     n_pairs = len(si)
     si, tj = torch.cat(si), torch.cat(tj)
     return si, tj, torch.full((len(si),), 1.0 / (n_pairs * B), device=device, dtype=dtype)
+
+
+def _pair_table(student_rows, teacher_rows, pairing, student_crops, teacher_crops, weights,
+                device, dtype):
+    """The loss's pairs as a table: (pidx (rows, P) int32, pw (rows, P)), student row i
+    paired with teacher rows pidx[i] at weights pw[i] (slots past a row's pairs: weight 0).
+    ``rows``: P = 1; ``dino``: student crop v of sample b against the teacher crops u != v
+    of b, each pair weighted 1 / (pairs x B) as lightly's DINOLoss averages."""
+    if pairing == "rows":
+        idx = torch.arange(student_rows, device=device, dtype=torch.int32)[:, None]
+        return idx, weights.to(device=device, dtype=dtype).reshape(-1, 1).contiguous()
+    B = teacher_rows // teacher_crops
+    slots = [[u for u in range(teacher_crops) if u != v] for v in range(student_crops)]
+    P = max(len(u) for u in slots)
+    n_pairs = sum(len(u) for u in slots)
+    crop = torch.tensor([u + [0] * (P - len(u)) for u in slots], dtype=torch.int32)
+    live = torch.tensor([[1.0] * len(u) + [0.0] * (P - len(u)) for u in slots], dtype=dtype)
+    b = torch.arange(B, dtype=torch.int32)
+    pidx = (crop[:, None, :] * B + b[None, :, None]).reshape(student_rows, P)
+    pw = (live[:, None, :] / (n_pairs * B)).expand(student_crops, B, P).reshape(student_rows, P)
+    return pidx.to(device).contiguous(), pw.to(device).contiguous()
 
 
 def prototype_cross_entropy(student, teacher, student_prototypes, teacher_prototypes=None,
@@ -147,12 +174,14 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
             raise ValueError("one student crop and one teacher crop of the same view make no "
                              "pair: DINO pairs different views")
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    si, tj, w = _pairs(student.shape[0], teacher.shape[0], pairing, student_crops,
-                       teacher_crops, weights, student.device, acc)
-    # a copy: a caller's centre buffer may move before the backward reads it
-    c = None if center is None else center.detach().to(acc, copy=True).contiguous()
-    loss = _ops.prototype_ce(student, student_prototypes, teacher.detach(), V.detach(), c, si,
-                             tj, w, float(tau_s), float(tau_t))[0].to(student.dtype)
+    pidx, pw = _pair_table(student.shape[0], teacher.shape[0], pairing, student_crops,
+                           teacher_crops, weights, student.device, acc)
+    # a copy: a caller's centre buffer may move before the backward reads it; a float64
+    # centre (the Sinkhorn scalings) stays float64 (the passes subtract it as a pair)
+    c = None if center is None else center.detach().to(
+        torch.float64 if center.dtype == torch.float64 else acc, copy=True).contiguous()
+    loss = _ops.prototype_ce(student, student_prototypes, teacher.detach(), V.detach(), c,
+                             pidx, pw, float(tau_s), float(tau_t))[0].to(student.dtype)
     if not return_center_stat:
         return loss
     from fastssl import distributed
@@ -224,8 +253,8 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     Q_jk proportional to exp(features_j . prototypes_k / epsilon), scaled ``iterations``
     times so that each prototype's column sums to 1 / K (sums all-reduced across ranks with
     ``gather_distributed``) and then each row to 1 / B (B the global batch). The prototype
-    scalings exp(-c_k / epsilon) are all that is kept: returns ``c`` (K,) float32 (float64
-    for float64 inputs) such that the codes are
+    scalings exp(-c_k / epsilon) are all that is kept: returns ``c`` (K,) float64 such that
+    the codes are
 
         Q_jk = softmax_k((features_j . prototypes_k - c_k) / epsilon)
 
@@ -237,7 +266,11 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     SwAV's: ``sinkhorn(scores, iterations, epsilon)`` row by row. c is defined up to one
     constant (the row softmax removes it); after each iteration it is centred,
     max c + min c = 0, so that the log-domain scalings stay as small as the score range
-    allows (one rounding of c is |c| / epsilon roundings of a code).
+    allows. c is kept in float64 whatever the inputs: one float32 rounding of c would be
+    |c| / epsilon roundings of a code (100 at epsilon = 0.01), where SwAV's multiplicative
+    scalings round relatively; the passes subtract it as a float32 pair with a two-sum, so
+    the codes are as accurate as the float32 scores allow. Form them as
+    softmax((scores - c) / epsilon) with the float32 scores promoted to c's float64.
     """
     from fastssl import distributed
     for x, name in ((features, "features"), (prototypes, "prototypes")):
@@ -256,7 +289,7 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     impl = _ops._prototype_impl(features, prototypes)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     K = prototypes.shape[0]
-    c = torch.zeros(K, dtype=acc, device=features.device)
+    c = torch.zeros(K, dtype=torch.float64, device=features.device)
     n = torch.tensor(float(features.shape[0]), dtype=acc, device=features.device)
     st, _ = impl.rows(features, prototypes, None, None, 1.0 / eps)
     top = st[:, 0].amax().reshape(1) if st.numel() else st.new_full((1,), -float("inf"))
@@ -270,7 +303,7 @@ def sinkhorn_knopp(features, prototypes, epsilon=0.05, iterations=3, gather_dist
     for _ in range(iterations):
         col = impl.cols(features, prototypes, c, 1.0 / eps, st,
                         torch.ones(features.shape[0], 1, dtype=acc, device=features.device))
-        col = col[:, 0].to(acc)
+        col = col[:, 0].to(torch.float64)
         if active:
             torch.distributed.all_reduce(col)
         # prototype k's column to 1 / K: exp(-c_k / eps) *= 1 / (K * colsum_k), up to one

@@ -30,7 +30,8 @@ PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
 def config_id(family, cfg):
     fn, sig, ce, _ = cfg
     flags = "".join(k[4] for k in ("HAS_MASK", "HAS_NEG", "HAS_VALS", "HAS_BIAS") if ce.get(k)) or "plain"
-    flags += "".join(f"-{k}{int(v)}" for k, v in ce.items() if k in ("PHASE", "EN_H"))
+    flags += "".join(f"-{k}{int(v)}" for k, v in ce.items() if k in ("PHASE", "EN_H", "NP",
+                                                                       "VALUE"))
     blocks = "-".join(f"{k}{v}" for k, v in ce.items() if k.startswith("B"))
     dtype = next(iter(sig.values()))[1:]  # the first pointer is the embeddings'
     if "IMG" in sig:  # the masked-patch kernels: one per image pointer too

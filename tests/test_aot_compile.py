@@ -51,6 +51,7 @@ def test_both_architectures_and_every_kernel(compiled):
                            "augment._colour_kernel", "augment._blur_rows_kernel",
                            "augment._blur_cols_kernel", "augment._resize_kernel",
                            "prototype._rows_kernel", "prototype._cols_kernel",
+                           "prototype._pair_rows_kernel", "prototype._pair_cols_kernel",
                            "masked._fwd_kernel", "masked._bwd_kernel",
                            "masked._latent_fwd_kernel", "masked._latent_bwd_kernel",
                            "masked._inorm_stats_kernel"}

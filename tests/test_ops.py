@@ -64,10 +64,11 @@ def _prototype_args(device, center=True):
     W = torch.randn(11, 5, generator=g).to(device).requires_grad_()
     t, V = torch.randn(4, 5, generator=g).to(device), torch.randn(11, 5, generator=g).to(device)
     c = torch.randn(11, generator=g).to(device) if center else None
-    si = torch.tensor([0, 1, 2, 3, 4, 5], device=device)
-    tj = torch.tensor([0, 1, 2, 3, 0, 1], device=device)
-    w = torch.rand(6, generator=g).to(device)
-    return s, W, t, V, c, si, tj, w, 0.1, 0.04
+    pidx = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1], [0, 0], [1, 0]], dtype=torch.int32,
+                        device=device)  # the last two rows: one pair, a weight-0 slot
+    w = torch.rand(6, 2, generator=g).to(device)
+    w[4:, 1] = 0
+    return s, W, t, V, c, pidx, w, 0.1, 0.04
 
 
 @pytest.mark.parametrize("center", [True, False])
@@ -75,10 +76,10 @@ def _prototype_args(device, center=True):
 def test_opcheck_prototype_ce(backend, device, center, need):
     args = _prototype_args(device, center)
     torch.library.opcheck(_ops.prototype_ce.custom, args)
-    _, m, q, st_s, st_t = _ops.prototype_ce.custom(*args)
+    _, st_s, st_t = _ops.prototype_ce.custom(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(_ops.prototype_ce_backward.custom, (
-        *plain, m, q, st_s, st_t, torch.tensor(1.5, device=device), *need))
+        *plain, st_s, st_t, torch.tensor(1.5, device=device), *need))
 
 
 def _z(device, n=6, D=5, seed=2):
