@@ -49,9 +49,10 @@ def check(loss, grads, ref, ref_grads, dtype, scales=(0.0, 0.0)):
                                        (3, 1, 4, 130, 16), (2, 2, 1, 65, 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tau_t", [0.01, 0.04, 0.1])
-def test_dino_pairing_matches_float64(backend, S, T, B, K, D, dtype, tau_t, monkeypatch):
+def test_dino_pairing_matches_float64(backend, device, S, T, B, K, D, dtype, tau_t,
+                                      monkeypatch):
     monkeypatch.setattr(_reference, "BLOCK", 17)
-    s, t, W, V, c = data(S * B, T * B, K, D, dtype, seed=S * 100 + K)
+    s, t, W, V, c = (x.to(device) for x in data(S * B, T * B, K, D, dtype, seed=S * 100 + K))
     s_, W_ = s.to(dtype).requires_grad_(), W.to(dtype).requires_grad_()
     loss = PR.prototype_cross_entropy(s_, t.to(dtype), W_, V.to(dtype), 0.1, tau_t,
                                       c.to(dtype), teacher_crops=T)
@@ -67,11 +68,11 @@ def test_dino_pairing_matches_float64(backend, S, T, B, K, D, dtype, tau_t, monk
 
 
 @pytest.mark.parametrize("rows,K,D", [(1, 5, 4), (37, 300, 33)])
-def test_row_pairing_with_weights(backend, rows, K, D, monkeypatch):
+def test_row_pairing_with_weights(backend, device, rows, K, D, monkeypatch):
     """iBOT: row r against teacher row r, weight 1 / masked tokens of its image / images."""
     monkeypatch.setattr(_reference, "BLOCK", 64)
-    s, t, W, V, c = data(rows, rows, K, D, torch.float64, seed=rows)
-    image = torch.arange(rows) % 3
+    s, t, W, V, c = (x.to(device) for x in data(rows, rows, K, D, torch.float64, seed=rows))
+    image = torch.arange(rows, device=device) % 3
     counts = torch.bincount(image).double()
     w = 1.0 / counts[image] / len(counts)
     s_, W_ = s.clone().requires_grad_(), W.clone().requires_grad_()
@@ -313,16 +314,16 @@ def test_swav_errors():
                                      (129, 200, 64, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_rows_and_cols_passes_match_float64(backend, n, K, D, E, dtype, bias):
+def test_rows_and_cols_passes_match_float64(backend, device, n, K, D, E, dtype, bias):
     """lse, the softmax-weighted values (rows) and the transposed sums (cols) against the
     dense float64 softmax, on the operands rounded to ``dtype``."""
     from fastssl import _dispatch
     g = torch.Generator().manual_seed(n + K + D)
-    x = (torch.randn(n, D, generator=g) / D ** 0.5).to(dtype)  # scores of order `scale`
-    P = torch.randn(K, D, generator=g).to(dtype)
-    U = torch.randn(K, E, generator=g).to(dtype)
-    c = torch.randn(K, generator=g) if bias else None
-    Y = torch.randn(n, E, generator=g)
+    x = (torch.randn(n, D, generator=g) / D ** 0.5).to(device, dtype)  # scores ~ `scale`
+    P = torch.randn(K, D, generator=g).to(device, dtype)
+    U = torch.randn(K, E, generator=g).to(device, dtype)
+    c = torch.randn(K, generator=g).to(device) if bias else None
+    Y = torch.randn(n, E, generator=g).to(device)
     scale = 7.0
     impl = _dispatch.implementation("prototype", x)[1]
     st, out = impl.rows(x, P, U, c, scale)
@@ -342,7 +343,7 @@ def test_rows_and_cols_passes_match_float64(backend, n, K, D, E, dtype, bias):
     rel = 1e-5 if dtype == torch.float32 else 3e-3
     assert (cols.double() - want).norm() <= rel * want.norm()
     # accumulating into a given float32 buffer: out += alpha * sum
-    base = torch.linspace(-1, 1, K * E).reshape(K, E)
+    base = torch.linspace(-1, 1, K * E, device=device).reshape(K, E)
     acc = impl.cols(x, P, c, scale, st, Y, out=base.clone(), alpha=-0.5)
     assert (acc.double() - (base.double() - 0.5 * want)).norm() <= rel * want.norm() + 1e-6
 
@@ -379,10 +380,10 @@ def test_sharp_teacher_16bit_is_stable(backend, dtype):
 @pytest.mark.parametrize("B,K,D,it", [(1, 1, 1, 1), (7, 130, 9, 3), (64, 33, 257, 5),
                                       (200, 70, 16, 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_sinkhorn_knopp_factored_equals_the_dense_codes(backend, B, K, D, it, dtype):
+def test_sinkhorn_knopp_factored_equals_the_dense_codes(backend, device, B, K, D, it, dtype):
     g = torch.Generator().manual_seed(B * K)
-    f = tF.normalize(torch.randn(B, D, generator=g), dim=1).to(dtype)
-    P = tF.normalize(torch.randn(K, D, generator=g), dim=1).to(dtype)
+    f = tF.normalize(torch.randn(B, D, generator=g), dim=1).to(device, dtype)
+    P = tF.normalize(torch.randn(K, D, generator=g), dim=1).to(device, dtype)
     eps = 0.05
     c = PR.sinkhorn_knopp(f, P, eps, it)
     scores = f.double() @ P.double().T
