@@ -363,6 +363,9 @@ def block_mask(batch, grid, ratio=(0.1, 0.5), min_num_patches=4, min_aspect=0.3,
     ``return_params=True`` also returns a dict: ``ratio`` (batch,) float64, ``blocks``
     (batch, M, 4) int64 rows ``(top, left, bh, bw)`` of the accepted blocks (zero rows
     after ``num_blocks``), ``num_blocks`` (batch,) int64.
+
+    On the meta device the mask comes back shape-only; ``return_params`` there raises
+    ValueError (the number of blocks is a drawn value).
     """
     batch = _checks.integer(batch, "batch", lo=1)
     height, width = _grid(grid)
@@ -376,6 +379,11 @@ def block_mask(batch, grid, ratio=(0.1, 0.5), min_num_patches=4, min_aspect=0.3,
     attempts = _checks.integer(attempts, "attempts", lo=1)
     return_params = _checks.flag(return_params, "return_params")
     dev = _device(device, generator)
+    if dev.type == "meta":  # the mask's shape is known; the blocks are drawn values
+        if return_params:
+            raise ValueError("block_mask(return_params=True) on the meta device: the number "
+                             "of blocks depends on the drawn values")
+        return torch.empty(batch, height, width, dtype=torch.bool, device=dev)
 
     n = height * width
     r = _uniform(batch, lo, hi, generator, dev)
@@ -569,7 +577,8 @@ def multiblock_masks(batch, grid, enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2),
         ``target_idx`` ``(batch, n_pred, bh * bw)``: each target block's patches in raster
         order (all target blocks have the batch's size, so none is cut). The reference
         returns the same as lists of ``n_enc`` / ``n_pred`` tensors of shape (batch, K):
-        ``context_idx[:, i]`` is its i-th entry.
+        ``context_idx[:, i]`` is its i-th entry. Both shapes depend on drawn values, so on
+        the meta device the call raises ValueError.
     """
     batch = _checks.integer(batch, "batch", lo=1)
     height, width = _grid(grid)
@@ -587,6 +596,9 @@ def multiblock_masks(batch, grid, enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2),
     attempts = _checks.integer(attempts, "attempts", lo=1)
     return_params = _checks.flag(return_params, "return_params")
     dev = _device(device, generator)
+    if dev.type == "meta":
+        raise ValueError("multiblock_masks on the meta device: its shapes (the block sizes, "
+                         "the batch's smallest context) depend on the drawn values")
     n = height * width
     if min_keep > n:
         raise ValueError(f"grid {height}x{width} has {n} patches, fewer than min_keep={min_keep}")

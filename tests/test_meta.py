@@ -334,15 +334,25 @@ entry("masking.unshuffle", "masking.unshuffle")(
         mk._leaf(torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]]), False),
         mask_token=mk.randn(1, 1, 5, grad=True), num_prefix_tokens=1))
 
-# The mask generators take sizes, not tensors, and read drawn values on the host (block
-# sizes, the batch minimum): no meta call for them yet.
-MASKING_NOT_YET = ["random_token_mask", "random_masking", "mae_random_masking", "block_mask",
-                   "simmim_mask", "multiblock_masks"]
+# The mask generators take sizes and a device (the meta call: device="meta"), no generator
+# (a CPU generator cannot draw on another device).
+entry("masking.random_token_mask", "masking.random_token_mask")(
+    lambda mk: fastssl.masking.random_token_mask((3, 17), 0.6, device=mk.device))
+entry("masking.random_masking", "masking.random_masking")(
+    lambda mk: fastssl.masking.random_masking((3, 16), 0.75, device=mk.device))
+entry("masking.random_masking[tokens]", "masking.random_masking")(
+    lambda mk: fastssl.masking.random_masking(mk.randn(3, 16, 5, grad=True), 0.75))
+entry("masking.mae_random_masking", "masking.mae_random_masking")(
+    lambda mk: fastssl.masking.mae_random_masking(mk.randn(2, 16, 5, grad=True), 0.75))
+entry("masking.block_mask", "masking.block_mask")(
+    lambda mk: fastssl.masking.block_mask(3, (6, 7), device=mk.device))
+entry("masking.simmim_mask", "masking.simmim_mask")(
+    lambda mk: fastssl.masking.simmim_mask(3, 32, 8, 4, 0.6, device=mk.device))
 
 # Public callables of fastssl.augment with no entry yet (to end up empty).
 AUGMENT_NOT_YET = []
 
-# Public names with no tensor to infer a shape for, and why.
+# Public names with no shape to infer, and why.
 NOT_TENSOR_OPS = {
     "cosine_schedule": "takes and returns Python numbers",
     "ShapeError": "an exception class",
@@ -354,6 +364,9 @@ NOT_TENSOR_OPS = {
     "distributed.agree": "checks the arguments on every rank; a no-op outside a process group "
                          "(covered through every loss's call above)",
     "distributed.Agreement": "the record ``agree`` returns",
+    "masking.multiblock_masks": "its shapes (the drawn block sizes, the batch's smallest "
+                                "context) depend on drawn values: on meta it raises ValueError "
+                                "(test_multiblock_masks_on_meta_say_why)",
 }
 
 
@@ -430,7 +443,7 @@ def test_the_table_covers_the_public_api():
     stale = [n for n in AUGMENT_NOT_YET if f"augment.{n}" in covered or n not in augment]
     assert not stale, f"AUGMENT_NOT_YET names that have an entry or are gone: {stale}"
     masking = [n for n, _ in _public(fastssl.masking)]
-    missing = [n for n in masking if f"masking.{n}" not in covered and n not in MASKING_NOT_YET]
+    missing = [n for n in masking if f"masking.{n}" not in covered | set(NOT_TENSOR_OPS)]
     assert not missing, f"masking entry points with no meta entry: {missing}"
     assert all(n in fastssl.__all__ or n.startswith(("distributed.", "functional.", "augment.",
                                                      "masking."))
@@ -449,3 +462,10 @@ def test_shape_only_is_the_one_rule():
         fake = mode.from_tensor(real)
     assert _dispatch.shape_only((fake,))
     assert _dispatch.backend(torch.empty(2, device=META)) == "torch"
+
+
+def test_multiblock_masks_on_meta_say_why():
+    with pytest.raises(ValueError, match="depend on the drawn values"):
+        fastssl.masking.multiblock_masks(2, (14, 14), device=META)
+    with pytest.raises(ValueError, match="number of blocks depends"):
+        fastssl.masking.block_mask(2, (6, 6), device=META, return_params=True)
