@@ -152,4 +152,5 @@ def describe():
             "augment (crop/resize, colour, blur passes)": why,
             "prototype (prototype_cross_entropy, sinkhorn_knopp)": why,
             "masked (masking.masked_patch_loss, masked_latent_loss)": why,
+            "kmeans (clustering.kmeans, clustering.assign)": why,
             "ema (update_momentum, EMA)": ema}

@@ -640,6 +640,39 @@ def latent_backward(pred, targets, weight, prow, trow, loss, beta, layer_norm, i
     return d
 
 
+
+# ----------------------------------------------------------------------------- k-means
+
+def kmeans_assign(x, centroids, spherical, block=None):
+    """kernels/kmeans.py's ``assign`` in centroid chunks: (labels (N,) int64, distances (N,)
+    in the arithmetic dtype); ties to the lowest index (a later chunk wins only when
+    strictly closer)."""
+    acc = _acc(x)
+    n, K = x.shape[0], centroids.shape[0]
+    block = block or BLOCK or _block_width(n)
+    xa = x.to(acc)
+    best = torch.full((n,), float("inf"), dtype=acc, device=x.device)
+    label = torch.zeros(n, dtype=torch.int64, device=x.device)
+    for k0 in range(0, K, block):
+        c = centroids[k0:k0 + block].to(acc)
+        score = xa @ c.T
+        score = score.neg_() if spherical else score.mul_(-2.0).add_(c.pow(2).sum(1))
+        tile_best, tile_arg = score.min(1)
+        better = tile_best < best
+        label = torch.where(better, tile_arg + k0, label)
+        best = torch.where(better, tile_best, best)
+    dist = 1.0 + best if spherical else (xa.pow(2).sum(1) + best).clamp_(min=0)
+    return label, dist
+
+
+def kmeans_segment_sum(x, labels, K):
+    """(K, D) in the arithmetic dtype: the sum of x's rows per label (``index_add_``, in row
+    order: deterministic on the CPU)."""
+    acc = _acc(x)
+    return torch.zeros(K, x.shape[1], dtype=acc, device=x.device).index_add_(0, labels,
+                                                                            x.to(acc))
+
+
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
 barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardize=standardize,
                          standardize_backward=standardize_backward)
@@ -647,6 +680,7 @@ siglip = SimpleNamespace(forward=siglip_forward, backward=siglip_backward,
                          backward_kept=siglip_backward_kept, KEEP_PAIRS=KEEP_PAIRS)
 prototype = SimpleNamespace(rows=prototype_rows, cols=prototype_cols,
                             pair_value=prototype_pair_value, pair_grad=prototype_pair_grad)
+kmeans = SimpleNamespace(assign=kmeans_assign, segment_sum=kmeans_segment_sum)
 masked = SimpleNamespace(forward=masked_patch_forward, backward=masked_patch_backward,
                          backward_kept=masked_patch_backward_kept, latent_forward=latent_forward,
                          latent_backward=latent_backward)

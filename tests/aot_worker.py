@@ -18,10 +18,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastssl.kernels import augment, barlow, infonce, masked, prototype, siglip  # noqa: E402
+from fastssl.kernels import augment, barlow, infonce, kmeans, masked, prototype, siglip  # noqa: E402
 
 FAMILIES = {"infonce": infonce, "siglip": siglip, "barlow": barlow, "augment": augment,
-            "prototype": prototype, "masked": masked}
+            "prototype": prototype, "masked": masked, "kmeans": kmeans}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
              if os.path.exists(os.path.join(BIN, p)))
@@ -30,6 +30,7 @@ PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
 def config_id(family, cfg):
     fn, sig, ce, _ = cfg
     flags = "".join(k[4] for k in ("HAS_MASK", "HAS_NEG", "HAS_VALS", "HAS_BIAS") if ce.get(k)) or "plain"
+    flags += "-spherical" if ce.get("SPHERICAL") else ""
     flags += "".join(f"-{k}{int(v)}" for k, v in ce.items() if k in ("PHASE", "EN_H", "NP",
                                                                        "VALUE"))
     blocks = "-".join(f"{k}{v}" for k, v in ce.items() if k.startswith("B"))

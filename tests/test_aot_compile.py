@@ -54,4 +54,5 @@ def test_both_architectures_and_every_kernel(compiled):
                            "prototype._pair_rows_kernel", "prototype._pair_cols_kernel",
                            "masked._fwd_kernel", "masked._bwd_kernel",
                            "masked._latent_fwd_kernel", "masked._latent_bwd_kernel",
-                           "masked._inorm_stats_kernel"}
+                           "masked._inorm_stats_kernel", "kmeans._assign_kernel",
+                           "kmeans._segment_sum_kernel"}

@@ -352,6 +352,15 @@ entry("masking.simmim_mask", "masking.simmim_mask")(
 # Public callables of fastssl.augment with no entry yet (to end up empty).
 AUGMENT_NOT_YET = []
 
+# ----------------------------------------------------------------------------- clustering
+
+entry("clustering.assign", "clustering.assign")(
+    lambda mk: fastssl.clustering.assign(mk.randn(9, 4), mk.randn(3, 4)))
+entry("clustering.kmeans", "clustering.kmeans")(
+    lambda mk: tuple(fastssl.clustering.kmeans(mk.randn(12, 4), 3, 2, init=mk.randn(3, 4))))
+entry("clustering.pca_whiten", "clustering.pca_whiten")(
+    lambda mk: fastssl.clustering.pca_whiten(mk.randn(10, 6, dtype=torch.float64), 3))
+
 # Public names with no shape to infer, and why.
 NOT_TENSOR_OPS = {
     "cosine_schedule": "takes and returns Python numbers",
@@ -442,11 +451,14 @@ def test_the_table_covers_the_public_api():
     assert not missing, f"augmentation modules with no meta entry: {missing}"
     stale = [n for n in AUGMENT_NOT_YET if f"augment.{n}" in covered or n not in augment]
     assert not stale, f"AUGMENT_NOT_YET names that have an entry or are gone: {stale}"
+    for n, obj in _public(fastssl.clustering):
+        if not inspect.isclass(obj):
+            assert f"clustering.{n}" in covered, f"clustering.{n} has no meta entry"
     masking = [n for n, _ in _public(fastssl.masking)]
     missing = [n for n in masking if f"masking.{n}" not in covered | set(NOT_TENSOR_OPS)]
     assert not missing, f"masking entry points with no meta entry: {missing}"
     assert all(n in fastssl.__all__ or n.startswith(("distributed.", "functional.", "augment.",
-                                                     "masking."))
+                                                     "masking.", "clustering."))
                for n in covered)
 
 
