@@ -10,7 +10,7 @@ if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
         not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
     __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
 
-from fastssl import augment, clustering, distributed, functional, masking  # noqa: E402
+from fastssl import augment, clustering, distributed, functional, masking, pretext  # noqa: E402
 from fastssl._checks import ShapeError  # noqa: E402
 from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E402
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
@@ -22,7 +22,7 @@ from fastssl.prototype import (DINOLoss, IBOTPatchLoss, KoLeoLoss,  # noqa: E402
 from fastssl.losses import (BarlowTwinsLoss, ClipLoss, InfoNCELoss, MoCoQueue,  # noqa: E402
                             NegativeCosineSimilarity, NTXentLoss, SigLipLoss, VICRegLoss)
 
-__all__ = ["augment", "clustering", "functional", "distributed", "masking", "nt_xent", "info_nce", "clip_loss", "siglip_loss",
+__all__ = ["augment", "clustering", "functional", "distributed", "masking", "pretext", "nt_xent", "info_nce", "clip_loss", "siglip_loss",
            "barlow_twins", "vicreg", "negative_cosine_similarity", "NTXentLoss", "InfoNCELoss",
            "ClipLoss", "SigLipLoss", "MoCoQueue", "BarlowTwinsLoss", "VICRegLoss",
            "NegativeCosineSimilarity", "EMA", "update_momentum", "cosine_schedule", "ema_",
