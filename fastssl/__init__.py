@@ -15,6 +15,7 @@ from fastssl._checks import ShapeError  # noqa: E402
 from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E402
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
                                 negative_cosine_similarity, nt_xent, siglip_loss, vicreg)
+from fastssl.cpc import CPCLoss, cpc_loss  # noqa: E402
 from fastssl.optim import LARS  # noqa: E402
 from fastssl.prototype import (DINOLoss, IBOTPatchLoss, KoLeoLoss,  # noqa: E402
                                PrototypeCrossEntropy, SwaVLoss, koleo, prototype_cross_entropy,
@@ -28,4 +29,4 @@ __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pre
            "NegativeCosineSimilarity", "EMA", "update_momentum", "cosine_schedule", "ema_",
            "ShapeError", "LARS", "prototype_cross_entropy", "PrototypeCrossEntropy",
            "sinkhorn_knopp", "sinkhorn", "koleo", "KoLeoLoss", "DINOLoss", "IBOTPatchLoss",
-           "SwaVLoss", "__version__"]
+           "SwaVLoss", "cpc_loss", "CPCLoss", "__version__"]

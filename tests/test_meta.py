@@ -352,6 +352,17 @@ entry("masking.simmim_mask", "masking.simmim_mask")(
 # Public callables of fastssl.augment with no entry yet (to end up empty).
 AUGMENT_NOT_YET = []
 
+# ----------------------------------------------------------------------------- CPC
+
+entry("cpc_loss", "cpc_loss")(lambda mk: fastssl.cpc_loss(
+    mk.randn(2, 5, 3, grad=True), mk.randn(2, 5, 4, grad=True), mk.randn(2, 4, 3, grad=True)))
+@entry("CPCLoss", "CPCLoss")
+def _cpc_module(mk):
+    with mk.context():  # the predictors on the meta device for the meta call
+        torch.manual_seed(3)
+        crit = fastssl.CPCLoss(3, 4, steps=2)
+    return crit(mk.randn(2, 3, 4, 3, grad=True), mk.randn(2, 3, 4, 4, grad=True))
+
 # ----------------------------------------------------------------------------- clustering
 
 entry("clustering.assign", "clustering.assign")(
