@@ -22,6 +22,11 @@ transposes (no interpolation: a rotated or cropped pixel is an input pixel), and
   one of its 8 neighbours (label 0..7, raster order around the centre) a ``gap`` apart,
   each displaced by up to ``jitter`` pixels; optional colour dropping against the
   chromatic-aberration shortcut (one random channel kept, the others replaced by noise).
+- ``region_mask(batch, size, kind, fraction)`` and ``inpainting_loss(pred, images, mask)``:
+  the context encoder's hole (the central square, or one square at a random place per
+  image) and its L2 over the hole's pixels.
+- ``corrupt(images, kind, amount)``: a denoising autoencoder's input: additive Gaussian
+  noise, or masking noise (each pixel zeroed with probability ``amount``).
 """
 import functools
 import itertools
@@ -32,7 +37,8 @@ from torch import Tensor
 
 from fastssl import _checks
 
-__all__ = ["rotations", "jigsaw_permutations", "jigsaw", "relative_patches"]
+__all__ = ["rotations", "jigsaw_permutations", "jigsaw", "relative_patches", "region_mask",
+           "inpainting_loss", "corrupt"]
 
 
 def _images(images, name="images"):
@@ -247,3 +253,70 @@ def relative_patches(images, patch, gap=None, jitter=None, color_drop=False, noi
     if not return_params:
         return a, b, label
     return a, b, label, {"centre": centre, "neighbour": neigh, "kept": kept}
+
+
+# ----------------------------------------------------------------------------- inpainting
+
+def region_mask(batch, size, kind="center", fraction=0.5, generator=None, device=None):
+    """bool (batch, H, W), True = the hole: a square of side round(fraction x min(H, W))
+    (the context encoder's 0.5: a quarter of the area), at the centre (``kind="center"``)
+    or at a uniform place inside the image per image (``"random"``)."""
+    batch = _checks.integer(batch, "batch", lo=1)
+    h, w = _checks.size2(size, "size")
+    kind = _checks.choice(kind, "kind", ("center", "random"))
+    fraction = _checks.number(fraction, "fraction", lo=0.0, hi=1.0)
+    dev = torch.device(device) if device is not None else (
+        generator.device if generator is not None else torch.device("cpu"))
+    g = _generator(generator, dev)
+    side = int(round(fraction * min(h, w)))
+    if kind == "center":
+        top = torch.full((batch,), (h - side) // 2, device=dev)
+        left = torch.full((batch,), (w - side) // 2, device=dev)
+    else:
+        top, left = _randint(h - side + 1, batch, g, dev), _randint(w - side + 1, batch, g, dev)
+    r = torch.arange(h, device=dev)[None, :, None]
+    c = torch.arange(w, device=dev)[None, None, :]
+    t, lft = top[:, None, None], left[:, None, None]
+    return (r >= t) & (r < t + side) & (c >= lft) & (c < lft + side)
+
+
+def inpainting_loss(pred, images, mask):
+    """The context encoder's reconstruction loss: mean over the hole's pixels and channels
+    of (pred - target)^2, the target the images as float (uint8 scaled to [0, 1]); 0 with a
+    zero gradient where no image has a hole. ``pred`` (N, C, H, W) like the images, ``mask``
+    bool (N, H, W) from ``region_mask``."""
+    _images(images)
+    _checks.floating(pred, "pred")
+    if pred.shape != images.shape:
+        raise _checks.ShapeError(f"pred {tuple(pred.shape)} must have the images' shape "
+                                 f"{tuple(images.shape)}")
+    n, c, h, w = images.shape
+    if mask.dtype != torch.bool or mask.shape != (n, h, w):
+        raise _checks.ShapeError(f"mask must be bool ({n}, {h}, {w}), got {mask.dtype} "
+                                 f"{tuple(mask.shape)}")
+    target = images.float() / 255 if images.dtype == torch.uint8 else images
+    err = (pred - target.to(pred.dtype)).pow(2) * mask[:, None].to(pred.dtype)
+    count = mask.sum() * c
+    return err.sum() / count.clamp(min=1).to(pred.dtype)
+
+
+# ----------------------------------------------------------------------------- denoising
+
+def corrupt(images, kind="gaussian", amount=0.1, generator=None):
+    """A denoising autoencoder's input, float32 (uint8 scaled to [0, 1]): ``"gaussian"``
+    adds N(0, amount^2) noise to every pixel; ``"masking"`` zeroes each pixel (all its
+    channels) with probability ``amount``. Returns (corrupted, kept): kept is the bool
+    (N, H, W) mask of untouched pixels ("masking"; all True for "gaussian")."""
+    _images(images)
+    kind = _checks.choice(kind, "kind", ("gaussian", "masking"))
+    amount = _checks.number(amount, "amount", lo=0.0)
+    if kind == "masking" and amount > 1:
+        raise ValueError(f"masking noise takes a probability in [0, 1], got {amount}")
+    g = _generator(generator, images.device)
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    n, c, h, w = x.shape
+    if kind == "gaussian":
+        noise = torch.randn(x.shape, generator=g, device=x.device)
+        return x + amount * noise, torch.ones(n, h, w, dtype=torch.bool, device=x.device)
+    kept = torch.rand(n, h, w, generator=g, device=x.device) >= amount
+    return x * kept[:, None], kept

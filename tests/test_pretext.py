@@ -145,3 +145,51 @@ def test_bad_arguments_are_clear_errors():
         P.rotations(x.long())
     with pytest.raises(TypeError, match="generator"):
         P.relative_patches(images(1, 3, 40, 40), 8, generator=1)
+
+
+@pytest.mark.parametrize("kind", ["center", "random"])
+@pytest.mark.parametrize("size,fraction", [((9, 12), 0.5), ((5, 5), 0.0), ((8, 8), 1.0)])
+def test_region_masks_are_squares_inside_the_image(device, kind, size, fraction):
+    g = torch.Generator(device=device).manual_seed(0)
+    m = P.region_mask(6, size, kind, fraction, generator=g)
+    h, w = size
+    side = round(fraction * min(h, w))
+    assert m.shape == (6, h, w) and m.dtype == torch.bool and m.device.type == device.type
+    for mi in m:
+        rows, cols = mi.any(1).nonzero().flatten(), mi.any(0).nonzero().flatten()
+        assert int(mi.sum()) == side * side
+        if side:
+            assert len(rows) == len(cols) == side
+            assert torch.equal(mi[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1],
+                               torch.ones(side, side, dtype=torch.bool, device=device))
+            if kind == "center":
+                assert int(rows[0]) == (h - side) // 2 and int(cols[0]) == (w - side) // 2
+
+
+def test_inpainting_loss_is_the_mean_squared_error_over_the_hole(device):
+    x = images(3, 3, 10, 10).to(device)
+    pred = torch.rand(3, 3, 10, 10, device=device, requires_grad=True)
+    m = P.region_mask(3, 10, "random", 0.4, generator=torch.Generator(device=device).manual_seed(1))
+    loss = P.inpainting_loss(pred, x, m)
+    t = x.double() / 255
+    want = ((pred.double() - t) ** 2)[m[:, None].expand(-1, 3, -1, -1)].mean()
+    torch.testing.assert_close(loss.double(), want)
+    empty = torch.zeros_like(m)
+    z = P.inpainting_loss(pred, x, empty)
+    assert z.item() == 0 and torch.equal(torch.autograd.grad(z, pred)[0], torch.zeros_like(pred))
+
+
+def test_corruptions(device):
+    x = images(4, 3, 16, 16).to(device)
+    g = torch.Generator(device=device).manual_seed(3)
+    y, kept = P.corrupt(x, "masking", 0.3, generator=g)
+    f = x.float() / 255
+    assert torch.equal(y[kept[:, None].expand_as(y)], f[kept[:, None].expand_as(f)])
+    assert (y[~kept[:, None].expand_as(y)] == 0).all()
+    assert 0.2 < 1 - kept.float().mean().item() < 0.4
+    y, kept = P.corrupt(x, "gaussian", 0.1, generator=g)
+    assert kept.all() and abs((y - f).std().item() - 0.1) < 0.01
+    with pytest.raises(ValueError, match="probability"):
+        P.corrupt(x, "masking", 1.5)
+    with pytest.raises(ShapeError, match="mask must be bool"):
+        P.inpainting_loss(y, x, kept.float())
