@@ -1,4 +1,4 @@
-"""The fourteen SSL methods, each written with fastssl's public pieces only.
+"""The fifteen SSL methods, each written with fastssl's public pieces only.
 
 =========  ==========================================================================
 method     objective
@@ -31,6 +31,8 @@ data2vec   data2vec on a ViT: block masks, a mask token, a linear head regressin
 ibot       iBOT on a ViT: DINO's class-token loss + the masked patch-token loss on the same
            prototypes (``prototype_cross_entropy(pairing="rows")``), two global crops
 dinov2     DINOv2's objective: iBOT with Sinkhorn-Knopp teacher targets + 0.1 x KoLeo
+rotation   RotNet: every image of one view in its four quarter turns
+           (``pretext.rotations``), a linear head to the rotation, cross-entropy
 =========  ==========================================================================
 
 ``forward(views)`` is the loss (so DistributedDataParallel wraps the method);
@@ -49,7 +51,7 @@ from fastssl import augment as A
 from fastssl.pretrain.models import mlp
 
 METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae",
-           "simmim", "ijepa", "data2vec", "ibot", "dinov2")
+           "simmim", "ijepa", "data2vec", "ibot", "dinov2", "rotation")
 MULTI_CROP = ("dino", "swav")
 # masked image modelling: a ViT encoder by default; one view, or two global crops (ibot,
 # dinov2)
@@ -519,11 +521,25 @@ class DINOv2(IBOT):
         DINO.after_step(self, step, total)
 
 
+class RotNet(Method):
+    """RotNet (Gidaris et al.): the batch's images in their four exact quarter turns, the
+    encoder's features through a linear head to the 4 rotations, cross-entropy (the mean
+    over this rank's 4B rows; DistributedDataParallel averages the equal ranks)."""
+
+    def __init__(self, encoder, distributed=False):
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(encoder.dim, 4)
+
+    def forward(self, views):
+        x, labels = fastssl.pretext.rotations(views[0])
+        return tF.cross_entropy(self.head(self.encoder(x)), labels)
+
+
 def build(method, encoder, distributed=False):
     return {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam,
             "barlow": Barlow, "vicreg": VICReg, "dino": DINO,
             "swav": SwAV, "mae": MAE, "simmim": SimMIM, "ijepa": IJEPA,
-            "data2vec": Data2Vec, "ibot": IBOT, "dinov2": DINOv2}[method](
+            "data2vec": Data2Vec, "ibot": IBOT, "dinov2": DINOv2, "rotation": RotNet}[method](
                 encoder, distributed=distributed)
 
 
@@ -539,7 +555,7 @@ def views_for(method, size, scale, flip_p, n_local=4, **kw):
     if method in ("ibot", "dinov2"):  # DINO's two global crops, no local crops
         kw.pop("size")
         return A.DINOAugment(global_size=size, n_local=0, global_scale=kw.pop("scale"), **kw)
-    if method in MASKED:  # MAE's views: a crop and a flip, no colour
+    if method in MASKED or method == "rotation":  # MAE's views: a crop and a flip, no colour
         out = {k: v for k, v in kw.items() if k not in ("size", "scale", "flip_p")}
         return A.MultiView([A.Augment(A.RandomResizedCrop(size, scale=scale),
                                       A.RandomHorizontalFlip(flip_p), A.Normalize(), **out)],
