@@ -496,6 +496,7 @@ for op in $ops; do
     ibot) limit=20 tiny=(--sizes 16 --dims 8) ;;
     ema) limit=15 tiny=() ;;
     mae) limit=15 tiny=(--sizes 2 --dims 32) ;;
+    kmeans) limit=20 tiny=(--sizes 2000 --dims 8) ;;
     *) limit=20 tiny=() ;;  # an op this list does not know yet: its quick defaults
   esac
   left=$(( bench_end - SECONDS ))

@@ -644,25 +644,36 @@ def latent_backward(pred, targets, weight, prow, trow, loss, beta, layer_norm, i
 # ----------------------------------------------------------------------------- k-means
 
 def kmeans_assign(x, centroids, spherical, block=None):
-    """kernels/kmeans.py's ``assign`` in centroid chunks: (labels (N,) int64, distances (N,)
-    in the arithmetic dtype); ties to the lowest index (a later chunk wins only when
-    strictly closer)."""
+    """kernels/kmeans.py's ``assign`` in (row chunk x centroid chunk) tiles of about 2^21
+    scores: (labels (N,) int64, distances (N,) in the arithmetic dtype); ties to the lowest
+    index (a later centroid chunk wins only when strictly closer)."""
     acc = _acc(x)
     n, K = x.shape[0], centroids.shape[0]
-    block = block or BLOCK or _block_width(n)
+    cols = block or BLOCK or min(K, 4096)
+    rows = max(64, 2 ** 21 // max(cols, 1))
+    c = centroids.to(acc)
+    qc = torch.linalg.vecdot(c, c)
+    label = torch.empty(n, dtype=torch.int64, device=x.device)
+    best_all = torch.empty(n, dtype=acc, device=x.device)
+    for r0 in range(0, n, rows):
+        xa = x[r0:r0 + rows].to(acc)
+        best = torch.full((xa.shape[0],), float("inf"), dtype=acc, device=x.device)
+        arg = torch.zeros(xa.shape[0], dtype=torch.int64, device=x.device)
+        for k0 in range(0, K, cols):
+            ck = c[k0:k0 + cols]
+            # one fused GEMM per tile: ||c||^2 - 2 x . c, or -x . c
+            score = torch.mm(xa, ck.T).neg_() if spherical else \
+                torch.addmm(qc[k0:k0 + cols], xa, ck.T, beta=1.0, alpha=-2.0)
+            tile_best, tile_arg = score.min(1)
+            better = tile_best < best
+            arg = torch.where(better, tile_arg + k0, arg)
+            best = torch.where(better, tile_best, best)
+        label[r0:r0 + rows] = arg
+        best_all[r0:r0 + rows] = best
+    if spherical:
+        return label, 1.0 + best_all
     xa = x.to(acc)
-    best = torch.full((n,), float("inf"), dtype=acc, device=x.device)
-    label = torch.zeros(n, dtype=torch.int64, device=x.device)
-    for k0 in range(0, K, block):
-        c = centroids[k0:k0 + block].to(acc)
-        score = xa @ c.T
-        score = score.neg_() if spherical else score.mul_(-2.0).add_(c.pow(2).sum(1))
-        tile_best, tile_arg = score.min(1)
-        better = tile_best < best
-        label = torch.where(better, tile_arg + k0, label)
-        best = torch.where(better, tile_best, best)
-    dist = 1.0 + best if spherical else (xa.pow(2).sum(1) + best).clamp_(min=0)
-    return label, dist
+    return label, (torch.linalg.vecdot(xa, xa) + best_all).clamp_(min=0)
 
 
 def kmeans_segment_sum(x, labels, K):

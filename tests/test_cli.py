@@ -158,3 +158,19 @@ def test_bench_mae_quick_on_cpu(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", "mae", "--dims", "30"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "multiple of 16" in bad.stderr
+
+
+def test_bench_kmeans_quick_on_cpu(tmp_path):
+    """The k-means bench end to end on small data: fastssl, the eager (N x K) formulation and
+    scikit-learn from the same init reach the same inertia (float32 rounding), each with a
+    time and a peak; the table and the headline name every implementation."""
+    rows = _quick_bench_rows(tmp_path, "kmeans", 3000, 8)
+    assert {"fastssl", "eager", "scikit-learn"} <= {r["impl"] for r in rows}
+    assert all("error" not in r and r["ms"] > 0 and "peak_extra_mib" in r for r in rows)
+    for it in {r["iterations"] for r in rows}:
+        inertia = [r["inertia"] for r in rows if r["iterations"] == it]
+        assert max(inertia) - min(inertia) <= 1e-4 * max(inertia)
+    from fastssl.bench import headline
+    (path,) = tmp_path.glob("*-kmeans.json")
+    line = headline(json.loads(path.read_text()))
+    assert "fastssl" in line and "scikit-learn" in line

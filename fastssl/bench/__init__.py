@@ -10,7 +10,9 @@ Ops: ``infonce`` (NT-Xent; size = 2N), ``siglip`` (sigmoid loss; size = n pairs)
 ``vicreg`` (cross-correlation losses; size = N), ``ema`` (momentum-encoder updates of
 ResNet-50 / ViT-B/16 parameter lists), ``augment`` (the BYOL recipe, views per second),
 ``dino`` and ``ibot`` (prototype heads at K = 65,536; size = student rows), ``mae`` (MAE's
-norm-pix masked-patch loss, 16-px patches, ratio 0.75; size = N images, --dims = side).
+norm-pix masked-patch loss, 16-px patches, ratio 0.75; size = N images, --dims = side),
+``kmeans`` (one iteration and a longer fit from the same init against the eager (N x K)
+formulation, scikit-learn and faiss-cpu; size = N rows, --dims = D).
 
 The parts:
 
@@ -20,7 +22,7 @@ The parts:
 - ``machine``: versions, device, command and commit of a run;
 - ``timing``: GPU timing in process, CPU timing and peak RSS in a child process per case;
 - ``maxbatch``: the largest batch (rows) that fits, by doubling and bisection;
-- ``ema``, ``augment``: their own benchmarks;
+- ``ema``, ``augment``, ``kmeans``: their own benchmarks;
 - ``report``: printed rows, markdown, headline, summary, plot;
 - ``runner``: ``run`` / ``run_all`` and the checks of their flags.
 """

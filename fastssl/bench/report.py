@@ -33,6 +33,14 @@ def markdown(result):
                   f"{r['views_per_call']} | {r['ms']:.2f} | {r['views_per_s']:.0f} |"
                   for r in result["rows"]]
         return "\n".join(lines) + "\n"
+    if result["op"] == "kmeans":
+        lines += ["| impl | N | K | D | dtype | iterations | ms | ms per iteration | "
+                  "peak extra MiB | inertia |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['impl']} | {r['rows']} | {r['K']} | {r['D']} | {r['dtype']} | "
+                  f"{r['iterations']} | " + (f"{r['error']} | | | |" if "error" in r else
+                  f"{r['ms']:.1f} | {r['ms_per_iteration']:.1f} | {r['peak_extra_mib']:.1f} | "
+                  f"{r['inertia']:.6g} |") for r in result["rows"]]
+        return "\n".join(lines) + "\n"
     if result["op"] == "ema":
         lines += ["| model | impl | ms | GB/s (12 B/param) | of copy bandwidth |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['impl']} | {r['ms']:.3f} | {r['gb_per_s']:.1f} | "
@@ -88,6 +96,14 @@ def headline(result):
         return "; ".join(parts)
     if op == "augment":
         return "; ".join(f"{r['impl']}, batch {r['batch']}: {r['views_per_s']:.0f} views/s" for r in rows)
+    if op == "kmeans":
+        one = [r for r in rows if r["iterations"] == 1]
+        if not one:
+            return ""
+        n, k = max((r["rows"], r["K"]) for r in one)
+        at = [r for r in one if (r["rows"], r["K"]) == (n, k)]
+        return f"N {n}, K {k}, one iteration: " + ", ".join(
+            f"{r['impl']} {r['ms']:.0f} ms / {r['peak_extra_mib']:.0f} MiB" for r in at)
     key = lambda r: (r["D"], r["dtype"])  # noqa: E731
     best_line = ""
     for group in dict.fromkeys(map(key, rows)):
@@ -152,15 +168,21 @@ def plot(result, path):
         ax.barh(labels, values, color=["C0" if "fastssl" in lab else "C7" for lab in labels])
         ax.invert_yaxis()
     else:
-        size_key, time_key = ("batch", "ms") if op == "augment" else ("rows", "fwd_bwd_ms")
+        size_key, time_key = {"augment": ("batch", "ms"), "kmeans": ("rows", "ms_per_iteration")
+                              }.get(op, ("rows", "fwd_bwd_ms"))
+        if op == "kmeans":  # one line per implementation and K, the longer fits
+            top = max(r["iterations"] for r in rows)
+            rows = [dict(r, impl=f"{r['impl']}, K={r['K']}") for r in rows
+                    if r["iterations"] == top]
         has_mem = any("peak_extra_mib" in r for r in rows)
         fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4),
                                  squeeze=False)
         lines = {}
         for r in rows:
-            label = _label(r) if op != "augment" else r["impl"]
+            label = r["impl"] if op in ("augment", "kmeans") else _label(r)
             lines.setdefault(label, []).append(r)
-        panels = [(time_key, "ms per call" if op == "augment" else "forward+backward ms")]
+        panels = [(time_key, {"augment": "ms per call", "kmeans": "ms per iteration"}.get(
+            op, "forward+backward ms"))]
         if has_mem:
             panels.append(("peak_extra_mib", "peak extra memory (MiB)"))
         for ax, (key, ylabel) in zip(axes[0], panels):
@@ -171,7 +193,7 @@ def plot(result, path):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel({"infonce": "2N (rows)", "clip": "n (pairs)", "siglip": "n (pairs)",
-                           "augment": "batch"}.get(op, "N (batch)"))
+                           "augment": "batch", "kmeans": "N (rows)"}.get(op, "N (batch)"))
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, which="both")
         axes[0][0].legend(fontsize=7)

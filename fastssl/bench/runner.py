@@ -8,17 +8,18 @@ import torch
 from . import formulations
 from .augment import bench_augment
 from .ema import bench_ema
+from .kmeans import bench_kmeans
 from .machine import environment
 from .maxbatch import bench_maxbatch, prototype_max_rows
 from .report import markdown, plot, slug, summary
 from .timing import bench_cpu, bench_gpu
 
 OPS = ("infonce", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment", "dino",
-       "ibot", "mae")
+       "ibot", "mae", "kmeans")
 # The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
 # samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
 MIN_SIZE = {"infonce": 2, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2, "augment": 1,
-            "dino": formulations.DINO_CROPS[0], "ibot": 1, "mae": 1}
+            "dino": formulations.DINO_CROPS[0], "ibot": 1, "mae": 1, "kmeans": 1}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -94,6 +95,11 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         if not cuda:
             log("CPU run: the portable path (banded per-sample resampling and torch ops).")
         rows, extra = bench_augment(quick, log, save, sizes, dtypes)
+    elif op == "kmeans":
+        log("k-means from the same initial centroids (the first K rows) for the same "
+            "iterations, float32 rows" + ("" if cuda else "; CPU: peak RSS of a child process "
+                                          "per case"))
+        rows, extra = bench_kmeans(quick, log, save, sizes, dims, dtypes)
     elif op == "ema":
         if not cuda:
             log("CPU run: fastssl takes torch._foreach_lerp_ on CPU tensors; the CUDA kernel "
