@@ -3,7 +3,7 @@ images.
 
 The parts: ``data`` (the digits, streamed image folders, prepared arrays, the batch order
 across ranks), ``models`` (encoders, projection heads, global BatchNorm), ``methods`` (the
-fifteen methods from fastssl's losses, ``EMA`` and ``MoCoQueue``), ``loop`` (settings, optimiser,
+sixteen methods from fastssl's losses, ``EMA`` and ``MoCoQueue``), ``loop`` (settings, optimiser,
 DDP, the training steps), ``checkpoint`` (resume, ``encoder.pt``), ``evaluation`` (kNN,
 linear probe, low-shot, end-to-end fine-tuning) and ``report`` (report.json, plots,
 tables); ``launch`` joins the process group torchrun describes.

@@ -23,7 +23,7 @@ from fastssl.pretrain.models import sync_batchnorm
 # --epochs, enough epochs for about FOLDER_STEPS optimiser steps.
 EPOCHS = {"simclr": 100, "moco": 80, "byol": 80, "simsiam": 100, "barlow": 100, "vicreg": 100,
           "dino": 60, "swav": 50, "mae": 100, "simmim": 100, "ijepa": 100, "data2vec": 100,
-          "ibot": 50, "dinov2": 50, "rotation": 100}
+          "ibot": 50, "dinov2": 50, "rotation": 100, "dae": 100}
 FOLDER_STEPS = 1000
 SHORT_RUN = 500  # fewer optimiser steps than this: warn that the run is too short to learn
 LR = {"adamw": 4e-3, "lars": 0.3}  # per 256 images of the global batch (linear scaling)
@@ -216,7 +216,7 @@ def _model(method, cfg, ctx, plan):
     enc = build_encoder(cfg["arch"], cfg["width"], cfg["size"],
                         cls_token=method not in NO_CLASS_TOKEN)
     initial = copy.deepcopy(enc)
-    model = build(method, enc, distributed=ctx.world > 1)
+    model = build(method, enc, distributed=ctx.world > 1, size=cfg["size"])
     if ctx.world > 1:
         sync_batchnorm(model, ctx.device)
     model.to(ctx.device)

@@ -1,4 +1,4 @@
-"""The fifteen SSL methods, each written with fastssl's public pieces only.
+"""The sixteen SSL methods, each written with fastssl's public pieces only.
 
 =========  ==========================================================================
 method     objective
@@ -33,6 +33,8 @@ ibot       iBOT on a ViT: DINO's class-token loss + the masked patch-token loss 
 dinov2     DINOv2's objective: iBOT with Sinkhorn-Knopp teacher targets + 0.1 x KoLeo
 rotation   RotNet: every image of one view in its four quarter turns
            (``pretext.rotations``), a linear head to the rotation, cross-entropy
+dae        denoising autoencoder: masking noise on one view (``pretext.corrupt``, 30% of
+           the pixels), the encoder, a linear decoder to the clean view, MSE
 =========  ==========================================================================
 
 ``forward(views)`` is the loss (so DistributedDataParallel wraps the method);
@@ -51,7 +53,7 @@ from fastssl import augment as A
 from fastssl.pretrain.models import mlp
 
 METHODS = ("simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae",
-           "simmim", "ijepa", "data2vec", "ibot", "dinov2", "rotation")
+           "simmim", "ijepa", "data2vec", "ibot", "dinov2", "rotation", "dae")
 MULTI_CROP = ("dino", "swav")
 # masked image modelling: a ViT encoder by default; one view, or two global crops (ibot,
 # dinov2)
@@ -535,7 +537,30 @@ class RotNet(Method):
         return tF.cross_entropy(self.head(self.encoder(x)), labels)
 
 
-def build(method, encoder, distributed=False):
+class DAE(Method):
+    """A denoising autoencoder (Vincent et al.): each pixel of the view zeroed with
+    probability ``drop`` (all channels; the view is normalised, so 0 is the mean colour),
+    the encoder's features through a linear decoder to the clean view's pixels, MSE over
+    every pixel. The noise is drawn in ``sample`` for the global batch (rank-independent)."""
+
+    def __init__(self, encoder, size, drop=0.3, distributed=False):
+        super().__init__()
+        self.size, self.drop = size, drop
+        self.encoder, self.decoder = encoder, nn.Linear(encoder.dim, 3 * size * size)
+
+    def sample(self, generator, lo, hi, rows, device):
+        return torch.rand(rows, self.size, self.size, generator=generator,
+                          device=device)[lo:hi] >= self.drop
+
+    def forward(self, views, kept):
+        x = views[0]
+        out = self.decoder(self.encoder(x * kept[:, None].to(x.dtype)))
+        return tF.mse_loss(out, x.flatten(1))
+
+
+def build(method, encoder, distributed=False, size=None):
+    if method == "dae":
+        return DAE(encoder, size, distributed=distributed)
     return {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam,
             "barlow": Barlow, "vicreg": VICReg, "dino": DINO,
             "swav": SwAV, "mae": MAE, "simmim": SimMIM, "ijepa": IJEPA,
@@ -555,7 +580,7 @@ def views_for(method, size, scale, flip_p, n_local=4, **kw):
     if method in ("ibot", "dinov2"):  # DINO's two global crops, no local crops
         kw.pop("size")
         return A.DINOAugment(global_size=size, n_local=0, global_scale=kw.pop("scale"), **kw)
-    if method in MASKED or method == "rotation":  # MAE's views: a crop and a flip, no colour
+    if method in MASKED or method in ("rotation", "dae"):  # a crop and a flip, no colour
         out = {k: v for k, v in kw.items() if k not in ("size", "scale", "flip_p")}
         return A.MultiView([A.Augment(A.RandomResizedCrop(size, scale=scale),
                                       A.RandomHorizontalFlip(flip_p), A.Normalize(), **out)],
