@@ -134,7 +134,7 @@ def _distributed(gather):
     return _checks.flag(gather, "gather_distributed") and distributed.is_distributed()
 
 
-def _update(x, labels, k, spherical):
+def _update(x, labels, k):
     """(sums, counts) of the rows per cluster."""
     sums = _impl(x).segment_sum(x.contiguous(), labels, k).to(_acc(x))
     counts = torch.bincount(labels, minlength=k)
@@ -205,7 +205,7 @@ def kmeans(x, k, iterations=20, init="random", spherical=False, empty="split",
         torch.distributed.broadcast(c, 0)
     for _ in range(iterations):
         labels, _ = assign(fit, c, spherical)
-        sums, counts = _update(fit, labels, k, spherical)
+        sums, counts = _update(fit, labels, k)
         if active:
             torch.distributed.all_reduce(sums)
             torch.distributed.all_reduce(counts)

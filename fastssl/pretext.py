@@ -33,7 +33,6 @@ import itertools
 import math
 
 import torch
-from torch import Tensor
 
 from fastssl import _checks
 
