@@ -380,13 +380,20 @@ def _pair_chunks(s, w, t, v, bias, scale_t, st_t, pidx, pw, block):
     sa, ta = s.to(acc), t.to(acc)
     m_t, l_t = st_t[:, 0, None].to(acc), st_t[:, 1, None].to(acc)
     pw = pw.to(acc)
+    # row r against teacher row r (iBOT's pairing): the target is the teacher's softmax
+    # scaled in place, no gather
+    own = pidx.shape[1] == 1 and pidx.shape[0] == t.shape[0] and torch.equal(
+        pidx[:, 0], torch.arange(pidx.shape[0], device=pidx.device, dtype=pidx.dtype))
     for k0 in range(0, w.shape[0], block):
         wk = w[k0:k0 + block].to(acc)
         xt, e = _debias(ta @ v[k0:k0 + block].to(acc).T, bias, k0, k0 + block, acc)
         pt = _shifted(xt, e, m_t).mul_(scale_t).sub_(l_t).clamp_(max=0).exp_()
-        r = pw[:, 0, None] * pt[pidx[:, 0]]
-        for j in range(1, pidx.shape[1]):
-            r.addcmul_(pw[:, j, None], pt[pidx[:, j]])
+        if own:
+            r = pt.mul_(pw)
+        else:
+            r = pt[pidx[:, 0]].mul_(pw[:, 0, None])
+            for j in range(1, pidx.shape[1]):
+                r.addcmul_(pw[:, j, None], pt[pidx[:, j]])
         del pt
         yield k0, wk, sa @ wk.T, r
 
