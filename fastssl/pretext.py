@@ -290,6 +290,7 @@ def inpainting_loss(pred, images, mask):
         raise _checks.ShapeError(f"pred {tuple(pred.shape)} must have the images' shape "
                                  f"{tuple(images.shape)}")
     n, c, h, w = images.shape
+    _checks.tensor(mask, "mask")
     if mask.dtype != torch.bool or mask.shape != (n, h, w):
         raise _checks.ShapeError(f"mask must be bool ({n}, {h}, {w}), got {mask.dtype} "
                                  f"{tuple(mask.shape)}")

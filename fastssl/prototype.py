@@ -49,25 +49,6 @@ def _chunk(rows):
     return CHUNK or int(max(64, 2 ** 21 // max(rows, 1)))
 
 
-def _pairs(student_rows, teacher_rows, pairing, student_crops, teacher_crops, weights, device,
-           dtype):
-    """The (student row, teacher row, weight) triples of the loss, as index tensors."""
-    if pairing == "rows":
-        idx = torch.arange(student_rows, device=device)
-        return idx, idx, weights.to(device=device, dtype=dtype)
-    B = teacher_rows // teacher_crops
-    si, tj = [], []
-    for v in range(student_crops):
-        for u in range(teacher_crops):
-            if u == v:
-                continue
-            si.append(torch.arange(v * B, (v + 1) * B, device=device))
-            tj.append(torch.arange(u * B, (u + 1) * B, device=device))
-    n_pairs = len(si)
-    si, tj = torch.cat(si), torch.cat(tj)
-    return si, tj, torch.full((len(si),), 1.0 / (n_pairs * B), device=device, dtype=dtype)
-
-
 def _pair_table(student_rows, teacher_rows, pairing, student_crops, teacher_crops, weights,
                 device, dtype):
     """The loss's pairs as a table: (pidx (rows, P) int32, pw (rows, P)), student row i
@@ -87,6 +68,16 @@ def _pair_table(student_rows, teacher_rows, pairing, student_crops, teacher_crop
     pidx = (crop[:, None, :] * B + b[None, :, None]).reshape(student_rows, P)
     pw = (live[:, None, :] / (n_pairs * B)).expand(student_crops, B, P).reshape(student_rows, P)
     return pidx.to(device).contiguous(), pw.to(device).contiguous()
+
+
+def _pairs(student_rows, teacher_rows, student_crops, teacher_crops, device, dtype):
+    """DINO's pairs as (student row, teacher row, weight) index triples: the live slots of
+    ``_pair_table``."""
+    pidx, pw = _pair_table(student_rows, teacher_rows, "dino", student_crops, teacher_crops,
+                           None, device, dtype)
+    live = pw > 0
+    rows = torch.arange(student_rows, device=device)[:, None].expand_as(pidx)
+    return rows[live], pidx[live].long(), pw[live]
 
 
 def prototype_cross_entropy(student, teacher, student_prototypes, teacher_prototypes=None,
@@ -481,7 +472,7 @@ class DINOLoss(torch.nn.Module):
             raise ValueError("DINOLoss needs at least two views: one teacher and one student "
                              "crop of the same view make no pair")
         acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-        si, tj, w = _pairs(S * B, T * B, "dino", S, T, None, s.device, acc)
+        si, tj, w = _pairs(S * B, T * B, S, T, s.device, acc)
         loss = _LogitsCE.apply(s.reshape(S * B, -1), t.detach().reshape(T * B, -1),
                                self.center.detach().reshape(-1).clone(), si, tj, w,
                                self.student_temp, tau_t)  # a copy: the centre moves next
