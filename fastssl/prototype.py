@@ -74,10 +74,10 @@ def _pairs(student_rows, teacher_rows, student_crops, teacher_crops, device, dty
     """DINO's pairs as (student row, teacher row, weight) index triples: the live slots of
     ``_pair_table``."""
     pidx, pw = _pair_table(student_rows, teacher_rows, "dino", student_crops, teacher_crops,
-                           None, device, dtype)
+                           None, "cpu", dtype)  # on the host: the pattern is known there
     live = pw > 0
-    rows = torch.arange(student_rows, device=device)[:, None].expand_as(pidx)
-    return rows[live], pidx[live].long(), pw[live]
+    rows = torch.arange(student_rows)[:, None].expand_as(pidx)
+    return (rows[live].to(device), pidx[live].long().to(device), pw[live].to(device))
 
 
 def prototype_cross_entropy(student, teacher, student_prototypes, teacher_prototypes=None,
