@@ -69,11 +69,13 @@ def _bench(args, parser):
 
 def _pretrain(args, parser, argv):
     from fastssl import pretrain
-    methods = list(pretrain.METHODS) if args.method == "all" else [args.method]
+    from fastssl.pretrain.data import PHOTOS
+    methods = pretrain.methods_for_all(args.data) if args.method == "all" else [args.method]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.data is not None and not os.path.exists(args.data):
-        parser.error(f"--data {args.data!r} is not a folder or a prepared array")
+    if args.data not in (None, PHOTOS) and not os.path.exists(args.data):
+        parser.error(f"--data {args.data!r} is not a folder, a prepared array or "
+                     f"{PHOTOS!r}")
     if args.scale is not None and not (len(args.scale) == 2 and 0 < args.scale[0] <= args.scale[1] <= 1):
         parser.error(f"--scale takes two numbers 0 < lo <= hi <= 1, got {args.scale}")
     if args.resume is not None and args.method == "all":
@@ -137,6 +139,22 @@ def _checked(kind, ok, rule):
     return parse
 
 
+def _method(text):
+    """``--method``: a method's name, ``all``, or pretext tasks joined by '+'."""
+    from fastssl.pretrain.methods import METHODS, get
+    if text == "all" or text in METHODS:
+        return text
+    if "+" not in text:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                         f"{', '.join(METHODS)}, all, or pretext tasks "
+                                         f"joined by '+', e.g. rotation+jigsaw)")
+    try:
+        get(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
 def _positive(kind):
     return _checked(kind, lambda v: 0 < v < float("inf"), "a positive finite number")
 
@@ -164,10 +182,13 @@ def main(argv=None):
                        "(1/5/10 labels per class and every label). Default data: "
                        "scikit-learn's digits (no download). One process, or many under torchrun (--nproc N on one machine). Writes "
                        "runs/<method>-<time>/report.json, loss.png, checkpoint.pt and encoder.pt.")
-    p.add_argument("--method", required=True, choices=list(METHODS) + ["all"])
+    p.add_argument("--method", required=True, type=_method, metavar="METHOD",
+                   help=f"{', '.join(METHODS)}, all (each in turn), or pretext tasks joined "
+                   f"by '+' (rotation+jigsaw: one encoder, the task losses summed)")
     p.add_argument("--data", help="image folder, one sub-folder per class (labels are used "
                    "for evaluation only; streamed by --workers), or an array from `fastssl "
-                   "prepare`; default: scikit-learn's digits")
+                   "prepare`, or `photos` (crops of scikit-learn's two colour sample photographs, no "
+                   "download; for colorization); default: scikit-learn's digits")
     p.add_argument("--epochs", type=_positive(int), help="default: " + ", ".join(
         f"{m} {e}" for m, e in EPOCHS.items()) + " on the digits; about 1000 steps on --data")
     p.add_argument("--batch-size", type=_positive(int), help=f"per process; the global batch "
@@ -175,8 +196,8 @@ def main(argv=None):
     p.add_argument("--lr", type=_positive(float), help="learning rate per 256 images of the "
                    "global batch (linear scaling), default 4e-3 (adamw), 0.3 (lars)")
     p.add_argument("--width", type=_positive(int), help=f"encoder base width, default {DEFAULTS['width']}")
-    p.add_argument("--size", type=_positive(int), help="view side in pixels (default 16 for the "
-                   "digits, 64 for --data)")
+    p.add_argument("--size", type=_positive(int), help="view side in pixels (default on the "
+                   "digits 16, relpos and cpc 32, jigsaw 36; 64 for --data)")
     p.add_argument("--scale", type=float, nargs=2, metavar=("LO", "HI"),
                    help="crop area range (digits: 0.3 1 for simclr/moco/simsiam, 0.5 1 for "
                         "byol/barlow/vicreg; --data: 0.2 1)")

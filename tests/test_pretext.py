@@ -147,6 +147,57 @@ def test_bad_arguments_are_clear_errors():
         P.relative_patches(images(1, 3, 40, 40), 8, generator=1)
 
 
+def _rows(params, lo, hi):
+    return {k: v[lo:hi] for k, v in params.items()}
+
+
+def test_jigsaw_replays_parameters_drawn_on_a_stand_in_batch(device):
+    """Parameters drawn for 7 rows on a zero-memory stand-in, replayed on rows [2, 5) of
+    real float64 images: the tiles of those rows as if cut at those draws (float64 kept)."""
+    perms, _ = P.jigsaw_permutations(5, 9, generator=torch.Generator().manual_seed(0))
+    x = images(7, 3, 20, 23, dtype=torch.float64).to(device)
+    g = torch.Generator(device=device).manual_seed(3)
+    stand_in = torch.zeros((), device=device).expand(7, 1, 20, 23)
+    _, labels, params = P.jigsaw(stand_in, perms, tile=5, normalize=False, generator=g,
+                                 return_params=True)
+    full = P.jigsaw(x, perms, tile=5, generator=torch.Generator(device=device).manual_seed(3))
+    tiles, got = P.jigsaw(x[2:5], perms, tile=5, params=_rows(params, 2, 5))
+    assert tiles.dtype == torch.float64 and torch.equal(got, labels[2:5])
+    assert torch.equal(got, full[1][2:5]) and torch.equal(tiles, full[0][2:5])
+    with pytest.raises(ValueError, match="missing 'offsets'"):
+        P.jigsaw(x[:2], perms, tile=5, params={"labels": labels[:2]})
+    with pytest.raises(ShapeError, match=r"must be integer \(2,\)"):
+        P.jigsaw(x[:2], perms, tile=5, params=_rows(params, 0, 3))
+    bad = _rows(params, 0, 2)
+    bad["offsets"] = bad["offsets"] + 2  # 6-px cells, 5-px tiles: offsets 0 or 1
+    with pytest.raises(ValueError, match="outside the 6 x 7 cells"):
+        P.jigsaw(x[:2], perms, tile=5, params=bad)
+    with pytest.raises(ValueError, match="permutation set"):
+        P.jigsaw(x[:2], perms, tile=5, params=dict(_rows(params, 0, 2),
+                                                   labels=torch.tensor([0, 5])))
+
+
+@pytest.mark.parametrize("color_drop", [False, True])
+def test_relative_patches_replay_parameters_drawn_on_a_stand_in_batch(device, color_drop):
+    x = images(6, 3, 30, 30, dtype=torch.float64).to(device)
+    kw = dict(patch=6, gap=2, jitter=1, color_drop=color_drop)
+    stand_in = torch.zeros((), device=device).expand(6, 3, 30, 30)
+    params = P.relative_patches(stand_in, generator=torch.Generator(device=device).manual_seed(4),
+                                return_params=True, **kw)[3]
+    assert ("noise" in params) == color_drop
+    full = P.relative_patches(x, generator=torch.Generator(device=device).manual_seed(4), **kw)
+    a, b, labels = P.relative_patches(x[1:4], params=_rows(params, 1, 4), **kw)
+    assert a.dtype == b.dtype == torch.float64
+    for got, want in zip((a, b, labels), full):
+        assert torch.equal(got, want[1:4])
+    if color_drop:
+        with pytest.raises(ShapeError, match="noise"):
+            P.relative_patches(x[:2], params=dict(_rows(params, 0, 2), noise=None), **kw)
+    far = dict(_rows(params, 0, 2), centre=torch.tensor([[0, 0], [25, 0]]))
+    with pytest.raises(ValueError, match="outside 30 x 30 images for 6-pixel patches"):
+        P.relative_patches(x[:2], params=far, **kw)
+
+
 @pytest.mark.parametrize("kind", ["center", "random"])
 @pytest.mark.parametrize("size,fraction", [((9, 12), 0.5), ((5, 5), 0.0), ((8, 8), 1.0)])
 def test_region_masks_are_squares_inside_the_image(device, kind, size, fraction):

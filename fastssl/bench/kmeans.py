@@ -13,8 +13,9 @@ import torch
 from . import timing
 from .timing import noop
 
-KS = {"cpu": (1000,), "cuda": (1000, 10000, 65536)}
+KS = {"cpu": (1000, 10000), "cuda": (1000, 10000, 65536)}
 EAGER_LIMIT = 4 << 30  # the eager formulation's (N x K) float32 matrix: skipped above 4 GiB
+CPU_FIT_LIMIT = 10 ** 9  # N x K above this on a CPU: one iteration only (~1 min each)
 
 
 def make_case(n, k, D, seed=0, device="cpu", dtype=torch.float32):
@@ -134,11 +135,12 @@ def available(cuda):
 
 def bench_kmeans(quick, log, save=noop, sizes=None, dims=None, dtypes=None):
     """One iteration and a ``fit``-iteration run (20 on a GPU, 5 on a CPU; quick: 3) for each
-    N in ``sizes`` and K in ``KS``, D = ``dims[0]`` (default 256)."""
+    N in ``sizes`` and K in ``KS``, D = ``dims[0]`` (default 256); on a CPU the longer run
+    only where N x K <= CPU_FIT_LIMIT."""
     cuda = torch.cuda.is_available()
     where = "cuda" if cuda else "cpu"
     sizes = sizes or (([100_000] if quick else [100_000, 1_000_000]) if cuda else
-                      ([20_000] if quick else [100_000]))
+                      ([20_000] if quick else [100_000, 1_000_000]))
     D = (dims or [256])[0]
     ks = KS[where][:1] if quick else KS[where]
     fit_iters = 3 if quick else (20 if cuda else 5)
@@ -151,7 +153,8 @@ def bench_kmeans(quick, log, save=noop, sizes=None, dims=None, dtypes=None):
         for k in ks:
             if k > n:
                 continue
-            for iterations in (1, fit_iters):
+            long = cuda or n * k <= CPU_FIT_LIMIT
+            for iterations in (1, fit_iters) if long else (1,):
                 for impl in impls:
                     row = {"op": "kmeans", "impl": impl, "rows": n, "K": k, "D": D,
                            "dtype": str(dtype if cuda else torch.float32).replace("torch.", ""),

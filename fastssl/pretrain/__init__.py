@@ -3,7 +3,7 @@ images.
 
 The parts: ``data`` (the digits, streamed image folders, prepared arrays, the batch order
 across ranks), ``models`` (encoders, projection heads, global BatchNorm), ``methods`` (the
-sixteen methods from fastssl's losses, ``EMA`` and ``MoCoQueue``), ``loop`` (settings, optimiser,
+methods, one module per family, from fastssl's losses, ``EMA`` and ``MoCoQueue``), ``loop`` (settings, optimiser,
 DDP, the training steps), ``checkpoint`` (resume, ``encoder.pt``), ``evaluation`` (kNN,
 linear probe, low-shot, end-to-end fine-tuning) and ``report`` (report.json, plots,
 tables); ``launch`` joins the process group torchrun describes.
@@ -23,13 +23,13 @@ from fastssl.pretrain.checkpoint import load_encoder
 from fastssl.pretrain.data import ImageArray, ImageFolder, load_digits, prepare, split
 from fastssl.pretrain.evaluation import (fine_tune, fine_tune_accuracy, knn_accuracy,
                                          linear_probe_accuracy, low_shot)
-from fastssl.pretrain.loop import DEFAULTS, EPOCHS, settings, train
-from fastssl.pretrain.methods import METHODS, build, views_for
+from fastssl.pretrain.loop import DEFAULTS, settings, train
+from fastssl.pretrain.methods import EPOCHS, METHODS, build, views_for
 from fastssl.pretrain.models import SmallResNet, mlp
 from fastssl.pretrain.report import (command, fine_tune_table, fresh, has_fine_tune,
                                      low_shot_table, plot_losses, report, table)
 
-__all__ = ["pretrain", "run", "prepare", "load_encoder", "METHODS", "DEFAULTS", "EPOCHS"]
+__all__ = ["pretrain", "run", "methods_for_all", "prepare", "load_encoder", "METHODS", "DEFAULTS", "EPOCHS"]
 
 
 def pretrain(method, out_dir="runs", log=print, progress=True, evaluate=True,
@@ -49,6 +49,13 @@ def pretrain(method, out_dir="runs", log=print, progress=True, evaluate=True,
     shot count, one run with every label, on one CPU thread), in ``accuracy[name]["fine_tune"]`` and ``fine_tune_margin_over_random_init``."""
     return run([method], out_dir, log, progress, evaluate, low_shot_draws, fine_tune,
                fine_tune_draws, **settings_)[0]
+
+
+def methods_for_all(data=None):
+    """``--method all``: every method, less those that need colour images (colorization)
+    on the grayscale digits (``data`` None)."""
+    from fastssl.pretrain.methods import REGISTRY
+    return [m for m, cls in REGISTRY.items() if data is not None or not cls.colour]
 
 
 def run(methods, out_dir="runs", log=print, progress=True, evaluate=True, low_shot_draws=5,

@@ -6,6 +6,7 @@ Every dataset returns whole batches: ``dataset.batch(indices)`` -> (uint8 images
 through ``__getitems__`` in its workers, so a batch is decoded in one worker and crosses to
 the training process as one tensor.
 """
+import functools
 import json
 import os
 
@@ -64,6 +65,57 @@ def load_digits():
     images = images[:, None].expand(-1, 3, -1, -1).contiguous()
     return ImageArray(images, torch.from_numpy(d.target).long(), [str(c) for c in range(10)],
                       "sklearn digits (8x8)")
+
+
+PHOTOS = "photos"  # --data photos
+PHOTO_CROPS, PHOTO_CROP_SIDE, PHOTO_REGIONS = 2048, 128, 3  # per photograph; px; per side
+_REGION_NAMES = (("top", "middle", "bottom"), ("left", "centre", "right"))
+
+
+@functools.lru_cache(maxsize=4)
+def load_photos(side, per_photo=PHOTO_CROPS):
+    """Colour images with no download: scikit-learn's two sample photographs (china.jpg,
+    flower.jpg, 427 x 640) as ``per_photo`` square crops each, PHOTO_CROP_SIDE px at uniform
+    places (a fixed seed: the same crops in every run and process), at side x side: each
+    photograph resized (antialiased bilinear) by side / PHOTO_CROP_SIDE once, the crops cut
+    from it at the scaled places. Label: the photograph and the region of it
+    (PHOTO_REGIONS x PHOTO_REGIONS, by the crop's place) the crop comes from, 18 classes:
+    telling the two photographs apart is too easy to rank encoders."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as e:
+        raise RuntimeError("--data photos ships with scikit-learn (and reads its JPEGs with "
+                           "Pillow): pip install scikit-learn pillow") from e
+    sample = load_sample_images()
+    g = torch.Generator().manual_seed(0)
+    c, r = PHOTO_CROP_SIDE, PHOTO_REGIONS
+    images, labels, classes = [], [], []
+    for k, (photo, path) in enumerate(zip(sample.images, sample.filenames)):
+        x = torch.from_numpy(np.array(photo)).permute(2, 0, 1)
+        h, w = x.shape[1] - c + 1, x.shape[2] - c + 1  # the places a crop can start
+        top, left = torch.randint(h, (per_photo,), generator=g), \
+            torch.randint(w, (per_photo,), generator=g)
+        labels.append(k * r * r + (top * r // h) * r + left * r // w)
+        s = side / c
+        small = tF.interpolate(x[None].float(), size=(round(x.shape[1] * s),
+                                                      round(x.shape[2] * s)),
+                               mode="bilinear", antialias=True, align_corners=False)[0]
+        small = small.round_().clamp_(0, 255).to(torch.uint8)
+        t = (top * s).round().long().clamp_max(small.shape[1] - side)
+        q = (left * s).round().long().clamp_max(small.shape[2] - side)
+        images.append(_crop_all(small, t, q, side))
+        name = os.path.basename(path)
+        classes += [f"{name} {a} {b}" for a in _REGION_NAMES[0] for b in _REGION_NAMES[1]]
+    return ImageArray(torch.cat(images), torch.cat(labels), classes,
+                      f"sklearn sample photos ({len(sample.images)} x {per_photo} crops of "
+                      f"{c} px, {side}x{side})")
+
+
+def _crop_all(x, top, left, side):
+    """(M, 3, side, side): the crops of one image x (3, H, W) at (top[m], left[m])."""
+    ar = torch.arange(side)
+    rows, cols = (top[:, None] + ar)[:, :, None], (left[:, None] + ar)[:, None, :]
+    return x[:, rows, cols].permute(1, 0, 2, 3).contiguous()
 
 
 def list_folder(root):
@@ -143,9 +195,12 @@ class ImageFolder(_Batches):
 
 
 def open_data(data, side, log=print):
-    """The dataset behind ``--data``: None (the digits), a folder, or a prepared array."""
+    """The dataset behind ``--data``: None (the digits), ``"photos"`` (``load_photos``; a
+    folder of that name is ``./photos``), a folder, or a prepared array."""
     if data is None:
         return load_digits()
+    if data == PHOTOS:
+        return load_photos(side)
     if os.path.isfile(data):
         return open_prepared(data)
     return ImageFolder(data, side)
@@ -261,24 +316,37 @@ class BatchOrder:
     def __init__(self, indices, rank_batch, rank=0, world=1, seed=0):
         self.indices, self.rank_batch = torch.as_tensor(indices), int(rank_batch)
         self.rank, self.world, self.seed = int(rank), int(world), int(seed)
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.order = 0, 0, None
 
     @property
     def steps(self):
         return len(self.indices) // (self.rank_batch * self.world)
 
-    def set_epoch(self, epoch, start=0):
+    def set_epoch(self, epoch, start=0, order=None):
+        """Epoch ``epoch`` from global batch ``start``; ``order`` (as many dataset indices as
+        ``indices``, the same on every rank) replaces the epoch's permutation."""
+        if order is not None and len(order) != len(self.indices):
+            raise ValueError(f"an epoch's order needs {len(self.indices)} indices, got "
+                             f"{len(order)}")
         self.epoch, self.start = int(epoch), int(start)
+        self.order = torch.as_tensor(order).cpu() if order is not None else \
+            self.permutation(self.epoch)
 
     def permutation(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return self.indices[torch.randperm(len(self.indices), generator=g)]
 
+    def global_batch(self, step):
+        """The dataset indices of global batch ``step`` of the epoch (every rank's rows)."""
+        B = self.rank_batch * self.world
+        return self.order[step * B:(step + 1) * B]
+
     def __len__(self):
         return self.steps - self.start
 
     def __iter__(self):
-        order, B = self.permutation(self.epoch), self.rank_batch * self.world
-        lo = self.rank * self.rank_batch
+        if self.order is None:
+            self.set_epoch(self.epoch, self.start)
+        B, lo = self.rank_batch * self.world, self.rank * self.rank_batch
         for s in range(self.start, self.steps):
-            yield order[s * B + lo:s * B + lo + self.rank_batch].tolist()
+            yield self.order[s * B + lo:s * B + lo + self.rank_batch].tolist()

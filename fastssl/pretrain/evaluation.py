@@ -34,9 +34,10 @@ FINE_TUNE = {"steps": 50, "batch": 32, "lr": 1e-3, "weight_decay": 0.05,
 
 
 @torch.no_grad()
-def features(fn, dataset, indices, size, device, batch=256, workers=0):
+def features(fn, dataset, indices, size, device, batch=256, workers=0, dtype=torch.float32):
     """``fn`` of one deterministic view per image of ``dataset[indices]`` (the whole image
-    resized to ``size`` and normalised, as training views are), in the order given."""
+    resized to ``size`` and normalised, as training views are), in the order given, as
+    ``dtype``."""
     view = A.Augment(A.RandomResizedCrop(size, scale=(1.0, 1.0), ratio=(1.0, 1.0)),
                      A.Normalize())
     chunks = [indices[i:i + batch].tolist() for i in range(0, len(indices), batch)]
@@ -44,8 +45,8 @@ def features(fn, dataset, indices, size, device, batch=256, workers=0):
                                          collate_fn=collate)
     out = []
     for images, _, _ in loader:
-        out.append(fn(view(images.to(device))).float())
-    return torch.cat(out)
+        out.append(fn(view(images.to(device))).to(dtype))
+    return torch.cat(out) if out else torch.zeros(0, device=device, dtype=dtype)
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.1):
@@ -127,6 +128,20 @@ def evaluate(fn, dataset, train, test, size, knn_k, device, workers=0, draws=5):
             "linear": linear_probe_accuracy(ftr, ytr, fte, yte),
             "dim": feats.shape[1],
             "low_shot": low_shot(ftr, ytr, fte, yte, knn_k, draws=draws)}
+
+
+def pretext_accuracy(model, dataset, indices, size, device, workers=0):
+    """The trained method's own task (``Method.pretext``: rotation, jigsaw permutation,
+    patch position, ...) on the deterministic views of ``dataset[indices]``: accuracy in
+    percent, or None for a method without one."""
+    model.eval()
+    with torch.no_grad():
+        if model.pretext(features(lambda x: x, dataset, indices[:2], size, device)) is None:
+            return None
+        scores = features(lambda x: torch.tensor([model.pretext(x)], dtype=torch.float64),
+                          dataset, indices, size, device, workers=workers,
+                          dtype=torch.float64).sum(0)
+    return 100.0 * float(scores[0]) / max(float(scores[1]), 1.0)
 
 
 # ----------------------------------------------------------------------------- fine-tuning

@@ -13,18 +13,16 @@ import torch.distributed as dist
 from fastssl import augment as A
 from fastssl.optim import LARS
 from fastssl.pretrain import checkpoint
-from fastssl.pretrain.data import BatchOrder, collate, open_data, split
-from fastssl.pretrain.methods import MASKED, METHODS, NO_CLASS_TOKEN, build, views_for
+from fastssl.pretrain.data import PHOTOS, BatchOrder, collate, open_data, split
+from fastssl.pretrain.methods import MASKED, NO_CLASS_TOKEN, build, get, views_for
 from fastssl.pretrain.models import encoder as build_encoder
 from fastssl.pretrain.models import sync_batchnorm
 
-# Epochs per method on the digits: about two minutes each on two CPU cores (MoCo and BYOL
-# also run a momentum encoder on both views, so they get fewer epochs). On --data without
-# --epochs, enough epochs for about FOLDER_STEPS optimiser steps.
-EPOCHS = {"simclr": 100, "moco": 80, "byol": 80, "simsiam": 100, "barlow": 100, "vicreg": 100,
-          "dino": 60, "swav": 50, "mae": 100, "simmim": 100, "ijepa": 100, "data2vec": 100,
-          "ibot": 50, "dinov2": 50, "rotation": 100, "dae": 100}
+# Epochs per method on the digits and the sample photographs: each method's ``epochs``
+# (``methods.EPOCHS``). On other --data without --epochs, enough epochs for about
+# FOLDER_STEPS optimiser steps.
 FOLDER_STEPS = 1000
+PHOTOS_SIZE = 32  # the view side on --data photos
 SHORT_RUN = 500  # fewer optimiser steps than this: warn that the run is too short to learn
 LR = {"adamw": 4e-3, "lars": 0.3}  # per 256 images of the global batch (linear scaling)
 WEIGHT_DECAY = {"adamw": 1e-4, "lars": 1e-6}
@@ -41,13 +39,14 @@ RESUMABLE = {"workers", "stop_after", "max_steps", "device", "evaluate", "low_sh
 
 def settings(method, given):
     """The run's settings: the defaults, the method's, and the caller's (not None)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    get(method)  # a ValueError naming the choices for an unknown method
     cfg = dict(DEFAULTS, method=method, arch="vit" if method in MASKED else DEFAULTS["arch"])
     cfg.update({k: v for k, v in given.items() if v is not None})
     digits = cfg.get("data") is None
     cfg["data"] = cfg.get("data")
-    cfg["size"] = cfg.get("size") or (16 if digits else 64)
+    photos = cfg.get("data") == PHOTOS  # the bundled colour crops: a fixed, small set
+    default_size = get(method).digits_size if digits else PHOTOS_SIZE if photos else 64
+    cfg["size"] = cfg.get("size") or default_size
     # Digits are 8x8 and not mirror-symmetric: milder crops and no flip by default; the
     # BYOL-family views (the second one solarizes) keep more of the digit than SimCLR's.
     cfg["scale"] = list(cfg["scale"]) if cfg.get("scale") else (
@@ -187,8 +186,8 @@ class Plan:
         self.order = BatchOrder(self.train_idx, b, ctx.rank, world, cfg["seed"])
         self.steps = self.order.steps  # full global batches only (BatchNorm, equal views)
         if cfg["epochs"] is None:
-            cfg["epochs"] = EPOCHS[cfg["method"]] if cfg["data"] is None else \
-                max(1, math.ceil(FOLDER_STEPS / self.steps))
+            cfg["epochs"] = get(cfg["method"]).epochs if cfg["data"] in (None, PHOTOS) \
+                else max(1, math.ceil(FOLDER_STEPS / self.steps))
         self.total = self.steps * cfg["epochs"]
         if cfg.get("max_steps"):
             self.total = min(self.total, int(cfg["max_steps"]))
@@ -216,7 +215,8 @@ def _model(method, cfg, ctx, plan):
     enc = build_encoder(cfg["arch"], cfg["width"], cfg["size"],
                         cls_token=method not in NO_CLASS_TOKEN)
     initial = copy.deepcopy(enc)
-    model = build(method, enc, distributed=ctx.world > 1, size=cfg["size"])
+    model = build(method, enc, distributed=ctx.world > 1, size=cfg["size"],
+                  train_size=len(plan.train_idx))
     if ctx.world > 1:
         sync_batchnorm(model, ctx.device)
     model.to(ctx.device)
@@ -242,6 +242,44 @@ def _announce(say, method, cfg, ctx, plan, params, bf16):
             f"usually need thousands); raise --epochs or --max-steps")
 
 
+class EpochStart:
+    """What a method's ``before_epoch`` may use: the epoch and its ``steps``, the training
+    images (``dataset``, ``train_idx``, ``size``), the run's ``device``, ``dtype``, ``seed``,
+    ``world`` and ``say``; ``features(fn)`` (``fn`` of one deterministic view of every
+    training image, in ``train_idx`` order, each rank computing its share and all ranks
+    receiving all) and ``reset_optimizer(params)`` (forget the optimiser's state of
+    ``params``, as for a freshly made head)."""
+
+    def __init__(self, loop, epoch):
+        ctx, plan = loop.ctx, loop.plan
+        self.epoch, self.dataset, self.train_idx = epoch, plan.dataset, plan.train_idx
+        self.steps = plan.steps  # optimiser steps per epoch
+        self.size, self.device, self.seed = loop.cfg["size"], ctx.device, loop.cfg["seed"]
+        self.dtype = torch.float64 if loop.fp64 else torch.float32
+        self.world, self.rank, self.say, self._opt = ctx.world, ctx.rank, loop.say, loop.opt
+        self._workers = int(loop.cfg["workers"])
+
+    def features(self, fn):
+        from fastssl.pretrain.evaluation import features
+        n = len(self.train_idx)
+        share = -(-n // self.world)
+        mine = self.train_idx[self.rank * share:(self.rank + 1) * share]
+        with torch.no_grad():
+            out = features(lambda x: fn(x.to(self.dtype)), self.dataset, mine, self.size,
+                           self.device, workers=self._workers, dtype=self.dtype)
+        if self.world == 1:
+            return out
+        padded = out.new_zeros(share, *out.shape[1:])
+        padded[:len(out)] = out
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[:n]
+
+    def reset_optimizer(self, params):
+        for p in params:
+            self._opt.state.pop(p, None)
+
+
 class _Loop:
     """The optimiser steps of one rank: batches, views, loss, update, history, progress."""
 
@@ -262,9 +300,9 @@ class _Loop:
             prefetch_factor=4 if workers else None)
         self.seen_bad = set()
 
-    def one_step(self, images, step):
-        """One optimiser step on a global batch's rows of this rank; the loss averaged over
-        ranks."""
+    def one_step(self, images, step, indices):
+        """One optimiser step on a global batch's rows of this rank (``indices``: the global
+        batch's dataset indices); the loss averaged over ranks."""
         ctx, plan = self.ctx, self.plan
         views = make_views(self.aug, images, self.gen, ctx.rank * plan.b,
                            (ctx.rank + 1) * plan.b, plan.B)
@@ -273,7 +311,7 @@ class _Loop:
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(step, plan.total, plan.warmup, plan.base_lr)
         extra = self.model.sample(self.gen, ctx.rank * plan.b, (ctx.rank + 1) * plan.b,
-                                  plan.B, ctx.device)
+                                  plan.B, ctx.device, indices=indices)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.net(views) if extra is None else self.net(views, extra)
         self.opt.zero_grad(set_to_none=True)
@@ -291,7 +329,11 @@ class _Loop:
         """Steps of the epoch that ``step`` lies in, up to ``stop``; returns the next step."""
         plan, history = self.plan, self.history
         epoch, offset = divmod(step, plan.steps)
-        plan.order.set_epoch(epoch, offset)
+        # a method's own order for the epoch (DeepCluster's sampler), kept in its state so
+        # that a run resumed inside the epoch continues it
+        order = self.model.before_epoch(epoch, EpochStart(self, epoch)) if offset == 0 else \
+            self.model.epoch_order()
+        plan.order.set_epoch(epoch, offset, order)
         self.net.train()
         done = history["step_loss"][epoch * plan.steps:] if offset else []
         epoch_sum, epoch_n = sum(done), len(done)  # resumed inside an epoch: its first steps
@@ -303,7 +345,8 @@ class _Loop:
             images = images.to(self.ctx.device, non_blocking=True)
             t1 = time.perf_counter()
             skipped += self._note_bad(bad)
-            value = self.one_step(images, step)
+            value = self.one_step(images, step,
+                                  plan.order.global_batch(step - epoch * plan.steps))
             step += 1
             history["step_loss"].append(value)
             epoch_sum, epoch_n = epoch_sum + value, epoch_n + 1
@@ -369,7 +412,8 @@ def train(method, ctx, given, out_dir, log=print, progress=True, fresh=None):
     if history["skipped"]:
         say(f"{history['skipped']} reads of unreadable files skipped ({named} files named "
             f"above on rank 0)")
-    return Trained(method=method, cfg=cfg, encoder=enc, initial=initial, dataset=plan.dataset,
+    return Trained(method=method, cfg=cfg, encoder=enc, initial=initial, model=model,
+                   dataset=plan.dataset,
                    train=plan.train_idx, test=plan.test_idx, history=history, run_dir=run_dir,
                    step=step, total=plan.total, params=params, device=ctx.device)
 

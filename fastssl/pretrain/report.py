@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from fastssl.pretrain.evaluation import SHOTS, evaluate
+from fastssl.pretrain.evaluation import SHOTS, evaluate, pretext_accuracy
 from fastssl.pretrain.evaluation import fine_tune as fine_tune_scores
 
 
@@ -61,6 +61,13 @@ def _evaluate(t, draws, fine_tune_draws, log):
            "random init": evaluate(initial, knn_k=cfg["knn_k"], draws=draws, **kw),
            "raw pixels": evaluate(lambda x: x.flatten(1), knn_k=cfg["knn_k"], draws=draws,
                                   **kw)}
+    if getattr(t, "model", None) is not None:
+        score = pretext_accuracy(t.model, t.dataset, t.test, cfg["size"], t.device,
+                                 workers=int(cfg["workers"]))
+        if score is not None:
+            acc[t.method]["pretext"] = {"accuracy": score, "chance": t.model.chance}
+            log(f"{t.method}: pretext accuracy {score:.1f}% on the test images (chance "
+                f"{t.model.chance:.1f}%)")
     if fine_tune_draws is not None:
         shots = "/".join(map(str, SHOTS))
         for name, enc in ((t.method, t.encoder), ("random init", initial)):
@@ -132,15 +139,20 @@ def plot_losses(curves, path):
     plt.close(fig)
 
 
+def _pretext_cell(task):
+    return "" if task is None else f"{task['accuracy']:.1f} ({task['chance']:.0f})"
+
+
 def table(reports):
     """A markdown table: kNN and linear-probe accuracy of each method, random init, pixels."""
-    lines = ["| encoder | kNN % | linear probe % | kNN - random init | steps | train s | "
-             "img/s | final loss |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| encoder | kNN % | linear probe % | kNN - random init | pretext % (chance) | "
+             "steps | train s | img/s | final loss |", "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         a = r["accuracy"][r["method"]]
         rate = r.get("throughput", {}).get("images_per_s")  # (absent from older reports)
         lines.append(f"| {r['method']} | {a['knn']:.1f} | {a['linear']:.1f} | "
                      f"{r['knn_margin_over_random_init']:+.1f} | "
+                     f"{_pretext_cell(a.get('pretext'))} | "
                      f"{r.get('steps', len(r['step_loss']))} | "
                      f"{r['timings']['train_s']:.0f} | "
                      f"{'' if rate is None else f'{rate:.0f}'} | "
@@ -148,7 +160,7 @@ def table(reports):
     base = reports[0]["accuracy"]
     for name in ("random init", "raw pixels"):
         lines.append(f"| {name} | {base[name]['knn']:.1f} | {base[name]['linear']:.1f} | "
-                     "| | | | |")
+                     "| | | | | |")
     return "\n".join(lines)
 
 
