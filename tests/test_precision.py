@@ -236,6 +236,34 @@ def eager_proto(s, t, W, V, c, tau_t, target="softmax", pairing="dino"):
     return dino_pairs_loss(p_t, logp_s, 2, 2)
 
 
+def proto_condition(s, t, W, V, c, tau_t, target="softmax", pairing="dino"):
+    """Condition numbers (float64) of the prototype losses' value and (s, W) gradients as
+    sums of their terms. With logits l = s W^T / tau_s and targets R, dL/dl = (sum R)
+    softmax(l) - R per pair: the surrogate with log p replaced by -(lse(l) + l) has the
+    gradient (sum R) softmax(l) + R, the terms' magnitudes, so |dL/dl| W / tau_s and
+    |dL/dl|^T s / tau_s bound the terms of the two gradients. One prototype (K = 1) makes
+    every gradient exactly zero, (sum R) softmax - R = 1 - 1 per entry, so there the bound is
+    absolute: CONDITIONED roundings of the terms' magnitude (``compare``'s zero-reference
+    branch measures absolute errors)."""
+    s, W = s.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    l = s @ W.T / 0.1
+    with torch.no_grad():
+        scores = t @ V.T
+        p_t = eager_sinkhorn(scores, tau_t) if target == "sinkhorn" else \
+            torch.softmax((scores - c) / tau_t, -1)
+    surrogate = -(l.logsumexp(-1, keepdim=True) + l)
+    total = -(p_t * surrogate).sum(1).mean() if pairing == "rows" else \
+        dino_pairs_loss(p_t, surrogate, 2, 2)
+    g_l, = torch.autograd.grad(total, l)
+    ref = torch.autograd.grad(eager_proto(s, t, W, V, c, tau_t, target, pairing), (s, W))
+
+    def kappa(terms_abs, exact):
+        m, n = terms_abs.norm().item(), exact.norm().item()
+        return m / n if n > 0 else m
+    return [1.0, kappa(g_l.abs() @ W.abs() / 0.1, ref[0]),
+            kappa(g_l.abs().T @ s.detach().abs() / 0.1, ref[1])]
+
+
 def fast_proto(s, t, W, V, c, tau_t, target="softmax", pairing="dino"):
     return fastssl.prototype_cross_entropy(
         s, t, W, V, 0.1, tau_t, center=None if target == "sinkhorn" else c,
@@ -373,7 +401,9 @@ KERNELS = ["nt_xent", "info_nce+negatives", "NTXentLoss+bank", "clip", "siglip",
 # O(eps / variance) of its scale, rounding noise; 3 rows is the first meaningful batch.
 SHAPES = {"barlow_twins": dict(min_rows=3), "vicreg": dict(min_rows=2)}
 # Outputs that are ill-conditioned sums (their floors follow their condition numbers).
-CONDITION = {"siglip": siglip_condition}
+CONDITION = {"siglip": siglip_condition, "proto dino softmax": proto_condition,
+             "proto dino sinkhorn": lambda *a: proto_condition(*a, target="sinkhorn"),
+             "proto rows softmax": lambda *a: proto_condition(*a, pairing="rows")}
 CONDITIONED = 4
 # The one known shortfall left, measured with this sweep (fastssl vs eager error against
 # float64), held to 2x eager + OPEN_FLOOR (32 float32 roundings, 1.9e-6 relative) so that
