@@ -237,8 +237,8 @@ def eager_proto(s, t, W, V, c, tau_t, target="softmax", pairing="dino"):
 
 
 def proto_condition(s, t, W, V, c, tau_t, target="softmax", pairing="dino"):
-    """Condition numbers (float64) of the prototype losses' value and (s, W) gradients as
-    sums of their terms. With logits l = s W^T / tau_s and targets R, dL/dl = (sum R)
+    """The prototype losses' floors where a float64 gradient is exactly zero (elsewhere 1:
+    the plain relative bound). With logits l = s W^T / tau_s and targets R, dL/dl = (sum R)
     softmax(l) - R per pair: the surrogate with log p replaced by -(lse(l) + l) has the
     gradient (sum R) softmax(l) + R, the terms' magnitudes, so |dL/dl| W / tau_s and
     |dL/dl|^T s / tau_s bound the terms of the two gradients. One prototype (K = 1) makes
@@ -257,9 +257,9 @@ def proto_condition(s, t, W, V, c, tau_t, target="softmax", pairing="dino"):
     g_l, = torch.autograd.grad(total, l)
     ref = torch.autograd.grad(eager_proto(s, t, W, V, c, tau_t, target, pairing), (s, W))
 
-    def kappa(terms_abs, exact):
-        m, n = terms_abs.norm().item(), exact.norm().item()
-        return m / n if n > 0 else m
+    def kappa(terms_abs, exact):  # the relative bound unchanged where the reference is not 0
+        n = exact.norm().item()
+        return 1.0 if n > 0 else terms_abs.norm().item()
     return [1.0, kappa(g_l.abs() @ W.abs() / 0.1, ref[0]),
             kappa(g_l.abs().T @ s.detach().abs() / 0.1, ref[1])]
 
