@@ -10,12 +10,15 @@ if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
         not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
     __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
 
-from fastssl import augment, clustering, distributed, functional, masking, pretext  # noqa: E402
+from fastssl import (augment, clustering, distributed, functional, masking,  # noqa: E402
+                     multipositive, pretext)
 from fastssl._checks import ShapeError  # noqa: E402
 from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E402
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
                                 negative_cosine_similarity, nt_xent, siglip_loss, vicreg)
 from fastssl.cpc import CPCLoss, cpc_loss  # noqa: E402
+from fastssl.multipositive import (DCLLoss, DCLWLoss, SupConLoss, dcl_loss,  # noqa: E402
+                                   simclr_loss_func, supcon_loss)
 from fastssl.optim import LARS  # noqa: E402
 from fastssl.prototype import (DINOLoss, IBOTPatchLoss, KoLeoLoss,  # noqa: E402
                                PrototypeCrossEntropy, SwaVLoss, koleo, prototype_cross_entropy,
@@ -29,4 +32,5 @@ __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pre
            "NegativeCosineSimilarity", "EMA", "update_momentum", "cosine_schedule", "ema_",
            "ShapeError", "LARS", "prototype_cross_entropy", "PrototypeCrossEntropy",
            "sinkhorn_knopp", "sinkhorn", "koleo", "KoLeoLoss", "DINOLoss", "IBOTPatchLoss",
-           "SwaVLoss", "cpc_loss", "CPCLoss", "__version__"]
+           "SwaVLoss", "cpc_loss", "CPCLoss", "multipositive", "supcon_loss", "SupConLoss",
+           "simclr_loss_func", "dcl_loss", "DCLLoss", "DCLWLoss", "__version__"]

@@ -140,23 +140,28 @@ def _stats_like(rows, k):
 
 
 def _infonce(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Tensor,
-            mask_idx: Optional[Tensor], scale: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+             mask_idx: Optional[Tensor], scale: Tensor, normalize: bool,
+             keys: Optional[Tensor] = None, key_mode: int = 0) -> tuple[Tensor, Tensor]:
     _, impl = _dispatch.implementation("infonce", rows, cols, negatives)
     r, c, w = _inputs(rows, cols, negatives, normalize)
-    return impl.forward(r, c, negatives, w, pos_idx, mask_idx, scale)
+    return impl.forward(r, c, negatives, w, pos_idx, mask_idx, scale, keys=keys,
+                        key_mode=key_mode)
 
 
-def _infonce_fake(rows, cols, negatives, pos_idx, mask_idx, scale, normalize):
+def _infonce_fake(rows, cols, negatives, pos_idx, mask_idx, scale, normalize, keys=None,
+                  key_mode=0):
     return _stats_like(rows, 0), _stats_like(rows, 4)
 
 
 def _infonce_backward(rows: Tensor, cols: Tensor, negatives: Optional[Tensor], pos_idx: Tensor,
-                     mask_idx: Optional[Tensor], scale: Tensor, stats: Tensor, grad: Tensor,
-                     normalize: bool, need_rows: bool, need_cols: bool) -> tuple[Tensor, Tensor]:
+                      mask_idx: Optional[Tensor], scale: Tensor, stats: Tensor, grad: Tensor,
+                      normalize: bool, need_rows: bool, need_cols: bool,
+                      keys: Optional[Tensor] = None, key_mode: int = 0
+                      ) -> tuple[Tensor, Tensor]:
     _, impl = _dispatch.implementation("infonce", rows, cols, negatives)
     r, c, w = _inputs(rows, cols, negatives, normalize)
     d_r, d_c = impl.backward(r, c, negatives, w, pos_idx, mask_idx, scale, stats, grad,
-                             need_rows, need_cols)
+                             need_rows, need_cols, keys=keys, key_mode=key_mode)
     # custom ops return tensors, not None: an empty tensor stands for "not requested".
     out = []
     for x, d in ((rows, d_r), (cols, d_c)):
@@ -173,20 +178,23 @@ def _grad_like(x, need):
 
 
 def _infonce_backward_fake(rows, cols, negatives, pos_idx, mask_idx, scale, stats, grad,
-                           normalize, need_rows, need_cols):
+                           normalize, need_rows, need_cols, keys=None, key_mode=0):
     return _grad_like(rows, need_rows), _grad_like(cols, need_cols)
 
 
 def _setup(ctx, inputs, output):
-    rows, cols, negatives, pos_idx, mask_idx, scale, normalize = inputs
+    rows, cols, negatives, pos_idx, mask_idx, scale, normalize, *keyed = inputs
+    keys, key_mode = (keyed + [None, 0])[:2]
     _, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.normalize = normalize
+    ctx.normalize, ctx.key_mode, ctx.n_inputs = normalize, key_mode, len(inputs)
     ctx.has_neg = negatives is not None
     ctx.has_mask = mask_idx is not None
+    ctx.has_keys = keys is not None
     saved = [rows, cols, pos_idx, scale, stats]
     saved += [negatives] if ctx.has_neg else []
     saved += [mask_idx] if ctx.has_mask else []
+    saved += [keys] if ctx.has_keys else []
     ctx.save_for_backward(*saved)
 
 
@@ -194,17 +202,20 @@ def _backward(ctx, grad_loss, grad_stats):
     rows, cols, pos_idx, scale, stats, *rest = ctx.saved_tensors
     negatives = rest.pop(0) if ctx.has_neg else None
     mask_idx = rest.pop(0) if ctx.has_mask else None
+    keys = rest.pop(0) if ctx.has_keys else None
     need_rows, need_cols = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     g = grad_loss.to(stats.dtype).contiguous()
     d_rows = d_cols = d_scale = None
     if need_rows or need_cols:
         d_rows, d_cols = infonce_backward(rows, cols, negatives, pos_idx, mask_idx, scale,
-                                          stats, g, ctx.normalize, need_rows, need_cols)
+                                          stats, g, ctx.normalize, need_rows, need_cols,
+                                          keys, ctx.key_mode)
     if ctx.needs_input_grad[5]:
         px = torch.where(pos_idx >= 0, stats[3], 0.0)
         d_scale = (g * (stats[2] - px)).sum().reshape(scale.shape).to(scale.dtype)
-    return (d_rows if need_rows else None, d_cols if need_cols else None, None, None, None,
-            d_scale, None)
+    grads = (d_rows if need_rows else None, d_cols if need_cols else None, None, None, None,
+             d_scale, None, None, None)
+    return grads[:ctx.n_inputs]
 
 
 infonce = _Op("fastssl::infonce", _infonce, _infonce_fake, _setup, _backward)

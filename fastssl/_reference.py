@@ -62,8 +62,19 @@ def _rate(scale, dtype):
     return torch.where(s < 0, -1.0, 1.0).to(dtype), a, a.clamp(info.tiny, info.max)
 
 
-def infonce_forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=None):
-    """Per-row loss and statistics; returns (loss, stack([mx, ll, ex, px]))."""
+def _keyed_out(keys, key_mode, n, c0, width):
+    """(n, width) bool: the block's columns that the keys leave out of each row's
+    log-partition (mode 1: the row's own key; mode 2: every other key), or None."""
+    if keys is None or key_mode == 0:
+        return None
+    same = keys[:n, None] == keys[n + c0:n + c0 + width][None, :]
+    return same if key_mode == 1 else ~same
+
+
+def infonce_forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, block=None,
+                    keys=None, key_mode=0):
+    """Per-row loss and statistics; returns (loss, stack([mx, ll, ex, px])). ``keys`` and
+    ``key_mode`` as in kernels/infonce.py's ``forward``."""
     n = rows.shape[0]
     acc = _acc(rows)
     sign, a, a_p = _rate(scale, acc)
@@ -79,6 +90,9 @@ def infonce_forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, 
             loc, hit = _local(pos_idx, c0, x.shape[1])
             px += torch.where(hit[:, 0] & has_pos, x.gather(1, loc)[:, 0], 0.0)
             _mask_out(y, mask_idx, c0, float("-inf"))
+            out = _keyed_out(keys, key_mode, n, c0, x.shape[1])
+            if out is not None:
+                y.masked_fill_(out, float("-inf"))
         m_new = torch.maximum(m_i, y.amax(1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp2(a_p * (m_i - m_use))
@@ -91,11 +105,12 @@ def infonce_forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, 
     head = torch.where(has_pos, m_i - sign * px, m_i)
     nz = head != 0
     head = torch.where(nz, a * torch.where(nz, head, 1.0), 0.0)
-    return (head + ll) * LN2, torch.stack([m_i, ll, e_i / l_i, px])
+    ex = torch.where(l_i > 0, e_i / torch.where(l_i > 0, l_i, 1.0), 0.0)  # empty set: 0
+    return (head + ll) * LN2, torch.stack([m_i, ll, ex, px])
 
 
 def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, stats, grad,
-                     need_rows, need_cols, block=None):
+                     need_rows, need_cols, block=None, keys=None, key_mode=0):
     """Gradients of sum_i grad_i * loss_i for rows and cols (None where not needed), in the
     arithmetic dtype; ``stats`` as returned by ``infonce_forward``."""
     acc = _acc(rows)
@@ -118,6 +133,9 @@ def infonce_backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale,
                 d_rows += gm @ negatives[c0:c0 + width].to(acc)
             continue
         _mask_out(gm, mask_idx, c0, 0.0)
+        out = _keyed_out(keys, key_mode, rows.shape[0], c0, width)
+        if out is not None:
+            gm.masked_fill_(out, 0.0)
         loc, hit = _local(pos_idx, c0, width)
         gm.scatter_add_(1, loc, torch.where(hit & (pos_idx >= 0)[:, None], -g[:, None], 0.0))
         if need_rows:

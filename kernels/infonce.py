@@ -8,6 +8,10 @@ each scaled by w_j) give cosine-like products and logits
 
 Row i has a positive column p_i (or -1: none) and may mask one column q_i (or -1). With
 lse_i = log sum_{j valid} exp(l_ij) the per-row loss is loss_i = lse_i - l_{i,p_i}.
+With keys (one integer per row, k_i, and per column, k_j; a runtime mode) the valid columns
+are further those with k_j != k_i (mode 1: every other instance, DCL's negatives) or with
+k_j == k_i (mode 2: the positives' log-sum-exp); an empty set gives lse = -inf and ex = 0.
+``fastssl.multipositive`` builds SupCon, multi-positive SimCLR and DCL on it.
 
 The forward pass keeps, per row, a running max, sum of exponentials and softmax-weighted
 sum of x (online softmax, base 2). The max is taken over y_ij = sign(s) x_ij, the products
@@ -95,9 +99,17 @@ def _online_update(x, sign, a_p, valid, m_i, l_i, e_i):
 
 
 @triton.jit
-def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, MX, LL, EX, PX,
-                n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1,
-                HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr,
+def _key_select(valid, kr, KC, cols, m, key_mode):
+    """Keep the columns whose key differs from the row's (key_mode 1) or equals it (2)."""
+    kc = tl.load(KC + cols, mask=cols < m, other=-2)
+    same = kc[None, :] == kr[:, None]
+    return valid & (same != (key_mode == 1))
+
+
+@triton.jit
+def _fwd_kernel(R, C, Q, W, POS, MASK, KR, KC, SCALE, LOSS, MX, LL, EX, PX,
+                n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1, key_mode,
+                HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr, HAS_KEYS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -107,6 +119,8 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, MX, LL, EX, PX,
     pos = tl.load(POS + rows, mask=row_ok, other=-1)
     if HAS_MASK:
         msk = tl.load(MASK + rows, mask=row_ok, other=-1)
+    if HAS_KEYS:
+        kr = tl.load(KR + rows, mask=row_ok, other=-1)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     e_i = tl.zeros([BM], dtype=tl.float32)
@@ -120,6 +134,8 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, MX, LL, EX, PX,
         valid = (cols < m)[None, :] & row_ok[:, None]
         if HAS_MASK:
             valid = valid & (cols[None, :] != msk[:, None])
+        if HAS_KEYS:
+            valid = _key_select(valid, kr, KC, cols, m, key_mode)
         m_i, l_i, e_i = _online_update(x, sign, a_p, valid, m_i, l_i, e_i)
     if HAS_NEG:
         for c0 in range(0, k, BN):
@@ -144,14 +160,15 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, SCALE, LOSS, MX, LL, EX, PX,
     tl.store(LOSS + rows, head + ll * 0.6931471805599453, mask=row_ok)
     tl.store(MX + rows, m_i, mask=row_ok)
     tl.store(LL + rows, ll, mask=row_ok)
-    tl.store(EX + rows, e_i / l_i, mask=row_ok)
+    # a row whose selected set is empty (keys) has l = 0: its ex is 0, not 0 / 0
+    tl.store(EX + rows, tl.where(l_i > 0, e_i / tl.where(l_i > 0, l_i, 1.0), 0.0), mask=row_ok)
     tl.store(PX + rows, px, mask=row_ok)
 
 
 @triton.jit
-def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, MX, LL, G, GSCALE, DR,
-                     n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1, s_d0, s_d1,
-                     HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr,
+def _bwd_rows_kernel(R, C, Q, W, POS, MASK, KR, KC, SCALE, MX, LL, G, GSCALE, DR,
+                     n, m, k, D, s_r0, s_r1, s_c0, s_c1, s_q0, s_q1, s_d0, s_d1, key_mode,
+                     HAS_MASK: tl.constexpr, HAS_NEG: tl.constexpr, HAS_KEYS: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                      PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -168,6 +185,8 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, MX, LL, G, GSCALE, DR,
     pos = tl.load(POS + rows, mask=row_ok, other=-1)
     if HAS_MASK:
         msk = tl.load(MASK + rows, mask=row_ok, other=-1)
+    if HAS_KEYS:
+        kr = tl.load(KR + rows, mask=row_ok, other=-1)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     for c0 in range(0, m, BN):
         cols = c0 + tl.arange(0, BN).to(tl.int64)
@@ -177,6 +196,8 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, MX, LL, G, GSCALE, DR,
         valid = col_ok[None, :] & row_ok[:, None]
         if HAS_MASK:
             valid = valid & (cols[None, :] != msk[:, None])
+        if HAS_KEYS:
+            valid = _key_select(valid, kr, KC, cols, m, key_mode)
         p = tl.where(valid, tl.exp2(tl.minimum(a_p * (x * sign - mx[:, None]) - ll[:, None],
                                                0.0)), 0.0)
         gm = p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0)
@@ -208,9 +229,9 @@ def _bwd_rows_kernel(R, C, Q, W, POS, MASK, SCALE, MX, LL, G, GSCALE, DR,
 
 
 @triton.jit
-def _bwd_cols_kernel(R, C, POS, MASK, SCALE, MX, LL, G, GSCALE, DC,
-                     n, m, D, s_r0, s_r1, s_c0, s_c1, s_d0, s_d1,
-                     HAS_MASK: tl.constexpr,
+def _bwd_cols_kernel(R, C, POS, MASK, KR, KC, SCALE, MX, LL, G, GSCALE, DC,
+                     n, m, D, s_r0, s_r1, s_c0, s_c1, s_d0, s_d1, key_mode,
+                     HAS_MASK: tl.constexpr, HAS_KEYS: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                      PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -221,6 +242,8 @@ def _bwd_cols_kernel(R, C, POS, MASK, SCALE, MX, LL, G, GSCALE, DC,
     d_ok = dd < D
     s = tl.load(SCALE).to(tl.float32)
     sign, _rate_abs, a_p = _rate(SCALE)
+    if HAS_KEYS:
+        kc = tl.load(KC + cols, mask=col_ok, other=-2)
     acc = tl.zeros([BN, BD], dtype=tl.float32)
     for r0 in range(0, n, BM):
         rows = r0 + tl.arange(0, BM).to(tl.int64)
@@ -235,6 +258,9 @@ def _bwd_cols_kernel(R, C, POS, MASK, SCALE, MX, LL, G, GSCALE, DC,
         if HAS_MASK:
             msk = tl.load(MASK + rows, mask=row_ok, other=-1)
             valid = valid & (cols[:, None] != msk[None, :])
+        if HAS_KEYS:
+            same = kc[:, None] == tl.load(KR + rows, mask=row_ok, other=-1)[None, :]
+            valid = valid & (same != (key_mode == 1))
         p = tl.where(valid, tl.exp2(tl.minimum(a_p * (xt * sign - mx[None, :]) - ll[None, :],
                                                0.0)), 0.0)
         gm = (p - tl.where(cols[:, None] == pos[None, :], 1.0, 0.0)) * g[None, :]
@@ -305,12 +331,26 @@ def _neg_args(rows, negatives, neg_scale):
     return negatives, neg_scale, negatives.shape[0], negatives.stride()
 
 
-def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale):
+def _key_args(rows, keys, key_mode):
+    """(row keys, column keys, mode) for the kernels: ``keys`` is None (mode 0) or the
+    int64 (n + m,) row keys then column keys."""
+    if keys is None or key_mode == 0:
+        return rows.new_empty(1, dtype=torch.int64), rows.new_empty(1, dtype=torch.int64), 0
+    n = rows.shape[0]
+    return keys[:n].contiguous(), keys[n:].contiguous(), int(key_mode)
+
+
+def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, keys=None, key_mode=0):
     """Per-row loss and statistics; see the module docstring. Returns
-    (loss, [mx, ll, ex, px])."""
+    (loss, [mx, ll, ex, px]). With ``keys`` (int64, n row keys then m column keys) the
+    log-partition runs over the columns whose key differs from the row's (``key_mode`` 1)
+    or equals it (2), besides the mask."""
     n, D = rows.shape
     m = cols.shape[0]
     q, w, k, sq = _neg_args(rows, negatives, neg_scale)
+    kr, kc, mode = _key_args(rows, keys, key_mode)
+    if mode and mask_idx is None:  # the keyed kernels always take a mask (-1: none)
+        mask_idx = torch.full((n,), -1, dtype=torch.int64, device=rows.device)
     loss = torch.empty(n, device=rows.device, dtype=torch.float32)
     stats = torch.empty(4, n, device=rows.device, dtype=torch.float32)
     if n == 0:
@@ -318,21 +358,24 @@ def forward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale):
     cfg = config(rows.dtype, D)["fwd"]
     grid = (triton.cdiv(n, cfg["BM"]),)
     _fwd_kernel[grid](
-        rows, cols, q, w, pos_idx, pos_idx if mask_idx is None else mask_idx, scale,
+        rows, cols, q, w, pos_idx, pos_idx if mask_idx is None else mask_idx, kr, kc, scale,
         loss, stats[0], stats[1], stats[2], stats[3],
-        n, m, k, D, *rows.stride(), *cols.stride(), *sq,
-        HAS_MASK=mask_idx is not None, HAS_NEG=k > 0,
+        n, m, k, D, *rows.stride(), *cols.stride(), *sq, mode,
+        HAS_MASK=mask_idx is not None, HAS_NEG=k > 0, HAS_KEYS=mode != 0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PRECISION=_precision(rows.dtype),
         INTERPRET=_interpret(), **_launch_opts(cfg))
     return loss, stats
 
 
 def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, stats, grad,
-             need_rows, need_cols):
+             need_rows, need_cols, keys=None, key_mode=0):
     """float32 gradients of sum_i grad_i * loss_i for rows and cols (None where not needed);
-    ``stats`` as returned by ``forward``."""
+    ``stats`` as returned by ``forward`` (with the same ``keys``)."""
+    kr, kc, mode = _key_args(rows, keys, key_mode)
     n, D = rows.shape
     m = cols.shape[0]
+    if mode and mask_idx is None:
+        mask_idx = torch.full((n,), -1, dtype=torch.int64, device=rows.device)
     mx, ll = stats[0].contiguous(), stats[1].contiguous()
     if n == 0:
         return (rows.new_zeros(rows.shape, dtype=torch.float32) if need_rows else None,
@@ -350,9 +393,9 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, stats, 
         d_rows = torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
         grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(D, cfg["BD"]))
         _bwd_rows_kernel[grid](
-            rows, cols, q, w, pos_idx, mask, scale, mx, ll, g, gscale, d_rows,
-            n, m, k, D, *rows.stride(), *cols.stride(), *sq, *d_rows.stride(),
-            HAS_MASK=mask_idx is not None, HAS_NEG=k > 0,
+            rows, cols, q, w, pos_idx, mask, kr, kc, scale, mx, ll, g, gscale, d_rows,
+            n, m, k, D, *rows.stride(), *cols.stride(), *sq, *d_rows.stride(), mode,
+            HAS_MASK=mask_idx is not None, HAS_NEG=k > 0, HAS_KEYS=mode != 0,
             BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PRECISION=prec,
             INTERPRET=_interpret(), **_launch_opts(cfg))
     if need_cols:
@@ -361,9 +404,9 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, stats, 
         if m > 0:
             grid = (triton.cdiv(m, cfg["BN"]), triton.cdiv(D, cfg["BD"]))
             _bwd_cols_kernel[grid](
-                rows, cols, pos_idx, mask, scale, mx, ll, g, gscale, d_cols,
-                n, m, D, *rows.stride(), *cols.stride(), *d_cols.stride(),
-                HAS_MASK=mask_idx is not None,
+                rows, cols, pos_idx, mask, kr, kc, scale, mx, ll, g, gscale, d_cols,
+                n, m, D, *rows.stride(), *cols.stride(), *d_cols.stride(), mode,
+                HAS_MASK=mask_idx is not None, HAS_KEYS=mode != 0,
                 BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"], PRECISION=prec,
                 INTERPRET=_interpret(), **_launch_opts(cfg))
     return d_rows, d_cols
@@ -386,29 +429,35 @@ def shipped_configs():
             prec = "tf32"
             f, b, bc = c["fwd"], c["bwd"], c["bwd_cols"]
             i64, f32, i32 = "*i64", "*fp32", "i32"
-            for has_mask in (False, True):
-                for has_neg, qty in ((False, ty), (True, ty)):
-                    sig = {"R": ty, "C": ty, "Q": qty, "W": f32, "POS": i64, "MASK": i64,
-                           "SCALE": f32, "LOSS": f32, "MX": f32, "LL": f32, "EX": f32,
-                           "PX": f32}
-                    sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
-                                                 "s_c1", "s_q0", "s_q1")})
-                    ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, BM=f["BM"], BN=f["BN"],
-                              BK=f["BK"], PRECISION=prec, INTERPRET=False)
-                    out.append((_fwd_kernel, sig, ce, f))
-                    sig = {"R": ty, "C": ty, "Q": qty, "W": f32, "POS": i64, "MASK": i64,
-                           "SCALE": f32, "MX": f32, "LL": f32, "G": f32, "GSCALE": f32,
-                           "DR": f32}
-                    sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
-                                                 "s_c1", "s_q0", "s_q1", "s_d0", "s_d1")})
-                    ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, BM=b["BM"], BN=b["BN"],
-                              BK=b["BK"], BD=b["BD"], PRECISION=prec, INTERPRET=False)
-                    out.append((_bwd_rows_kernel, sig, ce, b))
-                sig = {"R": ty, "C": ty, "POS": i64, "MASK": i64, "SCALE": f32, "MX": f32,
-                       "LL": f32, "G": f32, "GSCALE": f32, "DC": f32}
+            # (mask, negatives, keys): the four InfoNCE forms, and the keyed log-partition
+            # (the mode a runtime argument; a mask always given, -1 for none; no queue)
+            forms = [(hm, hn, False) for hm in (False, True) for hn in (False, True)]
+            forms += [(True, False, True)]
+            for has_mask, has_neg, keys in forms:
+                sig = {"R": ty, "C": ty, "Q": ty, "W": f32, "POS": i64, "MASK": i64,
+                       "KR": i64, "KC": i64, "SCALE": f32, "LOSS": f32, "MX": f32, "LL": f32,
+                       "EX": f32, "PX": f32}
+                sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
+                                             "s_c1", "s_q0", "s_q1", "key_mode")})
+                ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, HAS_KEYS=keys, BM=f["BM"],
+                          BN=f["BN"], BK=f["BK"], PRECISION=prec, INTERPRET=False)
+                out.append((_fwd_kernel, sig, ce, f))
+                sig = {"R": ty, "C": ty, "Q": ty, "W": f32, "POS": i64, "MASK": i64,
+                       "KR": i64, "KC": i64, "SCALE": f32, "MX": f32, "LL": f32, "G": f32,
+                       "GSCALE": f32, "DR": f32}
+                sig.update({a: i32 for a in ("n", "m", "k", "D", "s_r0", "s_r1", "s_c0",
+                                             "s_c1", "s_q0", "s_q1", "s_d0", "s_d1",
+                                             "key_mode")})
+                ce = dict(HAS_MASK=has_mask, HAS_NEG=has_neg, HAS_KEYS=keys, BM=b["BM"],
+                          BN=b["BN"], BK=b["BK"], BD=b["BD"], PRECISION=prec, INTERPRET=False)
+                out.append((_bwd_rows_kernel, sig, ce, b))
+                if has_neg:
+                    continue  # the column kernel has no queue: one entry per (mask, keys)
+                sig = {"R": ty, "C": ty, "POS": i64, "MASK": i64, "KR": i64, "KC": i64,
+                       "SCALE": f32, "MX": f32, "LL": f32, "G": f32, "GSCALE": f32, "DC": f32}
                 sig.update({a: i32 for a in ("n", "m", "D", "s_r0", "s_r1", "s_c0", "s_c1",
-                                             "s_d0", "s_d1")})
-                ce = dict(HAS_MASK=has_mask, BM=bc["BM"], BN=bc["BN"], BK=bc["BK"], BD=bc["BD"],
-                          PRECISION=prec, INTERPRET=False)
+                                             "s_d0", "s_d1", "key_mode")})
+                ce = dict(HAS_MASK=has_mask, HAS_KEYS=keys, BM=bc["BM"], BN=bc["BN"], BK=bc["BK"],
+                          BD=bc["BD"], PRECISION=prec, INTERPRET=False)
                 out.append((_bwd_cols_kernel, sig, ce, bc))
     return out

@@ -1,9 +1,11 @@
 """The BYOL augmentation recipe on a uint8 batch: fastssl (both views, and the first view
 alone: the peers' recipe) against torchvision v2 applied image by image (a ``v2.Compose``,
 as DataLoader workers run it) and Kornia's batched recipe, each where it imports (the
-reason it does not is logged and kept in the result's ``peers.missing``)."""
+reason it does not is logged and kept in the result's ``peers.missing``); then, on the
+largest batch, the pretext tasks' transforms (``bench.pretext``)."""
 import torch
 
+from .pretext import bench_pretext
 from .timing import noop, time_each
 
 
@@ -75,7 +77,7 @@ def bench_augment(quick, log, save=noop, sizes=None, dtypes=None):
         times = time_each({k: fn for k, (fn, _) in impls.items()}, cuda, 7 if not cuda else 20)
         for impl, (fn, views) in impls.items():
             ms = times[impl]
-            row = {"op": "augment", "impl": impl, "batch": n, "side": side, "size": size,
+            row = {"op": "augment", "recipe": "BYOL", "impl": impl, "batch": n, "side": side, "size": size,
                    "dtype": str(dtype).replace("torch.", ""), "views_per_call": views * n,
                    "ms": ms, "views_per_s": views * n / ms * 1e3}
             if cuda:
@@ -87,6 +89,9 @@ def bench_augment(quick, log, save=noop, sizes=None, dtypes=None):
                 row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
             rows.append(row)
             log(f"  {impl:>32}: {ms:9.2f} ms per call, {row['views_per_s']:10.0f} views/s")
+            save(rows)
+        if n == max(sizes):  # the pretext tasks' transforms on the largest batch
+            rows += bench_pretext(images, log, time_each, cuda)
             save(rows)
         del images
     return rows, {"peers": {"missing": missing}}

@@ -181,7 +181,35 @@ def fastssl_mae(pred, imgs):
     return masked_patch_loss(pred, imgs, mae_mask(N, L, pred.device), MAE_PATCH)
 
 
+SUPCON_CLASSES = 100  # labels: sample i of a batch is in class i mod 100
+SUPCON_T = 0.1
+
+
+def _supcon_labels(n, device):
+    return torch.arange(n, device=device) % SUPCON_CLASSES
+
+
+def eager_supcon(z0, z1, temperature=SUPCON_T):
+    """The reference SupCon as people run it: (2N x 2N) logits, masks and log-probabilities
+    (contrast_mode="all", base temperature = temperature)."""
+    n = z0.shape[0]
+    labels = _supcon_labels(n, z0.device)
+    f = torch.cat([z0, z1]).float()
+    logits = f @ f.T / temperature
+    logits = logits - logits.detach().amax(1, keepdim=True)
+    eye = torch.eye(2 * n, dtype=torch.bool, device=f.device)
+    mask = (labels[:, None] == labels[None, :]).float().repeat(2, 2).masked_fill(eye, 0)
+    log_prob = logits - torch.log(torch.exp(logits).masked_fill(eye, 0).sum(1, keepdim=True))
+    return -((mask * log_prob).sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
+def fastssl_supcon(z0, z1):
+    return fastssl.supcon_loss(torch.stack([z0, z1], 1), _supcon_labels(z0.shape[0], z0.device),
+                               temperature=SUPCON_T, base_temperature=SUPCON_T)
+
+
 IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
+         "supcon": {"fastssl": fastssl_supcon, "eager": eager_supcon},
          "clip": {"fastssl": fastssl_clip, "eager": eager_clip},
          "dino": {"fastssl": fastssl_dino, "eager": eager_dino},
          "ibot": {"fastssl": fastssl_ibot, "eager": eager_ibot},
@@ -195,7 +223,7 @@ def make_inputs(op, size, D, dtype, device, seed=0):
     """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's and CLIP's
     is n pairs (CLIP's unit rows, as its models produce them); MAE's is N images of side D
     (predictions for every 16-px patch, and the images)."""
-    rows = size // 2 if op == "infonce" else size
+    rows = size // 2 if op in ("infonce", "supcon") else size
     g = torch.Generator(device=device).manual_seed(seed + size + D)
     if op == "mae":  # size N images of side D: the decoder's predictions and the images
         L, P = (D // MAE_PATCH) ** 2, MAE_PATCH * MAE_PATCH * 3
@@ -209,6 +237,10 @@ def make_inputs(op, size, D, dtype, device, seed=0):
         return [torch.nn.functional.normalize(torch.randn(
             n, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
             for n in (size, PROTOTYPES)]
+    if op == "supcon":  # the reference expects unit rows
+        return [torch.nn.functional.normalize(torch.randn(
+            rows, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
+            for _ in range(2)]
     return [torch.randn(rows, D, device=device, dtype=dtype, generator=g).requires_grad_()
             for _ in range(2)]
 

@@ -20,15 +20,16 @@ def fmt_row(row):
 def markdown(result):
     env = result["environment"]
     cpu = result["cpu"]
-    size_name = {"infonce": "2N", "clip": "n", "siglip": "n", "barlow": "N",
+    size_name = {"infonce": "2N", "supcon": "2N", "clip": "n", "siglip": "n", "barlow": "N",
                  "vicreg": "N", "mae": "N"}.get(result["op"], "size")
     lines = [f"### {result['op']} on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
              f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]
     if result["op"] == "augment":
-        lines += ["| impl | batch | input | view | dtype | views per call | ms | views/s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['impl']} | {r['batch']} | {r['side']}² | {r['size']}² | "
+        lines += ["| recipe | impl | batch | input | view | dtype | samples per call | ms | "
+                  "samples/s |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.get('recipe', 'BYOL')} | {r['impl']} | {r['batch']} | {r['side']}² | "
+                  f"{r['size']}² | "
                   f"{r.get('dtype', 'float32')} | "
                   f"{r['views_per_call']} | {r['ms']:.2f} | {r['views_per_s']:.0f} |"
                   for r in result["rows"]]
@@ -192,7 +193,7 @@ def plot(result, path):
                         linestyle="-" if "fastssl" in label else "--")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel({"infonce": "2N (rows)", "clip": "n (pairs)", "siglip": "n (pairs)",
+            ax.set_xlabel({"infonce": "2N (rows)", "supcon": "2N (rows)", "clip": "n (pairs)", "siglip": "n (pairs)",
                            "augment": "batch", "kmeans": "N (rows)"}.get(op, "N (batch)"))
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, which="both")

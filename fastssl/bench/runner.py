@@ -14,11 +14,12 @@ from .maxbatch import bench_maxbatch, prototype_max_rows
 from .report import markdown, plot, slug, summary
 from .timing import bench_cpu, bench_gpu
 
-OPS = ("infonce", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment", "dino",
-       "ibot", "mae", "kmeans")
+OPS = ("infonce", "supcon", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment",
+       "dino", "ibot", "mae", "kmeans")
 # The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
 # samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
-MIN_SIZE = {"infonce": 2, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2, "augment": 1,
+MIN_SIZE = {"infonce": 2, "supcon": 2, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2,
+            "augment": 1,
             "dino": formulations.DINO_CROPS[0], "ibot": 1, "mae": 1, "kmeans": 1}
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,10 +41,10 @@ def check_args(op, sizes=None, dims=None, dtypes=None):
         low = MIN_SIZE.get(o)
         if low is None or not sizes:
             continue
-        small = [v for v in sizes if v < low or (o == "infonce" and v % 2)
+        small = [v for v in sizes if v < low or (o in ("infonce", "supcon") and v % 2)
                  or (o == "dino" and v % formulations.DINO_CROPS[0])]
         if small:
-            need = "an even number >= 2 (2N rows: two views of N)" if o == "infonce" \
+            need = "an even number >= 2 (2N rows: two views of N)" if o in ("infonce", "supcon") \
                 else f"a multiple of {formulations.DINO_CROPS[0]} (student crops x images)" \
                 if o == "dino" else f">= {low}"
             raise ValueError(f"--sizes for {o} must be {need}, got {small[0]}")
@@ -106,7 +107,7 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
                 "needs a GPU.")
         rows, extra = bench_ema(quick, log, save)
     elif cuda:
-        if op == "infonce":
+        if op in ("infonce", "supcon"):
             sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])
             dims = dims or ([128] if quick else [128, 256, 1024])
         elif op == "siglip":
@@ -139,7 +140,7 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
             dims = dims or [224]
         else:
             sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
-            dims = dims or ([64] if op == "infonce" else [256])
+            dims = dims or ([64] if op == "infonce" else [128] if op == "supcon" else [256])
         dtypes = dtypes or ["float32"]
         log("CPU run: the portable path (chunked PyTorch) against eager PyTorch and "
             "torch.compile of the same formulation (inductor's C++ backend, compiled during "

@@ -1,0 +1,9 @@
+"""nn.Module losses with the incumbents' signatures, one module per family. They hold state
+only (a memory bank, a queue); the math is in ``fastssl.functional``. Constructor arguments
+are checked when the module is built, naming the argument (see ``fastssl._checks``)."""
+from .contrastive import ClipLoss, InfoNCELoss, MoCoQueue, NTXentLoss, SigLipLoss
+from .redundancy import BarlowTwinsLoss, VICRegLoss
+from .similarity import NegativeCosineSimilarity
+
+__all__ = ["NTXentLoss", "InfoNCELoss", "ClipLoss", "SigLipLoss", "MoCoQueue",
+           "BarlowTwinsLoss", "VICRegLoss", "NegativeCosineSimilarity"]
