@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import fastssl
-from fastssl import prototype
+from fastssl import memory, prototype
 
 # lightly name -> (fastssl object, the lightly modules that bind that name)
 SUBSTITUTES = {
@@ -33,12 +33,27 @@ SUBSTITUTES = {
     "NegativeCosineSimilarity": (fastssl.NegativeCosineSimilarity,
                                  ("lightly.loss", "lightly.loss.negative_cosine_similarity")),
     "Center": (prototype.Center, ("lightly.models.modules.center",)),
+    "DCLLoss": (fastssl.DCLLoss, ("lightly.loss", "lightly.loss.dcl_loss")),
+    "DCLWLoss": (fastssl.DCLWLoss, ("lightly.loss", "lightly.loss.dcl_loss")),
+    "HypersphereLoss": (fastssl.HypersphereLoss, ("lightly.loss", "lightly.loss.hypersphere_loss")),
+    "DirectCLRLoss": (fastssl.DirectCLRLoss, ("lightly.loss", "lightly.loss.directclr_loss")),
+    "SymNegCosineSimilarityLoss": (fastssl.SymNegCosineSimilarityLoss, ("lightly.loss",)),
+    "CO2Regularizer": (fastssl.CO2Regularizer, ("lightly.loss.regularizer",
+                                                "lightly.loss.regularizer.co2")),
+    "DSERegularizer": (fastssl.DSERegularizer, ("lightly.loss.regularizer",
+                                                "lightly.loss.regularizer.dse")),
+    "MemoryBankModule": (memory.MemoryBankModule, ("lightly.models.modules.memory_bank",
+                                                   "lightly.loss.memory_bank")),
+    "NNMemoryBankModule": (memory.NNMemoryBankModule, ("lightly.models.modules",
+                                                       "lightly.models.modules.nn_memory_bank")),
 }
 
 FILES = ("loss/test_dino_loss.py", "loss/test_ibot_loss.py", "loss/test_koleo_loss.py",
          "loss/test_swav_loss.py", "loss/test_ntx_ent_loss.py",
          "loss/test_barlow_twins_loss.py", "loss/test_vicreg_loss.py",
-         "loss/test_negative_cosine_similarity.py", "models/modules/test_center.py")
+         "loss/test_negative_cosine_similarity.py", "models/modules/test_center.py",
+         "loss/test_dcl_loss.py", "loss/test_hypersphere_loss.py", "loss/test_directclr_loss.py",
+         "loss/test_sym_neg_cos_sim_loss.py", "loss/test_co2.py", "loss/test_dse_regularizer.py")
 
 
 class Substitute:

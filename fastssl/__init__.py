@@ -11,7 +11,7 @@ if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
     __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
 
 from fastssl import (augment, clustering, distributed, functional, masking,  # noqa: E402
-                     multipositive, pretext)
+                     memory, multipositive, pretext)
 from fastssl._checks import ShapeError  # noqa: E402
 from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E402
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
@@ -23,8 +23,11 @@ from fastssl.optim import LARS  # noqa: E402
 from fastssl.prototype import (DINOLoss, IBOTPatchLoss, KoLeoLoss,  # noqa: E402
                                PrototypeCrossEntropy, SwaVLoss, koleo, prototype_cross_entropy,
                                sinkhorn, sinkhorn_knopp)
-from fastssl.losses import (BarlowTwinsLoss, ClipLoss, InfoNCELoss, MoCoQueue,  # noqa: E402
-                            NegativeCosineSimilarity, NTXentLoss, SigLipLoss, VICRegLoss)
+from fastssl.losses import (BarlowTwinsLoss, ClipLoss, CO2Regularizer,  # noqa: E402
+                            DirectCLRLoss, DSERegularizer, HypersphereLoss, InfoNCELoss,
+                            MoCoQueue, NegativeCosineSimilarity, NTXentLoss, SigLipLoss,
+                            SymNegCosineSimilarity, SymNegCosineSimilarityLoss, VICRegLoss)
+from fastssl.memory import MemoryBankModule, NNMemoryBankModule  # noqa: E402
 
 __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pretext", "nt_xent", "info_nce", "clip_loss", "siglip_loss",
            "barlow_twins", "vicreg", "negative_cosine_similarity", "NTXentLoss", "InfoNCELoss",
@@ -33,4 +36,7 @@ __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pre
            "ShapeError", "LARS", "prototype_cross_entropy", "PrototypeCrossEntropy",
            "sinkhorn_knopp", "sinkhorn", "koleo", "KoLeoLoss", "DINOLoss", "IBOTPatchLoss",
            "SwaVLoss", "cpc_loss", "CPCLoss", "multipositive", "supcon_loss", "SupConLoss",
-           "simclr_loss_func", "dcl_loss", "DCLLoss", "DCLWLoss", "__version__"]
+           "simclr_loss_func", "dcl_loss", "DCLLoss", "DCLWLoss", "DirectCLRLoss",
+           "HypersphereLoss", "SymNegCosineSimilarityLoss", "SymNegCosineSimilarity",
+           "CO2Regularizer", "DSERegularizer", "memory", "MemoryBankModule",
+           "NNMemoryBankModule", "__version__"]

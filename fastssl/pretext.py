@@ -358,10 +358,11 @@ def region_mask(batch, size, kind="center", fraction=0.5, generator=None, device
         left = torch.full((batch,), (w - side) // 2, device=dev)
     else:
         top, left = _randint(h - side + 1, batch, g, dev), _randint(w - side + 1, batch, g, dev)
-    r = torch.arange(h, device=dev)[None, :, None]
-    c = torch.arange(w, device=dev)[None, None, :]
-    t, lft = top[:, None, None], left[:, None, None]
-    return (r >= t) & (r < t + side) & (c >= lft) & (c < lft + side)
+    # the rows and columns inside the square, then their outer product: one pass over H x W
+    r = (torch.arange(h, device=dev)[None, :] - top[:, None]).to(torch.int64)
+    c = (torch.arange(w, device=dev)[None, :] - left[:, None]).to(torch.int64)
+    rows, cols = (r >= 0) & (r < side), (c >= 0) & (c < side)
+    return rows[:, :, None] & cols[:, None, :]
 
 
 def inpainting_loss(pred, images, mask):

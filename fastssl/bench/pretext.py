@@ -20,8 +20,8 @@ def _fastssl(images, perms):
         "relative position": lambda: pretext.relative_patches(
             images, RELPOS["patch"], RELPOS["gap"], RELPOS["jitter"], color_drop=True),
         "colorization (Lab)": lambda: pretext.rgb_to_lab(images),
-        "inpainting": lambda: images.masked_fill(
-            pretext.region_mask(n, (h, w), "random", device=images.device)[:, None], 0),
+        "inpainting": lambda: images * ~pretext.region_mask(n, (h, w), "random",
+                                                            device=images.device)[:, None],
         "denoising (masking)": lambda: pretext.corrupt(images, "masking", 0.25),
     }
 

@@ -3,7 +3,11 @@ only (a memory bank, a queue); the math is in ``fastssl.functional``. Constructo
 are checked when the module is built, naming the argument (see ``fastssl._checks``)."""
 from .contrastive import ClipLoss, InfoNCELoss, MoCoQueue, NTXentLoss, SigLipLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
-from .similarity import NegativeCosineSimilarity
+from .regularizers import CO2Regularizer, DSERegularizer
+from .similarity import (DirectCLRLoss, HypersphereLoss, NegativeCosineSimilarity,
+                         SymNegCosineSimilarity, SymNegCosineSimilarityLoss)
 
 __all__ = ["NTXentLoss", "InfoNCELoss", "ClipLoss", "SigLipLoss", "MoCoQueue",
-           "BarlowTwinsLoss", "VICRegLoss", "NegativeCosineSimilarity"]
+           "BarlowTwinsLoss", "VICRegLoss", "NegativeCosineSimilarity", "DirectCLRLoss",
+           "HypersphereLoss", "SymNegCosineSimilarityLoss", "SymNegCosineSimilarity",
+           "CO2Regularizer", "DSERegularizer"]
