@@ -137,7 +137,7 @@ def nearest_neighbours(x: Tensor, bank: Tensor, k: int = 1) -> Neighbours:
 
 
 def _no_autocast(device):
-    if torch.is_autocast_enabled(device.type):
+    if device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -53,22 +53,35 @@ def keyed_lse(rows: Tensor, cols: Tensor, row_keys: Tensor, col_keys: Tensor, sc
     return loss
 
 
+def _segments(row_keys, col_keys):
+    """(segment of each column (m,), segment of each row (n,), whether the row's key occurs
+    among the columns (n,)): the columns' keys sorted, equal keys one segment. Static
+    shapes (no ``unique``), so it runs on meta tensors and traces into one graph."""
+    sk, order = torch.sort(col_keys, stable=True)
+    start = torch.ones_like(sk, dtype=torch.bool)
+    start[1:] = sk[1:] != sk[:-1]
+    seg_sorted = torch.cumsum(start.to(torch.int64), 0) - 1
+    col_seg = torch.empty_like(seg_sorted).scatter_(0, order, seg_sorted)
+    at = torch.searchsorted(sk, row_keys).clamp(max=max(sk.shape[0] - 1, 0))
+    found = sk[at] == row_keys if sk.numel() else torch.zeros_like(row_keys, dtype=torch.bool)
+    return col_seg, seg_sorted[at] if sk.numel() else row_keys, found
+
+
 def _positive_sums(rows, cols, row_keys, col_keys, self_idx):
     """(sum over P_i of rows_i . cols_p, |P_i|) with P_i = {j : key_j = key_i, j != self}:
     one segment sum of the columns per key (O((n + m) D)), then a row-wise dot."""
-    keys, inverse = torch.unique(torch.cat([row_keys, col_keys]), return_inverse=True)
-    r_id, c_id = inverse[:rows.shape[0]], inverse[rows.shape[0]:]
+    col_seg, row_seg, found = _segments(row_keys, col_keys)
     acc = _ops.acc_dtype(rows)
     c = cols.to(acc)
-    sums = c.new_zeros(keys.shape[0], c.shape[1]).index_add(0, c_id, c)
-    counts = torch.bincount(c_id, minlength=keys.shape[0])[r_id]
-    target = sums[r_id]
-    if self_idx is not None:
+    sums = c.new_zeros(c.shape).index_add(0, col_seg, c)
+    counts = torch.zeros_like(col_seg).index_add_(0, col_seg, torch.ones_like(col_seg))
+    counts = counts[row_seg] * found
+    target = sums[row_seg]  # each row's key's column sum (fresh: edited in place below)
+    if self_idx is not None:  # minus the row's own column: P_i leaves i out
         has = self_idx >= 0
-        own = c[self_idx.clamp(min=0)]
-        target = target - torch.where(has[:, None], own, torch.zeros_like(own))
+        target.sub_(c[self_idx.clamp(min=0)] * has[:, None])
         counts = counts - has.to(counts.dtype)
-    return torch.linalg.vecdot(rows.to(acc), target), counts
+    return torch.linalg.vecdot(rows.to(acc), target) * found, counts
 
 
 def _features(features, labels, mask):

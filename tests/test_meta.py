@@ -372,8 +372,50 @@ entry("clustering.kmeans", "clustering.kmeans")(
 entry("clustering.pca_whiten", "clustering.pca_whiten")(
     lambda mk: fastssl.clustering.pca_whiten(mk.randn(10, 6, dtype=torch.float64), 3))
 
+# ----------------------------------------------------------------------------- multi-positive
+
+entry("supcon_loss", "supcon_loss", "SupConLoss")(lambda mk: fastssl.SupConLoss(0.1)(
+    mk.randn(5, 2, 4, grad=True, unit=True), mk.randn(5).abs().mul(2).long()))
+entry("supcon_loss(one)", "supcon_loss")(lambda mk: fastssl.supcon_loss(
+    mk.randn(5, 3, 4, grad=True), contrast_mode="one"))
+entry("simclr_loss_func", "simclr_loss_func")(lambda mk: fastssl.simclr_loss_func(
+    mk.randn(6, 4, grad=True), torch.arange(6, device=mk.device) % 3, 0.2))
+entry("dcl_loss", "dcl_loss", "DCLLoss")(lambda mk: fastssl.DCLLoss(0.2)(*pair(mk)))
+entry("DCLWLoss", "DCLWLoss")(lambda mk: fastssl.DCLWLoss(0.2, 0.5)(*pair(mk)))
+
+# ----------------------------------------------------------------------------- lightly's others
+
+entry("HypersphereLoss", "HypersphereLoss")(lambda mk: fastssl.HypersphereLoss()(*pair(mk)))
+entry("DirectCLRLoss", "DirectCLRLoss")(lambda mk: fastssl.DirectCLRLoss(loss_dim=3)(*pair(mk)))
+entry("SymNegCosineSimilarityLoss", "SymNegCosineSimilarityLoss", "SymNegCosineSimilarity")(
+    lambda mk: fastssl.SymNegCosineSimilarityLoss()(pair(mk), pair(mk)))
+
+
+@entry("CO2Regularizer", "CO2Regularizer")
+def _co2(mk):
+    with mk.context():
+        reg = fastssl.CO2Regularizer(memory_bank_size=(7, 5))
+    return reg(*pair(mk)), list(reg.buffers())
+
+
+@entry("MemoryBankModule", "MemoryBankModule")
+def _memory_bank(mk):
+    with mk.context():
+        bank = fastssl.MemoryBankModule((7, 5), feature_dim_first=False)
+    out, before = bank(mk.randn(3, 5, grad=True), update=True)
+    return out, before, list(bank.buffers())
+
+
+@entry("NNMemoryBankModule", "NNMemoryBankModule")
+def _nn_bank(mk):
+    with mk.context():
+        bank = fastssl.NNMemoryBankModule((7, 5))
+    return bank(mk.randn(3, 5), update=True), list(bank.buffers())
+
 # Public names with no shape to infer, and why.
 NOT_TENSOR_OPS = {
+    "DSERegularizer": "k-means with a data-dependent number of iterations and clusters per "
+                      "image: its shapes depend on the values (tests/test_similarity_losses.py)",
     "cosine_schedule": "takes and returns Python numbers",
     "ShapeError": "an exception class",
     "__version__": "a string",

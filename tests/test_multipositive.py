@@ -254,6 +254,9 @@ def _rank_worker(rank, world, port, out_dir):
     import datetime
     import os
     import torch.distributed as dist
+    # a forked child must not enter the parent's OpenMP pool (it would wait on threads
+    # that fork did not copy): one thread, as DataLoader workers do
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
