@@ -42,6 +42,12 @@ SUBSTITUTES = {
                                                 "lightly.loss.regularizer.co2")),
     "DSERegularizer": (fastssl.DSERegularizer, ("lightly.loss.regularizer",
                                                 "lightly.loss.regularizer.dse")),
+    "MMCRLoss": (fastssl.MMCRLoss, ("lightly.loss", "lightly.loss.mmcr_loss")),
+    "EMPSSLLoss": (fastssl.EMPSSLLoss, ("lightly.loss", "lightly.loss.emp_ssl_loss")),
+    "WMSELoss": (fastssl.WMSELoss, ("lightly.loss", "lightly.loss.wmse_loss")),
+    "Whitening2d": (fastssl.Whitening2d, ("lightly.loss", "lightly.loss.wmse_loss")),
+    "FroSSLLoss": (fastssl.FroSSLLoss, ("lightly.loss", "lightly.loss.frossl_loss")),
+    "TiCoLoss": (fastssl.TiCoLoss, ("lightly.loss", "lightly.loss.tico_loss")),
     "MemoryBankModule": (memory.MemoryBankModule, ("lightly.models.modules.memory_bank",
                                                    "lightly.loss.memory_bank")),
     "NNMemoryBankModule": (memory.NNMemoryBankModule, ("lightly.models.modules",
@@ -53,7 +59,9 @@ FILES = ("loss/test_dino_loss.py", "loss/test_ibot_loss.py", "loss/test_koleo_lo
          "loss/test_barlow_twins_loss.py", "loss/test_vicreg_loss.py",
          "loss/test_negative_cosine_similarity.py", "models/modules/test_center.py",
          "loss/test_dcl_loss.py", "loss/test_hypersphere_loss.py", "loss/test_directclr_loss.py",
-         "loss/test_sym_neg_cos_sim_loss.py", "loss/test_co2.py", "loss/test_dse_regularizer.py")
+         "loss/test_sym_neg_cos_sim_loss.py", "loss/test_co2.py", "loss/test_dse_regularizer.py",
+         "loss/test_MMCR_loss.py", "loss/test_emp_ssl_loss.py", "loss/test_wmse_loss.py",
+         "loss/test_frossl_loss.py", "loss/test_tico_loss.py")
 
 
 class Substitute:

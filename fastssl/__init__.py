@@ -27,6 +27,8 @@ from fastssl.losses import (BarlowTwinsLoss, ClipLoss, CO2Regularizer,  # noqa: 
                             DirectCLRLoss, DSERegularizer, HypersphereLoss, InfoNCELoss,
                             MoCoQueue, NegativeCosineSimilarity, NTXentLoss, SigLipLoss,
                             SymNegCosineSimilarity, SymNegCosineSimilarityLoss, VICRegLoss)
+from fastssl.losses import (EMPSSLLoss, FroSSLLoss, MMCRLoss, TiCoLoss,  # noqa: E402
+                            Whitening2d, WMSELoss)
 from fastssl.memory import MemoryBankModule, NNMemoryBankModule  # noqa: E402
 
 __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pretext", "nt_xent", "info_nce", "clip_loss", "siglip_loss",
@@ -39,4 +41,5 @@ __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pre
            "simclr_loss_func", "dcl_loss", "DCLLoss", "DCLWLoss", "DirectCLRLoss",
            "HypersphereLoss", "SymNegCosineSimilarityLoss", "SymNegCosineSimilarity",
            "CO2Regularizer", "DSERegularizer", "memory", "MemoryBankModule",
-           "NNMemoryBankModule", "__version__"]
+           "NNMemoryBankModule", "MMCRLoss", "EMPSSLLoss", "Whitening2d", "WMSELoss",
+           "FroSSLLoss", "TiCoLoss", "__version__"]

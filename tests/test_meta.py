@@ -391,6 +391,29 @@ entry("SymNegCosineSimilarityLoss", "SymNegCosineSimilarityLoss", "SymNegCosineS
     lambda mk: fastssl.SymNegCosineSimilarityLoss()(pair(mk), pair(mk)))
 
 
+entry("MMCRLoss", "MMCRLoss")(lambda mk: fastssl.MMCRLoss()(
+    mk.randn(4, 2, 5, grad=True), mk.randn(4, 2, 5, grad=True)))
+entry("EMPSSLLoss", "EMPSSLLoss")(lambda mk: fastssl.EMPSSLLoss()(
+    [mk.randn(4, 5, grad=True) for _ in range(3)]))
+entry("FroSSLLoss", "FroSSLLoss")(lambda mk: fastssl.FroSSLLoss()(
+    [mk.randn(6, 5, grad=True) for _ in range(2)]))
+
+
+@entry("WMSELoss", "WMSELoss", "Whitening2d")
+def _wmse(mk):
+    with mk.context():
+        loss_fn = fastssl.WMSELoss(embedding_dim=3, w_size=8)
+    return loss_fn(mk.randn(16, 3, grad=True)), list(loss_fn.buffers())
+
+
+@entry("TiCoLoss", "TiCoLoss")
+def _tico(mk):
+    with mk.context():
+        loss_fn = fastssl.TiCoLoss()
+    loss = loss_fn(*pair(mk))
+    return loss, list(loss_fn.buffers())
+
+
 @entry("CO2Regularizer", "CO2Regularizer")
 def _co2(mk):
     with mk.context():
