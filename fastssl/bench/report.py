@@ -96,7 +96,15 @@ def headline(result):
                 parts.append(f"{model}: {mine[0]['ms']:.2f} ms vs {best['impl']} {best['ms']:.2f} ms")
         return "; ".join(parts)
     if op == "augment":
-        return "; ".join(f"{r['impl']}, batch {r['batch']}: {r['views_per_s']:.0f} views/s" for r in rows)
+        byol = [r for r in rows if r.get("recipe", "BYOL") == "BYOL"]
+        parts = [f"{r['impl']}, batch {r['batch']}: {r['views_per_s']:.0f} views/s" for r in byol]
+        for task in dict.fromkeys(r["recipe"] for r in rows if r.get("recipe", "BYOL") != "BYOL"):
+            mine = [r for r in rows if r.get("recipe") == task and r["impl"] == "fastssl"]
+            loop = [r for r in rows if r.get("recipe") == task and "per image" in r["impl"]]
+            if mine and loop:
+                parts.append(f"{task}: fastssl {mine[0]['views_per_s']:.0f} vs {loop[0]['views_per_s']:.0f}"
+                             f" samples/s image by image")
+        return "; ".join(parts)
     if op == "kmeans":
         one = [r for r in rows if r["iterations"] == 1]
         if not one:
