@@ -60,7 +60,7 @@ def test_emp_ssl_is_lightly_with_the_coding_rate_sign_flipped(V, B, D, inv_coef,
     for s in SEEDS:
         zs = [randn(B, D, seed=s) + 0.7 * randn(B, D, seed=20 + i + s) for i in range(V)]
         ours = spectral.EMPSSLLoss(0.2, inv_coef)
-        lo, lt = compare("EMPSSLLoss", lambda *z: ours(list(z)),
+        lo, _ = compare("EMPSSLLoss", lambda *z: ours(list(z)),
                          lightly_emp_flipped(0.2, inv_coef),
                          lambda *z: ref_emp(list(z), 0.2, inv_coef), zs, dtype, sweep=sweep)
         # The difference, explicitly: lightly's loss is fastssl's + 2 * (1/2 mean logdet).
