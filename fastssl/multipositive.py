@@ -193,19 +193,24 @@ def simclr_loss_func(z: Tensor, indexes: Tensor, temperature: float = 0.1) -> Te
     z_p), s = 1 / temperature, the mean over rows. Under torch.distributed (as solo-learn
     does) the columns are the gathered rows of every rank. A row without a positive gives
     +inf, as solo-learn's log(pos / (pos + neg)) does."""
-    _checks.floating(z, "z")
-    if z.dim() != 2:
-        raise ShapeError(f"z must be 2-D (N, D), got shape {tuple(z.shape)}")
+    active = distributed.is_distributed() and distributed.world_size() > 1
+    # the checks inside the agreement: a bad input on one rank raises on every rank
+    with distributed.agree("simclr_loss_func", active, z=z) as world:
+        _checks.floating(z, "z")
+        if z.dim() != 2:
+            raise ShapeError(f"z must be 2-D (N, D), got shape {tuple(z.shape)}")
+        _checks.tensor(indexes, "indexes")
+        if indexes.numel() != z.shape[0]:
+            raise ShapeError(f"indexes must have {z.shape[0]} entries, got {indexes.numel()}")
+        s = scale_tensor(temperature, z, "temperature", invert=True)
     indexes = indexes.reshape(-1).to(device=z.device, dtype=torch.int64)
-    if indexes.shape[0] != z.shape[0]:
-        raise ShapeError(f"indexes must have {z.shape[0]} entries, got {indexes.shape[0]}")
-    s = scale_tensor(temperature, z, "temperature", invert=True)
     u = _unit(z)
     cols, col_keys, o = u, indexes, 0
-    if distributed.is_distributed() and distributed.world_size() > 1:
-        cols, offsets = distributed.gather(u)
-        keys_f, _ = distributed.gather(indexes[:, None].to(torch.float64), with_grad=False)
-        col_keys, o = keys_f[:, 0].to(torch.int64), offsets[distributed.rank()]
+    if active:
+        cols, offsets = distributed.gather(u, sizes=world.sizes["z"])
+        keys_f, _ = distributed.gather(indexes[:, None].to(torch.float64), with_grad=False,
+                                       sizes=world.sizes["z"])
+        col_keys, o = keys_f[:, 0].to(torch.int64), offsets[world.rank]
     self_idx = o + torch.arange(z.shape[0], device=z.device)
     every = keyed_lse(u, cols, indexes, col_keys, s, 0, self_idx)
     pos = keyed_lse(u, cols, indexes, col_keys, s, KEEP, self_idx)

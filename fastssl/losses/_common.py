@@ -1,4 +1,6 @@
 """Argument checks shared by the loss modules."""
+from torch import Tensor
+
 from fastssl import _checks, distributed
 
 
@@ -37,3 +39,21 @@ def _gather_flag(value, what):
     if value:
         distributed.require_distributed(f"{what}(gather_distributed=True)")
     return value
+
+
+def _bank_size(memory_bank_size):
+    """(K,) or (K, dim) from lightly's ``memory_bank_size``: 0, K (the width then comes
+    from the first batch), (K, dim), or (0,)."""
+    value = memory_bank_size
+    if _checks.is_number(value) or isinstance(value, Tensor):
+        return (_checks.integer(value, "memory_bank_size", lo=0),)
+    if not isinstance(value, (tuple, list)):
+        raise TypeError("memory_bank_size must be an integer K >= 0 or a pair (K, dim), "
+                        f"got {type(value).__name__} {value!r}"[:200])
+    if len(value) == 2:
+        return (_checks.integer(value[0], "memory_bank_size[0] (K)", lo=0),
+                _checks.integer(value[1], "memory_bank_size[1] (dim)", lo=1))
+    if len(value) == 1 and _checks.integer(value[0], "memory_bank_size[0] (K)", lo=0) == 0:
+        return (0,)
+    raise ValueError(f"memory_bank_size as a sequence must be a pair (K, dim), got "
+                     f"{len(value)} entries {tuple(value)!r}")

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from fastssl import _checks, distributed
 from fastssl import functional as F
 
-from ._common import _check_world, _gather_flag, _temperature, _world_args
+from ._common import _bank_size, _check_world, _gather_flag, _temperature, _world_args
 
 
 class NTXentLoss(nn.Module):
@@ -37,20 +37,7 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = _temperature(temperature)
         self.gather_distributed = _gather_flag(gather_distributed, "NTXentLoss")
-        if _checks.is_number(memory_bank_size) or isinstance(memory_bank_size, Tensor):
-            size = (_checks.integer(memory_bank_size, "memory_bank_size", lo=0),)
-        elif isinstance(memory_bank_size, (tuple, list)) and len(memory_bank_size) == 2:
-            size = (_checks.integer(memory_bank_size[0], "memory_bank_size[0] (K)", lo=0),
-                    _checks.integer(memory_bank_size[1], "memory_bank_size[1] (dim)", lo=1))
-        elif isinstance(memory_bank_size, (tuple, list)) and len(memory_bank_size) == 1 and \
-                _checks.integer(memory_bank_size[0], "memory_bank_size[0] (K)", lo=0) == 0:
-            size = (0,)  # lightly's (0,): no bank
-        elif isinstance(memory_bank_size, (tuple, list)):  # lightly: a ValueError
-            raise ValueError(f"memory_bank_size as a sequence must be a pair (K, dim), got "
-                             f"{len(memory_bank_size)} entries {tuple(memory_bank_size)!r}")
-        else:
-            raise TypeError("memory_bank_size must be an integer K >= 0 or a pair (K, dim), "
-                            f"got {type(memory_bank_size).__name__} {memory_bank_size!r}")
+        size = _bank_size(memory_bank_size)
         self.memory_bank_size = size[0]
         self.register_buffer("bank", torch.empty(0), persistent=False)
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
