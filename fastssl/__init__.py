@@ -29,6 +29,13 @@ from fastssl.losses import (BarlowTwinsLoss, ClipLoss, CO2Regularizer,  # noqa: 
                             SymNegCosineSimilarity, SymNegCosineSimilarityLoss, VICRegLoss)
 from fastssl.losses import (EMPSSLLoss, FroSSLLoss, MMCRLoss, TiCoLoss,  # noqa: E402
                             Whitening2d, WMSELoss)
+from fastssl.losses import LeJEPALoss, LeWMLoss, SIGReg, VISRegLoss  # noqa: E402
+from fastssl.losses import (PatchKernelAlignmentLoss, VICRegLLoss,  # noqa: E402
+                            roi_resample_to_grid)
+from fastssl.losses import (CAPILoss, IBOTPlusPlusPatchLoss, MSNLoss,  # noqa: E402
+                            PMSNCustomLoss, PMSNLoss, positionwise_sinkhorn_knopp)
+from fastssl.losses.solo import (byol_loss_func, mocov3_loss_func,  # noqa: E402
+                                 nnclr_loss_func, ressl_loss_func, simsiam_loss_func)
 from fastssl.memory import MemoryBankModule, NNMemoryBankModule  # noqa: E402
 
 __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pretext", "nt_xent", "info_nce", "clip_loss", "siglip_loss",
@@ -42,4 +49,8 @@ __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pre
            "HypersphereLoss", "SymNegCosineSimilarityLoss", "SymNegCosineSimilarity",
            "CO2Regularizer", "DSERegularizer", "memory", "MemoryBankModule",
            "NNMemoryBankModule", "MMCRLoss", "EMPSSLLoss", "Whitening2d", "WMSELoss",
-           "FroSSLLoss", "TiCoLoss", "__version__"]
+           "FroSSLLoss", "TiCoLoss", "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss",
+           "mocov3_loss_func", "nnclr_loss_func", "ressl_loss_func", "byol_loss_func",
+           "simsiam_loss_func", "IBOTPlusPlusPatchLoss", "CAPILoss",
+           "positionwise_sinkhorn_knopp", "MSNLoss", "PMSNLoss", "PMSNCustomLoss",
+           "VICRegLLoss", "PatchKernelAlignmentLoss", "roi_resample_to_grid", "__version__"]

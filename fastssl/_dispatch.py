@@ -153,4 +153,5 @@ def describe():
             "prototype (prototype_cross_entropy, sinkhorn_knopp)": why,
             "masked (masking.masked_patch_loss, masked_latent_loss)": why,
             "kmeans (clustering.kmeans, clustering.assign)": why,
+            "sketch (losses.SIGReg, LeJEPALoss)": why,
             "ema (update_momentum, EMA)": ema}

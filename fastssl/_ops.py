@@ -596,3 +596,43 @@ masked_latent = _Op("fastssl::masked_latent", _masked_latent, _masked_latent_fak
                     _masked_latent_setup, _masked_latent_grad, _masked_latent_eager_forward)
 masked_latent_backward = _Op("fastssl::masked_latent_backward", _masked_latent_backward_impl,
                              _masked_latent_backward_fake)
+
+
+# ----------------------------------------------------------------------------- ECF sketch
+
+def _ecf_sums(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """The empirical characteristic function's sums C, S (V, M, K) of projections x
+    (V, N, M) at knots t (K,) (kernels/sketch.py); float32 or float64 x and t."""
+    return _dispatch.implementation("sketch", x, t)[1].forward(x, t)
+
+
+def _ecf_sums_fake(x, t):
+    V, _, M = x.shape
+    return (x.new_empty(V, M, t.shape[0]), x.new_empty(V, M, t.shape[0]))
+
+
+def _ecf_sums_backward_impl(x: Tensor, t: Tensor, grad_c: Tensor, grad_s: Tensor) -> Tensor:
+    return _dispatch.implementation("sketch", x, t)[1].backward(x, t, grad_c, grad_s)
+
+
+def _ecf_sums_backward_fake(x, t, grad_c, grad_s):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _ecf_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _ecf_grad(ctx, grad_c, grad_s):
+    x, t = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    shape = (x.shape[0], x.shape[2], t.shape[0])
+    grad_c, grad_s = (x.new_zeros(shape) if g is None else g.to(x.dtype).contiguous()
+                      for g in (grad_c, grad_s))
+    return ecf_sums_backward(x, t, grad_c, grad_s), None
+
+
+ecf_sums = _Op("fastssl::ecf_sums", _ecf_sums, _ecf_sums_fake, _ecf_setup, _ecf_grad)
+ecf_sums_backward = _Op("fastssl::ecf_sums_backward", _ecf_sums_backward_impl,
+                        _ecf_sums_backward_fake)

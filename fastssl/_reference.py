@@ -762,6 +762,46 @@ def kmeans_segment_sum(x, labels, K):
                                                                             x.to(acc))
 
 
+# ----------------------------------------------------------------------------- ECF sketch
+
+def _sample_chunk(V, M, K):
+    """Samples per chunk: V x chunk x M x K temporaries of about 2^21 elements."""
+    return max(1, 2 ** 21 // max(V * M * K, 1))
+
+
+def ecf_forward(x, t):
+    """kernels/sketch.py's ``forward``: (C, S) (V, M, K) in the arithmetic dtype, the cos
+    and sin sums over the samples, in chunks of samples (never an (N x M x K) tensor)."""
+    acc = _acc(x)
+    V, N, M = x.shape
+    K = t.shape[0]
+    t = t.to(acc)
+    C = torch.zeros(V, M, K, dtype=acc, device=x.device)
+    S = torch.zeros_like(C)
+    step = _sample_chunk(V, M, K)
+    for n0 in range(0, N, step):
+        tx = x[:, n0:n0 + step].to(acc).unsqueeze(-1) * t
+        C += tx.cos().sum(1)
+        S += tx.sin_().sum(1)
+    return C, S
+
+
+def ecf_backward(x, t, grad_c, grad_s):
+    """kernels/sketch.py's ``backward``: d x = sum_k t_k (gS cos(t_k x) - gC sin(t_k x)),
+    in chunks of samples."""
+    acc = _acc(x)
+    V, N, M = x.shape
+    t = t.to(acc)
+    gc = (grad_c.to(acc) * t).unsqueeze(1)
+    gs = (grad_s.to(acc) * t).unsqueeze(1)
+    dx = torch.empty(V, N, M, dtype=acc, device=x.device)
+    step = _sample_chunk(V, M, t.shape[0])
+    for n0 in range(0, N, step):
+        tx = x[:, n0:n0 + step].to(acc).unsqueeze(-1) * t
+        dx[:, n0:n0 + step] = (tx.cos() * gs).sub_(tx.sin_() * gc).sum(-1)
+    return dx
+
+
 infonce = SimpleNamespace(forward=infonce_forward, backward=infonce_backward)
 barlow = SimpleNamespace(gram_inner=gram_inner, gram_apply=gram_apply, standardize=standardize,
                          standardize_backward=standardize_backward)
@@ -773,3 +813,4 @@ kmeans = SimpleNamespace(assign=kmeans_assign, segment_sum=kmeans_segment_sum)
 masked = SimpleNamespace(forward=masked_patch_forward, backward=masked_patch_backward,
                          backward_kept=masked_patch_backward_kept, latent_forward=latent_forward,
                          latent_backward=latent_backward)
+sketch = SimpleNamespace(forward=ecf_forward, backward=ecf_backward)

@@ -18,10 +18,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastssl.kernels import augment, barlow, infonce, kmeans, masked, prototype, siglip  # noqa: E402
+from fastssl.kernels import (augment, barlow, infonce, kmeans, masked, prototype,  # noqa: E402
+                             siglip, sketch)
 
 FAMILIES = {"infonce": infonce, "siglip": siglip, "barlow": barlow, "augment": augment,
-            "prototype": prototype, "masked": masked, "kmeans": kmeans}
+            "prototype": prototype, "masked": masked, "kmeans": kmeans,
+            "sketch": sketch}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
              if os.path.exists(os.path.join(BIN, p)))

@@ -55,4 +55,5 @@ def test_both_architectures_and_every_kernel(compiled):
                            "masked._fwd_kernel", "masked._bwd_kernel",
                            "masked._latent_fwd_kernel", "masked._latent_bwd_kernel",
                            "masked._inorm_stats_kernel", "kmeans._assign_kernel",
-                           "kmeans._segment_sum_kernel"}
+                           "kmeans._segment_sum_kernel", "sketch._fwd_kernel",
+                           "sketch._bwd_kernel"}

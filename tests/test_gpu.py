@@ -42,6 +42,31 @@ def test_large_nt_xent_against_float64(monkeypatch, dtype, tol, two_n, D):
         assert ((got.double() - want).norm() / want.norm()).item() <= tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+def test_large_sigreg_against_float64(monkeypatch, dtype, tol):
+    """SIGReg at N = 4096, M = 1024, 17 knots (LeJEPA's defaults) through the compiled
+    sketch kernels against the float64 formula with the same directions."""
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    proj = torch.randn(4096, 256, device="cuda", generator=g).to(dtype).requires_grad_()
+    a = torch.randn(256, 1024, device="cuda", generator=g, dtype=torch.float64)
+    a = a / a.norm(dim=0)
+    loss_fn = fastssl.SIGReg()
+    loss_fn._generate_unit_vectors = lambda device, dtype, num_features: a
+    loss = loss_fn(proj)
+    grad, = torch.autograd.grad(loss, proj)
+    p = proj.detach().double().requires_grad_()
+    t = torch.linspace(0, 3.0, 17, device="cuda", dtype=torch.float64)
+    w = torch.full((17,), 2 * 3.0 / 16, device="cuda", dtype=torch.float64)
+    w[[0, -1]] = 3.0 / 16
+    x = (p @ a).unsqueeze(-1) * t
+    err = (x.cos().mean(0) - torch.exp(-t ** 2 / 2)) ** 2 + x.sin().mean(0) ** 2
+    ref = ((err * (w * torch.exp(-t ** 2 / 2))).sum(-1) * 4096).mean()
+    want, = torch.autograd.grad(ref, p)
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert float((grad.double() - want).norm() / want.norm()) <= tol
+
+
 def test_triton_matches_portable_path(monkeypatch):
     img = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     txt = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)

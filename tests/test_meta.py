@@ -397,7 +397,77 @@ entry("EMPSSLLoss", "EMPSSLLoss")(lambda mk: fastssl.EMPSSLLoss()(
     [mk.randn(4, 5, grad=True) for _ in range(3)]))
 entry("FroSSLLoss", "FroSSLLoss")(lambda mk: fastssl.FroSSLLoss()(
     [mk.randn(6, 5, grad=True) for _ in range(2)]))
+entry("SIGReg", "SIGReg")(lambda mk: fastssl.SIGReg(num_vectors=8)(mk.randn(2, 6, 5, grad=True)))
+entry("LeJEPALoss", "LeJEPALoss")(lambda mk: fastssl.LeJEPALoss(sigreg_num_vectors=8)(
+    local_proj=mk.randn(3, 6, 5, grad=True), global_proj=mk.randn(2, 6, 5, grad=True)))
+entry("LeWMLoss", "LeWMLoss")(lambda mk: fastssl.LeWMLoss(sigreg_num_vectors=8)(
+    predicted=mk.randn(6, 3, 5, grad=True), target=mk.randn(6, 3, 5),
+    embeddings=mk.randn(6, 4, 5, grad=True)))
+entry("VISRegLoss", "VISRegLoss")(lambda mk: tuple(fastssl.VISRegLoss(num_slices=9)
+                                                   .forward_components(
+    local_proj=mk.randn(3, 6, 5, grad=True), global_proj=mk.randn(2, 6, 5, grad=True))))
 
+
+entry("MSNLoss", "MSNLoss")(lambda mk: fastssl.MSNLoss()(
+    mk.randn(6, 5, grad=True), mk.randn(3, 5), mk.randn(4, 5, grad=True)))
+entry("PMSNLoss", "PMSNLoss")(lambda mk: fastssl.PMSNLoss()(
+    mk.randn(6, 5, grad=True), mk.randn(3, 5), mk.randn(4, 5, grad=True)))
+entry("PMSNCustomLoss", "PMSNCustomLoss")(lambda mk: fastssl.PMSNCustomLoss(
+    lambda p: torch.full_like(p, 1.0 / p.shape[0]))(
+    mk.randn(6, 5, grad=True), mk.randn(3, 5), mk.randn(4, 5, grad=True)))
+
+
+def _vicregl_views(mk, n, hw, dtype=torch.float32):
+    return ([(mk.randn(4, 6, dtype=dtype, grad=True), mk.randn(4, *hw, 3, dtype=dtype, grad=True))
+             for _ in range(n)], [mk.randn(4, *hw, 2) for _ in range(n)])
+
+
+@entry("VICRegLLoss", "VICRegLLoss")
+def _vicregl(mk):
+    gvf, gvg = _vicregl_views(mk, 2, (3, 3))
+    lvf, lvg = _vicregl_views(mk, 2, (2, 2))
+    return fastssl.VICRegLLoss(num_matches=(5, 2))(gvf, gvg, lvf, lvg)
+
+
+entry("PatchKernelAlignmentLoss", "PatchKernelAlignmentLoss")(
+    lambda mk: fastssl.PatchKernelAlignmentLoss()(
+        mk.randn(3, 8, 5, grad=True), mk.randn(3, 8, 5, grad=True), mk.mask(3, 8)))
+entry("PatchKernelAlignmentLoss(max_tokens)[bfloat16]", "PatchKernelAlignmentLoss")(
+    lambda mk: fastssl.PatchKernelAlignmentLoss(max_tokens=4)(
+        mk.randn(2, 9, 3, dtype=torch.bfloat16, grad=True),
+        mk.randn(2, 9, 3, dtype=torch.bfloat16)))
+entry("roi_resample_to_grid", "roi_resample_to_grid")(
+    lambda mk: fastssl.roi_resample_to_grid(
+        mk.randn(2, 3, 6, 5, grad=True),
+        mk._leaf(torch.tensor([[0.5, 1.0, 4.0, 5.5], [0.0, 0.0, 5.0, 6.0]]), False), 3, 2))
+
+
+@entry("IBOTPlusPlusPatchLoss", "IBOTPlusPlusPatchLoss")
+def _ibotpp(mk):
+    with mk.context():
+        loss_fn = fastssl.IBOTPlusPlusPatchLoss(output_dim=9)
+    loss = loss_fn(mk.randn(2, 5, 9), mk.randn(2, 5, 9, grad=True), mk.mask(2, 5),
+                   visible_loss_weight=0.5)
+    return loss, list(loss_fn.buffers())
+
+
+entry("CAPILoss", "CAPILoss")(lambda mk: fastssl.CAPILoss()(
+    mk.randn(3, 6, 9), mk.randn(3, 4, 9, grad=True),
+    mk._leaf(torch.randint(0, 6, (3, 4), generator=mk.g), False)))
+entry("positionwise_sinkhorn_knopp", "positionwise_sinkhorn_knopp")(
+    lambda mk: fastssl.positionwise_sinkhorn_knopp(mk.randn(3, 4, 9)))
+
+# ----------------------------------------------------------------------------- solo-learn's
+
+entry("mocov3_loss_func", "mocov3_loss_func")(lambda mk: fastssl.mocov3_loss_func(
+    mk.randn(6, 5, grad=True), mk.randn(6, 5), 0.2))
+entry("nnclr_loss_func", "nnclr_loss_func")(lambda mk: fastssl.nnclr_loss_func(*pair(mk), 0.1))
+entry("ressl_loss_func", "ressl_loss_func")(lambda mk: fastssl.ressl_loss_func(
+    mk.randn(6, 5, grad=True, unit=True), mk.randn(6, 5, unit=True),
+    mk.randn(9, 5, grad=True, unit=True)))
+entry("byol_loss_func", "byol_loss_func")(lambda mk: fastssl.byol_loss_func(*pair(mk)))
+entry("simsiam_loss_func", "simsiam_loss_func")(lambda mk: fastssl.simsiam_loss_func(
+    mk.randn(4, 3, 5, grad=True), mk.randn(4, 3, 5), simplified=False))
 
 @entry("WMSELoss", "WMSELoss", "Whitening2d")
 def _wmse(mk):

@@ -208,8 +208,40 @@ def fastssl_supcon(z0, z1):
                                temperature=SUPCON_T, base_temperature=SUPCON_T)
 
 
+SIGREG_VECTORS = 1024  # random directions M
+SIGREG_KNOTS = 17
+SIGREG_SEED = 0  # every implementation draws the same directions
+
+
+def eager_sigreg(a, b):
+    """SIGReg as its reference code writes it, on the first batch (the second is unused):
+    the (N x M x K) arguments, their cos and sin, the sums over the samples."""
+    torch.manual_seed(SIGREG_SEED)
+    N, D = a.shape
+    A = torch.randn(D, SIGREG_VECTORS, device=a.device, dtype=a.dtype)
+    A = A / A.norm(p=2, dim=0)
+    t = torch.linspace(0, 3.0, SIGREG_KNOTS, device=a.device)
+    w = torch.full((SIGREG_KNOTS,), 2 * 3.0 / (SIGREG_KNOTS - 1), device=a.device)
+    w[[0, -1]] = 3.0 / (SIGREG_KNOTS - 1)
+    phi = torch.exp(-t.square() / 2)
+    x_t = (a @ A).unsqueeze(-1) * t
+    err = (x_t.cos().mean(-3) - phi).square() + x_t.sin().mean(-3).square()
+    return ((err @ (w * phi)) * N).mean()
+
+
+_SIGREG = {}
+
+
+def fastssl_sigreg(a, b):
+    if "loss" not in _SIGREG:
+        _SIGREG["loss"] = fastssl.SIGReg(knots=SIGREG_KNOTS, num_vectors=SIGREG_VECTORS)
+    torch.manual_seed(SIGREG_SEED)
+    return _SIGREG["loss"](a)
+
+
 IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
          "supcon": {"fastssl": fastssl_supcon, "eager": eager_supcon},
+         "sigreg": {"fastssl": fastssl_sigreg, "eager": eager_sigreg},
          "clip": {"fastssl": fastssl_clip, "eager": eager_clip},
          "dino": {"fastssl": fastssl_dino, "eager": eager_dino},
          "ibot": {"fastssl": fastssl_ibot, "eager": eager_ibot},
@@ -255,6 +287,8 @@ def model_flops(op, size, D):
         return 12 * size * D * D
     if op == "mae":  # elementwise: ~10 operations per predicted value (no matmul)
         return 10 * size * D * D * 3
+    if op == "sigreg":  # the projections and their gradient: N x D x M, twice
+        return 4 * size * D * SIGREG_VECTORS
     if op in ("dino", "ibot"):  # student and teacher scores, dS, dW: rows x K x D each
         teacher = size * DINO_CROPS[1] // DINO_CROPS[0] if op == "dino" else size
         return 2 * (3 * size + teacher) * PROTOTYPES * D

@@ -13,7 +13,8 @@ a differently configured loss.
 - barlow, vicreg: lightly ``BarlowTwinsLoss``, ``VICRegLoss``;
 - dino: lightly ``DINOLoss`` on the head's logits; Cut Cross-Entropy (CUDA) with a
   one-hot target: the speed anchor of a fused linear + cross-entropy, not the same loss;
-- ibot: lightly ``IBOTPatchLoss`` on the masked tokens' logits.
+- ibot: lightly ``IBOTPatchLoss`` on the masked tokens' logits;
+- sigreg: lightly ``SIGReg`` (seeded like fastssl's row: the same random directions).
 
 The EMA and augmentation benchmarks find their peers (timm ``ModelEmaV3``, torchvision,
 Kornia) themselves.
@@ -21,7 +22,8 @@ Kornia) themselves.
 import torch
 
 from .formulations import (CLIP_SCALE, DINO_CROPS, IMPLS, SIGLIP_BIAS, SIGLIP_SCALE,
-                           make_inputs, teacher_inputs)
+                           SIGREG_KNOTS, SIGREG_SEED, SIGREG_VECTORS, make_inputs,
+                           teacher_inputs)
 
 # Peers that compute another loss than fastssl's row (timed as an anchor, not checked)
 ANCHORS = {"Cut Cross-Entropy (one-hot)"}
@@ -129,6 +131,16 @@ def _cut_cross_entropy():
     return loss
 
 
+def _lightly_sigreg():
+    from lightly.loss import SIGReg
+    loss_fn = SIGReg(knots=SIGREG_KNOTS, num_vectors=SIGREG_VECTORS)
+
+    def loss(a, b):
+        torch.manual_seed(SIGREG_SEED)
+        return loss_fn.to(a.device)(a)
+    return loss
+
+
 # op -> [(name, constructor, needs CUDA)]
 PEERS = {
     "infonce": [("lightly NTXentLoss", _lightly_nt_xent, False)],
@@ -139,6 +151,7 @@ PEERS = {
     "dino": [("lightly DINOLoss", _lightly_dino, False),
              ("Cut Cross-Entropy (one-hot)", _cut_cross_entropy, True)],
     "ibot": [("lightly IBOTPatchLoss", _lightly_ibot, False)],
+    "sigreg": [("lightly SIGReg", _lightly_sigreg, False)],
 }
 
 

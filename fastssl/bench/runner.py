@@ -14,11 +14,11 @@ from .maxbatch import bench_maxbatch, prototype_max_rows
 from .report import markdown, plot, slug, summary
 from .timing import bench_cpu, bench_gpu
 
-OPS = ("infonce", "supcon", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment",
+OPS = ("infonce", "supcon", "sigreg", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment",
        "dino", "ibot", "mae", "kmeans")
 # The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
 # samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
-MIN_SIZE = {"infonce": 2, "supcon": 2, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2,
+MIN_SIZE = {"infonce": 2, "supcon": 2, "sigreg": 1, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2,
             "augment": 1,
             "dino": formulations.DINO_CROPS[0], "ibot": 1, "mae": 1, "kmeans": 1}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -110,6 +110,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         if op in ("infonce", "supcon"):
             sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])
             dims = dims or ([128] if quick else [128, 256, 1024])
+        elif op == "sigreg":
+            sizes = sizes or ([4096] if quick else [4096, 16384, 65536])
+            dims = dims or [256]
         elif op == "siglip":
             sizes = sizes or ([4096] if quick else [4096, 16384, 32768])
             dims = dims or [768]
@@ -138,6 +141,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         elif op == "mae":
             sizes = sizes or ([32] if quick else [64, 256])
             dims = dims or [224]
+        elif op == "sigreg":
+            sizes = sizes or ([1024, 4096] if quick else [1024, 4096, 16384])
+            dims = dims or [256]
         else:
             sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
             dims = dims or ([64] if op == "infonce" else [128] if op == "supcon" else [256])
