@@ -8,21 +8,15 @@ loop over boxes, bins and bilinear samples.
 Tolerance (``tol``): 16-bit inputs compute in float32 and the result is rounded to the input
 dtype: 2 * eps. float32: 64 * eps. float64: only gross errors show (2**-30).
 """
-import datetime
 import math
-import os
-import socket
-import tempfile
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastssl._checks import ShapeError
 from fastssl.losses.dense import (PatchKernelAlignmentLoss, VICRegLLoss, nearest_neighbors,
                                   roi_resample_to_grid)
+import _gloo
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 HALF = (torch.bfloat16, torch.float16)
@@ -515,25 +509,13 @@ def dist_inputs():
     return vicregl_data(sum(SIZES), 5, 4, (3, 3), (2, 2), *DIST_VIEWS, 2, seed=11)
 
 
-def vicregl_worker(rank, world, port, out):
-    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
-    try:
-        o, n = sum(SIZES[:rank]), SIZES[rank]
-        xs = [x[o:o + n].clone().requires_grad_() for x in dist_inputs()]
-        loss = VICRegLLoss(gather_distributed=True, num_matches=(5, 2))(
-            *unflat(*DIST_VIEWS, xs))
-        grads = torch.autograd.grad(loss, xs[:2 * sum(DIST_VIEWS)])
-        torch.save((loss.detach(), grads), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def vicregl_worker(rank, world):
+    o, n = sum(SIZES[:rank]), SIZES[rank]
+    xs = [x[o:o + n].clone().requires_grad_() for x in dist_inputs()]
+    loss = VICRegLLoss(gather_distributed=True, num_matches=(5, 2))(
+        *unflat(*DIST_VIEWS, xs))
+    grads = torch.autograd.grad(loss, xs[:2 * sum(DIST_VIEWS)])
+    return loss.detach(), grads
 
 
 def test_vicregl_gather_distributed_two_processes():
@@ -542,16 +524,8 @@ def test_vicregl_gather_distributed_two_processes():
     image, so the global batch's matches are the ranks' matches), and its input gradients
     are world_size times those of J = mean_r loss_r (fastssl.distributed's convention)."""
     world = len(SIZES)
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(vicregl_worker, args=(world, free_port(), out), nprocs=world,
-                                 join=False, start_method="fork")
-        deadline = time.monotonic() + 60
-        while not ctx.join(timeout=0.2):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("distributed VICRegL did not finish in 60 s")
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+    results = _gloo.run(vicregl_worker, world, timeout=60, what="distributed VICRegL",
+                        group_timeout=30)
     xs = [x.requires_grad_() for x in dist_inputs()]
     n_feat = 2 * sum(DIST_VIEWS)
     per_rank = [ref_vicregl(*unflat(*DIST_VIEWS, xs), nm=(5, 2),

@@ -2,21 +2,14 @@
 several steps, the nearest-neighbour search against a float64 brute force (both paths for
 k = 1, the Triton kernel under the interpreter on CPU; chunked top-k merges), ties to the
 lowest index, the NN memory bank, bad arguments, and the gathered bank on 2 gloo ranks."""
-import datetime
-import os
-import socket
-import tempfile
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as tF
 
 from fastssl import ShapeError
 from fastssl import memory as M
 from fastssl.memory import MemoryBankModule, NNMemoryBankModule, nearest_neighbours
+import _gloo
 
 
 def randn(*shape, seed, dtype=torch.float32):
@@ -334,50 +327,25 @@ def test_bad_flags_and_batches():
 
 # ----------------------------------------------------------------------------- 2 ranks
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bank_worker(rank, world, port, out_dir):
-    # a forked child must not enter the parent's OpenMP pool (it would wait on threads
-    # that fork did not copy): one thread, as DataLoader workers do
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+def bank_worker(rank, world):
+    torch.manual_seed(0)
+    bank = MemoryBankModule((4, 3), gather_distributed=True, feature_dim_first=False)
+    first = randn(3, 3, seed=1)[[slice(0, 1), slice(1, 3)][rank]]  # 1 + 2 rows
+    second = randn(2, 3, seed=2)[[slice(0, 0), slice(0, 2)][rank]]  # 0 + 2 rows
+    bank(first, update=True)
+    if rank == 0:
+        bank(first, update=False)  # read only: no collective, one rank alone is fine
+    bank(second, update=True)
     try:
-        torch.manual_seed(0)
-        bank = MemoryBankModule((4, 3), gather_distributed=True, feature_dim_first=False)
-        first = randn(3, 3, seed=1)[[slice(0, 1), slice(1, 3)][rank]]  # 1 + 2 rows
-        second = randn(2, 3, seed=2)[[slice(0, 0), slice(0, 2)][rank]]  # 0 + 2 rows
-        bank(first, update=True)
-        if rank == 0:
-            bank(first, update=False)  # read only: no collective, one rank alone is fine
-        bank(second, update=True)
-        try:
-            bank(torch.ones(1, 3 + rank), update=True)  # rank 1's batch is too wide
-            error = None
-        except Exception as e:  # every rank must raise, none must hang
-            error = (type(e).__name__, str(e))
-        torch.save({"bank": bank.bank.clone(), "ptr": int(bank.bank_ptr), "error": error},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        bank(torch.ones(1, 3 + rank), update=True)  # rank 1's batch is too wide
+        error = None
+    except Exception as e:  # every rank must raise, none must hang
+        error = (type(e).__name__, str(e))
+    return {"bank": bank.bank.clone(), "ptr": int(bank.bank_ptr), "error": error}
 
 
 def test_gathered_bank_on_two_ranks():
-    with tempfile.TemporaryDirectory() as out:
-        # fork: the ranks need nothing re-imported (spawn costs ~10 s of imports on 2 cores)
-        ctx = mp.start_processes(bank_worker, args=(2, free_port(), out), nprocs=2, join=False,
-                                 start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("the 2-rank memory bank did not finish in 120 s")
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    results = _gloo.run(bank_worker, 2, timeout=120, what="the 2-rank memory bank")
     torch.manual_seed(0)
     expect = tF.normalize(torch.randn(4, 3), dim=-1)
     expect[0:3] = randn(3, 3, seed=1)   # step 1: the 3 gathered rows, pointer 3

@@ -11,22 +11,16 @@ defaults), so a logit carries ~ eps / (tau T) of absolute rounding and so does e
 probability relatively: 2 eps / (tau T) (measured: ~0.2 eps / (tau T)). float64: only gross
 errors show (2**-36).
 """
-import datetime
 import math
-import os
-import socket
-import tempfile
-import time
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastssl._checks import ShapeError
 from fastssl.losses import msn
 from fastssl.losses.msn import MSNLoss, PMSNCustomLoss, PMSNLoss
+import _gloo
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 HALF = (torch.bfloat16, torch.float16)
@@ -365,36 +359,24 @@ def dist_losses():
                              gather_distributed=True)}
 
 
-def rank_worker(rank, world, port, out):
-    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
-    try:
-        results = {}
-        for case, sizes in CASES.items():
-            A, T, C = dist_data(sizes)
-            o, n = sum(sizes[:rank]), sizes[rank]
-            for name, loss_fn in dist_losses().items():
-                a = A[:, o:o + n].reshape(-1, D_DIST).clone().requires_grad_()
-                c = C.clone().requires_grad_()
-                loss = loss_fn(a, T[o:o + n], c)
-                results[case, name] = (loss.detach(), *torch.autograd.grad(loss, [a, c]))
-            p = torch.softmax(T[o:o + n] @ C.T, 1)
-            results[case, "sinkhorn"] = msn.sinkhorn(p, 3, gather_distributed=True)
-        try:  # rank 1's anchors are not a multiple of its targets: every rank raises
-            MSNLoss(gather_distributed=True)(r32(5 if rank else 4, 3), r32(2, 3), r32(4, 3))
-            results["error"] = None
-        except Exception as e:  # noqa: BLE001  (the type and message are compared)
-            results["error"] = (type(e).__name__, str(e))
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rank_worker(rank, world):
+    results = {}
+    for case, sizes in CASES.items():
+        A, T, C = dist_data(sizes)
+        o, n = sum(sizes[:rank]), sizes[rank]
+        for name, loss_fn in dist_losses().items():
+            a = A[:, o:o + n].reshape(-1, D_DIST).clone().requires_grad_()
+            c = C.clone().requires_grad_()
+            loss = loss_fn(a, T[o:o + n], c)
+            results[case, name] = (loss.detach(), *torch.autograd.grad(loss, [a, c]))
+        p = torch.softmax(T[o:o + n] @ C.T, 1)
+        results[case, "sinkhorn"] = msn.sinkhorn(p, 3, gather_distributed=True)
+    try:  # rank 1's anchors are not a multiple of its targets: every rank raises
+        MSNLoss(gather_distributed=True)(r32(5 if rank else 4, 3), r32(2, 3), r32(4, 3))
+        results["error"] = None
+    except Exception as e:  # noqa: BLE001  (the type and message are compared)
+        results["error"] = (type(e).__name__, str(e))
+    return results
 
 
 def ref_rank_losses(A, T, C, sizes, name):
@@ -420,17 +402,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     one-process loss on the concatenated batch. A rank's anchor gradient is world_size
     times the global one, and the mean of the prototype gradients is the global one."""
     world = 2
-    with tempfile.TemporaryDirectory() as out:
-        # fork, not spawn: a spawned child re-imports torch (seconds on a loaded box)
-        ctx = mp.start_processes(rank_worker, args=(world, free_port(), out), nprocs=world,
-                                 join=False, start_method="fork")
-        deadline = time.monotonic() + 90
-        while not ctx.join(timeout=0.2):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("the 2-rank MSN run did not finish in 90 s")
-        res = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+    res = _gloo.run(rank_worker, world, timeout=90, what="the 2-rank MSN run", group_timeout=30)
     for case, sizes in CASES.items():
         A, T, C = dist_data(sizes)
         for name in dist_losses():

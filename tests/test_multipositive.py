@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from fastssl import _ops, multipositive as mp
+import _gloo
+from _gloo import free_port as _free_port  # noqa: F401  (tests/test_detcon.py imports it)
 
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -264,13 +266,6 @@ def test_keyed_infonce_opcheck_and_compile():
 
 # ----------------------------------------------------------------------------- 2 ranks
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_batch():
     g = torch.Generator().manual_seed(11)
     a, b = torch.randn(10, 12, generator=g), torch.randn(10, 12, generator=g)
@@ -278,54 +273,29 @@ def _global_batch():
     return a, b, idx
 
 
-def _rank_worker(rank, world, port, out_dir):
-    import datetime
-    import os
-    import torch.distributed as dist
-    # a forked child must not enter the parent's OpenMP pool (it would wait on threads
-    # that fork did not copy): one thread, as DataLoader workers do
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        a, b, idx = _global_batch()
-        rows = slice(5 * rank, 5 * rank + 5)
-        x, y = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
-        dcl = mp.DCLLoss(0.2, gather_distributed=True)(x, y)
-        dcl.backward()
-        z = a[rows].clone().requires_grad_()
-        multi = mp.simclr_loss_func(z, idx[rows], 0.2)
-        multi.backward()
-        try:  # rank 1's indexes are too short: every rank must raise, none must hang
-            mp.simclr_loss_func(z, idx[rows][:4 if rank else 5], 0.2)
-            error = None
-        except Exception as e:
-            error = (type(e).__name__, str(e))
-        torch.save({"dcl": dcl.detach(), "dx": x.grad, "dy": y.grad, "multi": multi.detach(),
-                    "dz": z.grad, "error": error}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank, world):
+    a, b, idx = _global_batch()
+    rows = slice(5 * rank, 5 * rank + 5)
+    x, y = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
+    dcl = mp.DCLLoss(0.2, gather_distributed=True)(x, y)
+    dcl.backward()
+    z = a[rows].clone().requires_grad_()
+    multi = mp.simclr_loss_func(z, idx[rows], 0.2)
+    multi.backward()
+    try:  # rank 1's indexes are too short: every rank must raise, none must hang
+        mp.simclr_loss_func(z, idx[rows][:4 if rank else 5], 0.2)
+        error = None
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    return {"dcl": dcl.detach(), "dx": x.grad, "dy": y.grad, "multi": multi.detach(),
+            "dz": z.grad, "error": error}
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     """Each rank's loss over its 5 rows against the gathered columns: the mean of the two
     ranks' losses is the one-process loss on the 10 rows, and each rank's input gradient is
     world_size x the global gradient of its slice (the convention of fastssl.distributed)."""
-    import os
-    import tempfile
-    import time
-    import torch.multiprocessing as tmp
-    with tempfile.TemporaryDirectory() as out:
-        # fork: the ranks need nothing re-imported (spawn costs ~10 s of imports on 2 cores)
-        ctx = tmp.start_processes(_rank_worker, args=(2, _free_port(), out), nprocs=2,
-                                  join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("the 2-rank run did not finish in 120 s")
-        res = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    res = _gloo.run(_rank_worker, 2, timeout=120)
     a, b, idx = _global_batch()
     x, y, z = (t.clone().requires_grad_() for t in (a, b, a))
     ref = mp.DCLLoss(0.2)(x, y)

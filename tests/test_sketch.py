@@ -4,17 +4,14 @@ characteristic-function sums on both paths (odd shapes, large arguments), the lo
 every dtype, with 2-D and 4-D inputs, 1 sample, D = 1 and 257, seeded directions equal to
 a seeded draw, the custom op under opcheck and torch.compile, lightly's errors, and two
 gloo ranks against one process on the global batch."""
-import os
-import tempfile
-import time
-
 import pytest
 import torch
 
 from fastssl import _ops
 from fastssl._checks import ShapeError
 from fastssl.losses import sketch
-from test_multipositive import _free_port, assert_as_close_as_eager
+import _gloo
+from test_multipositive import assert_as_close_as_eager
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -331,39 +328,30 @@ def _batch():
     return _randn(3, 10, 6, seed=11).float(), _randn(2, 10, 6, seed=12).float()
 
 
-def _rank_worker(rank, world, port, out_dir):
-    import datetime
-    import torch.distributed as dist
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        local, glob = _batch()
-        out = {}
-        lo = sum(ROWS[:rank])
-        x = local[:, lo:lo + ROWS[rank]].clone().requires_grad_()
-        torch.manual_seed(3 + rank)  # rank 0's directions are broadcast
-        if rank == 0:
-            torch.manual_seed(3)
-        out["sig"] = sketch.SIGReg(num_vectors=16, gather_distributed=True)(x)
-        out["dsig"], = torch.autograd.grad(out["sig"], x)
-        half = slice(5 * rank, 5 * rank + 5)
-        for name, cls, seed in (("lejepa", sketch.LeJEPALoss(0.4, True, sigreg_num_vectors=16),
-                                 5), ("visreg", sketch.VISRegLoss(0.7, 32, gather_distributed=True), 6)):
-            x = local[:, half].clone().requires_grad_()
-            y = glob[:, half].clone().requires_grad_()
-            torch.manual_seed(seed)
-            out[name] = cls(local_proj=x, global_proj=y)
-            out["d" + name] = torch.autograd.grad(out[name], (x, y))
-        try:  # rank 1's feature width differs: every rank must raise, none must hang
-            sketch.SIGReg(num_vectors=4, gather_distributed=True)(torch.randn(5, 4 + rank))
-            out["error"] = None
-        except Exception as e:
-            out["error"] = (type(e).__name__, str(e))
-        torch.save({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank, world):
+    local, glob = _batch()
+    out = {}
+    lo = sum(ROWS[:rank])
+    x = local[:, lo:lo + ROWS[rank]].clone().requires_grad_()
+    torch.manual_seed(3 + rank)  # rank 0's directions are broadcast
+    if rank == 0:
+        torch.manual_seed(3)
+    out["sig"] = sketch.SIGReg(num_vectors=16, gather_distributed=True)(x)
+    out["dsig"], = torch.autograd.grad(out["sig"], x)
+    half = slice(5 * rank, 5 * rank + 5)
+    for name, cls, seed in (("lejepa", sketch.LeJEPALoss(0.4, True, sigreg_num_vectors=16),
+                             5), ("visreg", sketch.VISRegLoss(0.7, 32, gather_distributed=True), 6)):
+        x = local[:, half].clone().requires_grad_()
+        y = glob[:, half].clone().requires_grad_()
+        torch.manual_seed(seed)
+        out[name] = cls(local_proj=x, global_proj=y)
+        out["d" + name] = torch.autograd.grad(out[name], (x, y))
+    try:  # rank 1's feature width differs: every rank must raise, none must hang
+        sketch.SIGReg(num_vectors=4, gather_distributed=True)(torch.randn(5, 4 + rank))
+        out["error"] = None
+    except Exception as e:
+        out["error"] = (type(e).__name__, str(e))
+    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
 def _one_process():
@@ -386,17 +374,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     LeJEPA and VISReg (the regularisers on the global batch, the invariance term local):
     the mean of the ranks' losses is the one-process loss. Each rank's input gradient is
     world_size x the global gradient of its slice (the convention of fastssl.distributed)."""
-    import torch.multiprocessing as tmp
-    with tempfile.TemporaryDirectory() as out:
-        ctx = tmp.start_processes(_rank_worker, args=(2, _free_port(), out), nprocs=2,
-                                  join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("the 2-rank run did not finish in 120 s")
-        res = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    res = _gloo.run(_rank_worker, 2, timeout=120)
     ref = _one_process()
     for r in res:
         assert torch.allclose(r["sig"], ref["sig"], rtol=1e-5)

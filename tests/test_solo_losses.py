@@ -19,6 +19,7 @@ import torch.nn.functional as tF
 from fastssl import ShapeError, _reference
 from fastssl.losses.solo import (byol_loss_func, mocov3_loss_func, nnclr_loss_func,
                                  ressl_loss_func, simsiam_loss_func)
+import _gloo
 
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -346,44 +347,25 @@ def test_shape_errors_are_what_solo_learn_raises():
 
 # ----------------------------------------------------------------------------- 2 ranks
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_batch():
     g = torch.Generator().manual_seed(17)
     return tuple(torch.randn(10, 6, generator=g) for _ in range(4))
 
 
-def _rank_worker(rank, world, port, out_dir):
-    import datetime
-    import os
-    import torch.distributed as dist
-    # a forked child must not enter the parent's OpenMP pool (it would wait on threads
-    # that fork did not copy): one thread, as DataLoader workers do
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        q, k, nn, p = (t[5 * rank:5 * rank + 5].clone().requires_grad_() for t in
-                       _global_batch())
-        moco = mocov3_loss_func(q, k, 0.2)
-        dq, dk = torch.autograd.grad(moco, (q, k), allow_unused=True)
-        nnclr = nnclr_loss_func(nn, p, 0.1)
-        dnn, dp = torch.autograd.grad(nnclr, (nn, p))
-        try:  # rank 1's key is too narrow: every rank must raise, none must hang
-            mocov3_loss_func(q, k[:, :5] if rank else k)
-            error = None
-        except Exception as e:
-            error = (type(e).__name__, str(e))
-        torch.save({"moco": moco.detach(), "dq": dq, "dk_none": dk is None,
-                    "nnclr": nnclr.detach(), "dnn": dnn, "dp": dp, "error": error},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank, world):
+    q, k, nn, p = (t[5 * rank:5 * rank + 5].clone().requires_grad_() for t in
+                   _global_batch())
+    moco = mocov3_loss_func(q, k, 0.2)
+    dq, dk = torch.autograd.grad(moco, (q, k), allow_unused=True)
+    nnclr = nnclr_loss_func(nn, p, 0.1)
+    dnn, dp = torch.autograd.grad(nnclr, (nn, p))
+    try:  # rank 1's key is too narrow: every rank must raise, none must hang
+        mocov3_loss_func(q, k[:, :5] if rank else k)
+        error = None
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    return {"moco": moco.detach(), "dq": dq, "dk_none": dk is None,
+            "nnclr": nnclr.detach(), "dnn": dnn, "dp": dp, "error": error}
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
@@ -391,20 +373,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     of the two ranks' losses is the one-process loss on the 10 rows, and each rank's input
     gradient is world_size x the global gradient of its slice (fastssl.distributed's
     convention; NNCLR's gathered p sums the gradients of both ranks' losses)."""
-    import os
-    import tempfile
-    import time
-    import torch.multiprocessing as tmp
-    with tempfile.TemporaryDirectory() as out:
-        ctx = tmp.start_processes(_rank_worker, args=(2, _free_port(), out), nprocs=2,
-                                  join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.terminate()
-                pytest.fail("the 2-rank run did not finish in 120 s")
-        res = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    res = _gloo.run(_rank_worker, 2, timeout=120)
     q, k, nn, p = (t.double().requires_grad_() for t in _global_batch())
     moco = ref_mocov3(q, k, 0.2)
     nnclr = ref_nnclr(nn, p, 0.1)

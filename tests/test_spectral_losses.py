@@ -12,21 +12,14 @@ only gross errors show: 2**-30. A gradient that is zero in exact arithmetic (TiC
 W-MSE with D = 1: the rows normalise to +-1) is measured against ``floor``, its natural
 scale, instead of its float64 value (rounding noise).
 """
-import datetime
-import os
-import socket
-import tempfile
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as tF
 
 from fastssl._checks import ShapeError
 from fastssl.losses.spectral import (EMPSSLLoss, FroSSLLoss, MMCRLoss, TiCoLoss, WMSELoss,
                                      Whitening2d, norm_mse_loss)
+import _gloo
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 HALF = (torch.bfloat16, torch.float16)
@@ -403,30 +396,18 @@ def dist_data(step):
     return randn(N, D_DIST, seed=step), randn(N, D_DIST, seed=step + 100)
 
 
-def tico_worker(rank, world, port, out):
-    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
-    try:
-        o, n = sum(SIZES[:rank]), SIZES[rank]
-        loss_fn = TiCoLoss(beta=0.7, gather_distributed=True)
-        results = []
-        for step in range(STEPS):
-            A, B = dist_data(step)
-            a = A[o:o + n].clone().requires_grad_()
-            b = B[o:o + n].clone().requires_grad_()
-            loss = loss_fn(a, b)
-            results.append((loss.detach(), *torch.autograd.grad(loss, [a, b]),
-                            loss_fn.C.clone()))
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def tico_worker(rank, world):
+    o, n = sum(SIZES[:rank]), SIZES[rank]
+    loss_fn = TiCoLoss(beta=0.7, gather_distributed=True)
+    results = []
+    for step in range(STEPS):
+        A, B = dist_data(step)
+        a = A[o:o + n].clone().requires_grad_()
+        b = B[o:o + n].clone().requires_grad_()
+        loss = loss_fn(a, b)
+        results.append((loss.detach(), *torch.autograd.grad(loss, [a, b]),
+                        loss_fn.C.clone()))
+    return results
 
 
 def test_tico_gather_distributed_two_processes():
@@ -434,17 +415,8 @@ def test_tico_gather_distributed_two_processes():
     single-process ones on the global batch; a rank's input gradients are world_size times
     the global loss's (the sum convention of fastssl.distributed, as lightly's gather)."""
     world = len(SIZES)
-    with tempfile.TemporaryDirectory() as out:
-        # fork, not spawn: a spawned child re-imports torch (2-5 s on a loaded 2-core box)
-        ctx = mp.start_processes(tico_worker, args=(world, free_port(), out), nprocs=world,
-                                 join=False, start_method="fork")
-        deadline = time.monotonic() + 60
-        while not ctx.join(timeout=0.2):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("distributed TiCo did not finish in 60 s")
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+    results = _gloo.run(tico_worker, world, timeout=60, what="distributed TiCo",
+                        group_timeout=30)
     C = torch.zeros(D_DIST, D_DIST, dtype=torch.float64)
     for step in range(STEPS):
         A, B = [t.requires_grad_() for t in dist_data(step)]

@@ -8,20 +8,13 @@ input dtype: 2 * eps of that dtype. float32: the teacher's logits are divided by
 temperatures (0.04, 0.06), so a rounding of a scaled logit of size ~100 moves a
 probability by ~1e-5 relative: 2e-5 (as ``test_prototype.py``). float64: 1e-11.
 """
-import datetime
-import os
-import socket
-import tempfile
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastssl import prototype
 from fastssl._checks import ShapeError
 from fastssl.losses.tokens import CAPILoss, IBOTPlusPlusPatchLoss, positionwise_sinkhorn_knopp
+import _gloo
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 HALF = (torch.bfloat16, torch.float16)
@@ -360,26 +353,13 @@ def dist_data():
     return randn(B, NT, KD, seed=1), randn(B, NP, KD, seed=2), capi_index(B, NT, NP, 3)
 
 
-def capi_worker(rank, world, port, out):
-    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
-    try:
-        o, n = sum(SIZES[:rank]), SIZES[rank]
-        t, s, index = dist_data()
-        s = s[o:o + n].clone().requires_grad_()
-        loss = CAPILoss(gather_distributed=True)(t[o:o + n], s, index[o:o + n])
-        q = positionwise_sinkhorn_knopp(t[o:o + n], gather_distributed=True)
-        torch.save((loss.detach(), torch.autograd.grad(loss, s)[0], q),
-                   os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def capi_worker(rank, world):
+    o, n = sum(SIZES[:rank]), SIZES[rank]
+    t, s, index = dist_data()
+    s = s[o:o + n].clone().requires_grad_()
+    loss = CAPILoss(gather_distributed=True)(t[o:o + n], s, index[o:o + n])
+    q = positionwise_sinkhorn_knopp(t[o:o + n], gather_distributed=True)
+    return loss.detach(), torch.autograd.grad(loss, s)[0], q
 
 
 def test_capi_gather_distributed_two_processes():
@@ -387,17 +367,8 @@ def test_capi_gather_distributed_two_processes():
     global batch's, and its loss and gradient those of the formula on its own tokens with
     that target."""
     world = len(SIZES)
-    with tempfile.TemporaryDirectory() as out:
-        # fork, not spawn: a spawned child re-imports torch (2-5 s on a loaded 2-core box)
-        ctx = mp.start_processes(capi_worker, args=(world, free_port(), out), nprocs=world,
-                                 join=False, start_method="fork")
-        deadline = time.monotonic() + 60
-        while not ctx.join(timeout=0.2):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("distributed CAPI did not finish in 60 s")
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+    results = _gloo.run(capi_worker, world, timeout=60, what="distributed CAPI",
+                        group_timeout=30)
     t, s, index = dist_data()
     Q = ref_sinkhorn(t / 0.06, 3)
     Q0 = ref_sinkhorn(t, 3)
