@@ -490,6 +490,7 @@ for op in $ops; do
     infonce) limit=30 tiny=(--sizes 64 --dims 8) ;;
     supcon) limit=15 tiny=(--sizes 64 --dims 8) ;;
     sigreg) limit=15 tiny=(--sizes 64 --dims 8) ;;
+    detcon) limit=15 tiny=(--sizes 64 --dims 8) ;;
     clip|siglip) limit=25 tiny=(--sizes 32 --dims 8) ;;
     maxbatch) limit=25 tiny=(--dims 8) ;;
     augment) limit=25 tiny=(--sizes 2) ;;

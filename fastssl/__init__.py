@@ -10,8 +10,10 @@ if _os.path.isfile(_os.path.join(_tree, "kernels", "__init__.py")) and \
         not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
     __path__.append(_tree)  # noqa: F821  (fastssl.kernels -> <tree>/kernels)
 
-from fastssl import (augment, clustering, distributed, functional, masking,  # noqa: E402
-                     memory, multipositive, pretext)
+from fastssl import (augment, clustering, detcon, distributed, functional,  # noqa: E402
+                     masking, memory, multipositive, pretext)
+from fastssl.detcon import (DetConBLoss, DetConSLoss, MACLLoss, detcon_loss,  # noqa: E402
+                            macl_loss)
 from fastssl._checks import ShapeError  # noqa: E402
 from fastssl.ema import EMA, cosine_schedule, ema_, update_momentum  # noqa: E402
 from fastssl.functional import (barlow_twins, clip_loss, info_nce,  # noqa: E402
@@ -53,4 +55,5 @@ __all__ = ["augment", "clustering", "functional", "distributed", "masking", "pre
            "mocov3_loss_func", "nnclr_loss_func", "ressl_loss_func", "byol_loss_func",
            "simsiam_loss_func", "IBOTPlusPlusPatchLoss", "CAPILoss",
            "positionwise_sinkhorn_knopp", "MSNLoss", "PMSNLoss", "PMSNCustomLoss",
-           "VICRegLLoss", "PatchKernelAlignmentLoss", "roi_resample_to_grid", "__version__"]
+           "VICRegLLoss", "PatchKernelAlignmentLoss", "roi_resample_to_grid", "detcon",
+           "DetConBLoss", "DetConSLoss", "MACLLoss", "detcon_loss", "macl_loss", "__version__"]

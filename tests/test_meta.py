@@ -442,6 +442,21 @@ entry("roi_resample_to_grid", "roi_resample_to_grid")(
         mk._leaf(torch.tensor([[0.5, 1.0, 4.0, 5.5], [0.0, 0.0, 5.0, 6.0]]), False), 3, 2))
 
 
+# ----------------------------------------------------------------------------- DetCon, MACL
+
+def _mask_ids(mk, b=3, m=4):
+    return mk._leaf(torch.randint(0, 3, (b, m), generator=mk.g), False)
+
+
+entry("detcon_loss", "detcon_loss", "DetConBLoss")(lambda mk: fastssl.DetConBLoss(0.2)(
+    *[mk.randn(3, 4, 5, grad=True) for _ in range(4)], _mask_ids(mk), _mask_ids(mk)))
+entry("DetConSLoss", "DetConSLoss")(lambda mk: fastssl.DetConSLoss(0.2)(
+    mk.randn(3, 4, 5, grad=True), mk.randn(3, 4, 5, grad=True), _mask_ids(mk), _mask_ids(mk)))
+entry("macl_loss", "macl_loss", "MACLLoss")(lambda mk: fastssl.MACLLoss()(*pair(mk)))
+entry("macl_loss[bfloat16]", "macl_loss")(lambda mk: fastssl.macl_loss(
+    *pair(mk, dtype=torch.bfloat16), 0.2, 0.5, 0.1))
+
+
 @entry("IBOTPlusPlusPatchLoss", "IBOTPlusPlusPatchLoss")
 def _ibotpp(mk):
     with mk.context():

@@ -239,9 +239,69 @@ def fastssl_sigreg(a, b):
     return _SIGREG["loss"](a)
 
 
+DETCON_MASKS = 16  # m: regions pooled per image (DetCon samples 16 masks per view)
+DETCON_IDS = 8  # each region's mask id drawn uniformly from 8 ids per image
+DETCON_T = 0.1
+_DETCON = {}
+
+
+def detcon_inputs(pred):
+    """The fixed target-branch embeddings (no gradient: BYOL's stop-gradient branch) and
+    the mask ids (b, m) of both views for a DetConB row, drawn once per shape from a fixed
+    seed (at the untimed warm-up call, or by ``make_inputs``)."""
+    b, m, D = pred.shape
+    key = (b, m, D, pred.dtype, pred.device)
+    if key not in _DETCON:
+        _DETCON.clear()
+        g = torch.Generator(device=pred.device).manual_seed(b + D)
+        targets = [torch.randn(b, m, D, device=pred.device, generator=g).to(pred.dtype)
+                   for _ in range(2)]
+        masks = [torch.randint(0, DETCON_IDS, (b, m), device=pred.device, generator=g)
+                 for _ in range(2)]
+        _DETCON[key] = (*targets, *masks)
+    return _DETCON[key]
+
+
+def eager_detcon(p0, p1):
+    """DetConB as lightly writes it: four (b, m, b, m) similarity blocks by einsum, one-hot
+    same-image labels times same-mask indicators, the same-view matches pushed out by
+    -1e9, soft-label cross-entropy over the concatenated blocks, per-region weights."""
+    t0, t1, k0, k1 = detcon_inputs(p0)
+    b, m, _ = p0.shape
+    p0, p1, t0, t1 = (tF.normalize(x, dim=2) for x in (p0, p1, t0, t1))
+    eye = torch.eye(b, device=p0.device)[:, None, :, None]
+
+    def same(a, c):
+        return (a[:, :, None] == c[:, None, :]).float()[:, :, None, :]
+
+    def side(p, t_other, t_same, k_row, k_other):
+        logit_other = torch.einsum("abk,uvk->abuv", p, t_other) / DETCON_T
+        logit_same = torch.einsum("abk,uvk->abuv", p, t_same) / DETCON_T
+        same_view = eye * same(k_row, k_row)
+        logits = torch.cat([logit_other, logit_same - 1e9 * same_view], 2).view(b, m, -1)
+        labels = torch.cat([eye * same(k_row, k_other), 0 * same_view], 2).view(b, m, -1)
+        n_pos = labels.sum(-1, keepdim=True)
+        labels = labels / n_pos.clamp_min(1)
+        weights = (n_pos[..., 0] > 1e-3).float() / same_view.sum((2, 3)).clamp_min(1e-8)
+        ce = -weights * (labels * torch.log_softmax(logits, -1)).sum(-1)
+        return ce.mean()
+    return side(p0, t1, t0, k0, k1) + side(p1, t0, t1, k1, k0)
+
+
+_DETCON_LOSS = {}
+
+
+def fastssl_detcon(p0, p1):
+    from fastssl.detcon import DetConBLoss
+    if "loss" not in _DETCON_LOSS:
+        _DETCON_LOSS["loss"] = DetConBLoss(DETCON_T, gather_distributed=False)
+    return _DETCON_LOSS["loss"](p0, p1, *detcon_inputs(p0))
+
+
 IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
          "supcon": {"fastssl": fastssl_supcon, "eager": eager_supcon},
          "sigreg": {"fastssl": fastssl_sigreg, "eager": eager_sigreg},
+         "detcon": {"fastssl": fastssl_detcon, "eager": eager_detcon},
          "clip": {"fastssl": fastssl_clip, "eager": eager_clip},
          "dino": {"fastssl": fastssl_dino, "eager": eager_dino},
          "ibot": {"fastssl": fastssl_ibot, "eager": eager_ibot},
@@ -254,7 +314,8 @@ IMPLS = {"infonce": {"fastssl": fastssl_nt_xent, "eager": eager_nt_xent},
 def make_inputs(op, size, D, dtype, device, seed=0):
     """Two embedding batches. NT-Xent's size is 2N (two views of N); SigLIP's and CLIP's
     is n pairs (CLIP's unit rows, as its models produce them); MAE's is N images of side D
-    (predictions for every 16-px patch, and the images)."""
+    (predictions for every 16-px patch, and the images); DetCon's is b images of
+    ``DETCON_MASKS`` regions (both views' predictions; targets and masks fixed)."""
     rows = size // 2 if op in ("infonce", "supcon") else size
     g = torch.Generator(device=device).manual_seed(seed + size + D)
     if op == "mae":  # size N images of side D: the decoder's predictions and the images
@@ -269,6 +330,11 @@ def make_inputs(op, size, D, dtype, device, seed=0):
         return [torch.nn.functional.normalize(torch.randn(
             n, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
             for n in (size, PROTOTYPES)]
+    if op == "detcon":  # size b images of m regions: both views' predictions
+        preds = [torch.randn(size, DETCON_MASKS, D, device=device, generator=g).to(dtype)
+                 .requires_grad_() for _ in range(2)]
+        detcon_inputs(preds[0])  # the fixed targets and masks, made here (not traced)
+        return preds
     if op == "supcon":  # the reference expects unit rows
         return [torch.nn.functional.normalize(torch.randn(
             rows, D, device=device, generator=g), dim=1).to(dtype).requires_grad_()
@@ -287,6 +353,8 @@ def model_flops(op, size, D):
         return 12 * size * D * D
     if op == "mae":  # elementwise: ~10 operations per predicted value (no matmul)
         return 10 * size * D * D * 3
+    if op == "detcon":  # 4 blocks of (b m)^2 D forward, 4 for the predictions' gradient
+        return 16 * (size * DETCON_MASKS) ** 2 * D
     if op == "sigreg":  # the projections and their gradient: N x D x M, twice
         return 4 * size * D * SIGREG_VECTORS
     if op in ("dino", "ibot"):  # student and teacher scores, dS, dW: rows x K x D each

@@ -14,16 +14,17 @@ a differently configured loss.
 - dino: lightly ``DINOLoss`` on the head's logits; Cut Cross-Entropy (CUDA) with a
   one-hot target: the speed anchor of a fused linear + cross-entropy, not the same loss;
 - ibot: lightly ``IBOTPatchLoss`` on the masked tokens' logits;
-- sigreg: lightly ``SIGReg`` (seeded like fastssl's row: the same random directions).
+- sigreg: lightly ``SIGReg`` (seeded like fastssl's row: the same random directions);
+- detcon: lightly ``DetConBLoss`` (the same fixed targets and mask ids as fastssl's row).
 
 The EMA and augmentation benchmarks find their peers (timm ``ModelEmaV3``, torchvision,
 Kornia) themselves.
 """
 import torch
 
-from .formulations import (CLIP_SCALE, DINO_CROPS, IMPLS, SIGLIP_BIAS, SIGLIP_SCALE,
-                           SIGREG_KNOTS, SIGREG_SEED, SIGREG_VECTORS, make_inputs,
-                           teacher_inputs)
+from .formulations import (CLIP_SCALE, DETCON_T, DINO_CROPS, IMPLS, SIGLIP_BIAS,
+                           SIGLIP_SCALE, SIGREG_KNOTS, SIGREG_SEED, SIGREG_VECTORS,
+                           detcon_inputs, make_inputs, teacher_inputs)
 
 # Peers that compute another loss than fastssl's row (timed as an anchor, not checked)
 ANCHORS = {"Cut Cross-Entropy (one-hot)"}
@@ -141,6 +142,12 @@ def _lightly_sigreg():
     return loss
 
 
+def _lightly_detcon():
+    from lightly.loss import DetConBLoss
+    loss_fn = DetConBLoss(temperature=DETCON_T, gather_distributed=False)
+    return lambda p0, p1: loss_fn(p0, p1, *detcon_inputs(p0))
+
+
 # op -> [(name, constructor, needs CUDA)]
 PEERS = {
     "infonce": [("lightly NTXentLoss", _lightly_nt_xent, False)],
@@ -152,6 +159,7 @@ PEERS = {
              ("Cut Cross-Entropy (one-hot)", _cut_cross_entropy, True)],
     "ibot": [("lightly IBOTPatchLoss", _lightly_ibot, False)],
     "sigreg": [("lightly SIGReg", _lightly_sigreg, False)],
+    "detcon": [("lightly DetConBLoss", _lightly_detcon, False)],
 }
 
 

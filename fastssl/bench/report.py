@@ -21,7 +21,8 @@ def markdown(result):
     env = result["environment"]
     cpu = result["cpu"]
     size_name = {"infonce": "2N", "supcon": "2N", "clip": "n", "siglip": "n", "barlow": "N",
-                 "vicreg": "N", "mae": "N", "sigreg": "N"}.get(result["op"], "size")
+                 "vicreg": "N", "mae": "N", "sigreg": "N",
+                 "detcon": "b (images)"}.get(result["op"], "size")
     lines = [f"### {result['op']} on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env.get('triton')}, fastssl {env['fastssl']}, "
              f"commit {str(env.get('git_commit'))[:10]}" + (" — **CPU run**" if cpu else ""), ""]
@@ -203,7 +204,9 @@ def plot(result, path):
             ax.set_yscale("log")
             ax.set_xlabel({"infonce": "2N (rows)", "supcon": "2N (rows)", "clip": "n (pairs)",
                            "siglip": "n (pairs)", "augment": "batch", "kmeans": "N (rows)",
-                           "sigreg": "N (samples)"}.get(op, "N (batch)"))
+                           "sigreg": "N (samples)",
+                           "detcon": f"b (images of {formulations.DETCON_MASKS} regions)"
+                           }.get(op, "N (batch)"))
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, which="both")
         axes[0][0].legend(fontsize=7)

@@ -14,12 +14,12 @@ from .maxbatch import bench_maxbatch, prototype_max_rows
 from .report import markdown, plot, slug, summary
 from .timing import bench_cpu, bench_gpu
 
-OPS = ("infonce", "supcon", "sigreg", "clip", "siglip", "maxbatch", "barlow", "vicreg", "ema", "augment",
-       "dino", "ibot", "mae", "kmeans")
+OPS = ("infonce", "supcon", "sigreg", "detcon", "clip", "siglip", "maxbatch", "barlow",
+       "vicreg", "ema", "augment", "dino", "ibot", "mae", "kmeans")
 # The smallest --sizes value each op can measure: NT-Xent's size is 2N (two views of N >= 1
 # samples, so an even number), the cross-correlation losses standardise over >= 2 samples.
-MIN_SIZE = {"infonce": 2, "supcon": 2, "sigreg": 1, "clip": 1, "siglip": 1, "barlow": 2, "vicreg": 2,
-            "augment": 1,
+MIN_SIZE = {"infonce": 2, "supcon": 2, "sigreg": 1, "detcon": 1, "clip": 1, "siglip": 1,
+            "barlow": 2, "vicreg": 2, "augment": 1,
             "dino": formulations.DINO_CROPS[0], "ibot": 1, "mae": 1, "kmeans": 1}
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -113,6 +113,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         elif op == "sigreg":
             sizes = sizes or ([4096] if quick else [4096, 16384, 65536])
             dims = dims or [256]
+        elif op == "detcon":  # b images of formulations.DETCON_MASKS = 16 regions
+            sizes = sizes or ([1024] if quick else [256, 1024, 4096])
+            dims = dims or [128]
         elif op == "siglip":
             sizes = sizes or ([4096] if quick else [4096, 16384, 32768])
             dims = dims or [768]
@@ -144,6 +147,9 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
         elif op == "sigreg":
             sizes = sizes or ([1024, 4096] if quick else [1024, 4096, 16384])
             dims = dims or [256]
+        elif op == "detcon":  # b images of formulations.DETCON_MASKS = 16 regions
+            sizes = sizes or ([64] if quick else [64, 256])
+            dims = dims or [128]
         else:
             sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
             dims = dims or ([64] if op == "infonce" else [128] if op == "supcon" else [256])
