@@ -251,12 +251,14 @@ def main(argv=None):
     p.set_defaults(func=lambda a, parser=p: _prepare(a, parser))
     p = sub.add_parser("bench", help="time fastssl against eager PyTorch and torch.compile")
     p.add_argument("op", nargs="?", default="infonce", choices=list(bench.OPS) + ["all"],
-                   help="infonce (NT-Xent), supcon, clip, siglip, maxbatch (largest NT-Xent "
-                        "batch), barlow, vicreg, ema, augment (and the pretext transforms), "
-                        "dino, ibot, mae, kmeans, or all of them (one markdown summary)")
+                   help="infonce (NT-Xent), supcon, sigreg, detcon, clip, siglip, maxbatch "
+                        "(largest NT-Xent batch), barlow, vicreg, ema, augment (and the "
+                        "pretext transforms), dino, ibot, mae, kmeans, or all of them (one "
+                        "markdown summary)")
     p.add_argument("--sizes", type=_csv(int),
                    help="batch sizes: 2N rows for infonce/supcon, n pairs for clip/siglip, N "
-                        "for barlow/vicreg, rows for dino/ibot/kmeans, images for augment/mae")
+                        "for barlow/vicreg/sigreg, rows for dino/ibot/kmeans, images for "
+                        "augment/mae/detcon")
     p.add_argument("--dims", type=_csv(int), help="embedding widths D (maxbatch: the first)")
     p.add_argument("--dtypes", type=_csv(str), help="float32,bfloat16,float16 (maxbatch and "
                    "augment: the first)")

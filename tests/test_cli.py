@@ -129,6 +129,22 @@ def test_bench_writes_into_fastssl_bench_by_default(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fastssl-bench"]
 
 
+def test_largest_batch_in_a_memory_budget():
+    """The largest-batch search of the new losses' benches, in child processes that measure
+    their peak RSS: at a 64 MiB budget eager DetConB's (b*m)^2 logit copies stop it below
+    the cap that fastssl's tiles reach; the search itself ends on doubling or bisection."""
+    from fastssl.bench.maxbatch import LARGEST, largest_rows
+    lines = []
+    got = largest_rows("detcon", 8, "float32", True, lines.append, budget_mib=64)
+    cap, step = LARGEST["detcon"][2][0], LARGEST["detcon"][1]
+    assert set(got) == {"fastssl", "eager"}
+    assert got["fastssl"] == {"max_rows": cap, "stopped_by": f"reached the cap of {cap} rows",
+                              "budget": "64 MiB extra"}
+    assert got["eager"]["stopped_by"] == "memory" and step <= got["eager"]["max_rows"] < cap
+    assert got["eager"]["max_rows"] % step == 0
+    assert any("images (16 regions each)" in line for line in lines)
+
+
 def test_bench_dino_quick_on_cpu(tmp_path):
     """The prototype-head bench end to end at a small K: timing rows for fastssl, eager and
     torch.compile, and the largest rows count each fits in the memory budget."""
@@ -145,7 +161,8 @@ def test_bench_dino_quick_on_cpu(tmp_path):
     assert all("error" not in r and r["fwd_bwd_ms"] > 0 for r in result["rows"])
     assert set(result["max_rows"]) == {"fastssl", "eager"}
     assert all(r["max_rows"] > 0 for r in result["max_rows"].values())
-    assert "largest rows" in (tmp_path / path.name.replace(".json", ".md")).read_text()
+    assert result["max_rows_unit"] == "student rows (K = 256)"
+    assert "largest batch, in student rows" in (tmp_path / path.name.replace(".json", ".md")).read_text()
 
 
 def test_bench_mae_quick_on_cpu(tmp_path):

@@ -2,9 +2,9 @@
 budget (CPU): doubling, then bisection."""
 import torch
 
-from .formulations import DINO_CROPS, IMPLS, make_inputs
-from .timing import cpu_case, noop
-
+from .formulations import (DETCON_MASKS, DINO_CROPS, IMPLS, PROTOTYPES, SIGREG_KNOTS,
+                           SIGREG_VECTORS, make_inputs)
+from .timing import cpu_case, implementation, noop
 
 
 def _fits_gpu(fn, size, D, dtype, op="infonce"):
@@ -87,25 +87,50 @@ def bench_maxbatch(quick, log, save=noop, dims=None, dtypes=None):
     return rows, {}
 
 
-def prototype_max_rows(op, D, dtype, quick, log):
-    """The largest student-rows count of a prototype-head forward+backward (K = 65,536) for
-    fastssl and the eager formulation: on the GPU what completes, on the CPU what stays
-    within a memory budget (a child process's peak RSS), as ``maxbatch``."""
+# op: (what its size counts, step, CPU cap (quick, full), GPU cap (quick, full)); the CPU
+# caps bound the run's time (fastssl's cost grows as rows squared), not its memory.
+LARGEST = {
+    "dino": (f"student rows (K = {PROTOTYPES})", DINO_CROPS[0] * 64, (2560, 10240),
+             (1 << 16, 1 << 20)),
+    "ibot": (f"student rows (K = {PROTOTYPES})", 512, (2048, 8192), (1 << 16, 1 << 20)),
+    "supcon": ("2N (two views of N, 100 classes)", 512, (2048, 65536), (1 << 17, 1 << 21)),
+    "sigreg": (f"N (M = {SIGREG_VECTORS} directions, {SIGREG_KNOTS} knots)", 512,
+               (2048, 65536), (1 << 17, 1 << 21)),
+    "detcon": (f"images ({DETCON_MASKS} regions each)", 32, (128, 1024), (1 << 12, 1 << 15)),
+}
+
+
+def largest_rows(op, D, dtype, quick, log, peers=(), budget_mib=None):
+    """The largest batch of ``op`` (``LARGEST``: its unit, step and caps) whose
+    forward+backward completes on the GPU, or stays within a memory budget on the CPU (a
+    child process's peak RSS), for fastssl, the eager formulation and ``peers`` (names for
+    ``implementation``; on the GPU not with ``quick``), as ``maxbatch`` does for NT-Xent.
+    ``budget_mib`` replaces the CPU budget (2,048 MiB, 512 with ``quick``). Returns {impl:
+    {max_rows, stopped_by, budget}}; torch.compile is left out (it would compile once per
+    size)."""
+    what, step, cpu_cap, gpu_cap = LARGEST[op]
     out = {}
-    step = DINO_CROPS[0] * 64 if op == "dino" else 512
     if torch.cuda.is_available():
-        cap = (1 << 16) if quick else (1 << 20)
-        for name, fn in IMPLS[op].items():
+        names = [*IMPLS[op], *(() if quick else peers)]  # --quick: a 20 s step on the GPU
+        cap = gpu_cap[0 if quick else 1]
+        log(f"largest {op} batch, in {what}, whose forward+backward completes on one GPU, "
+            f"D={D}, {dtype}, capped at {cap}")
+        for name in names:
+            fn = implementation(op, name)
             size, why = max_batch(lambda s: _fits_gpu(fn, s, D, getattr(torch, dtype), op),
                                   step, cap, step, log, name, "rows")
             out[name] = {"max_rows": size, "stopped_by": why, "budget": "the GPU"}
     else:
-        budget, cap = (512, 4 * step) if quick else (2048, 16 * step)
-        for name in IMPLS[op]:
+        budget = budget_mib or (512 if quick else 2048)
+        cap = cpu_cap[0 if quick else 1]
+        log(f"largest {op} batch, in {what}, whose forward+backward stays within {budget} "
+            f"MiB of extra memory (peak RSS of a child process), D={D}, {dtype}, capped at "
+            f"{cap}")
+        for name in [*IMPLS[op], *peers]:
             size, why = max_batch(lambda s: _fits_cpu(name, s, D, dtype, budget, op), step,
                                   cap, step, log, name, "rows")
             out[name] = {"max_rows": size, "stopped_by": why, "budget": f"{budget} MiB extra"}
     for name, r in out.items():
-        log(f"  {name}: largest rows = {r['max_rows']} (stopped by {r['stopped_by']}, "
-            f"budget {r['budget']})")
+        log(f"  {name}: largest batch = {r['max_rows']} {what.split(' (')[0]} (stopped by "
+            f"{r['stopped_by']}, budget {r['budget']})")
     return out

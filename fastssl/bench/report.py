@@ -68,9 +68,9 @@ def markdown(result):
             cells.append(f"{r['tflops']:.1f}" if "tflops" in r else "")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if result.get("max_rows"):
-        lines += ["", f"K = {formulations.PROTOTYPES}: the largest rows count whose "
-                        "forward+backward fits",
-                  "", "| impl | largest rows | stopped by | memory budget |", "|---|---|---|---|"]
+        unit = result.get("max_rows_unit", f"student rows (K = {formulations.PROTOTYPES})")
+        lines += ["", f"The largest batch, in {unit}, whose forward+backward fits",
+                  "", "| impl | largest batch | stopped by | memory budget |", "|---|---|---|---|"]
         lines += [f"| {k} | {r['max_rows']} | {r['stopped_by']} | {r['budget']} |"
                   for k, r in result["max_rows"].items()]
     return "\n".join(lines) + "\n"
@@ -129,7 +129,7 @@ def headline(result):
                      f"{m['peak_extra_mib']:.0f} MiB vs {best['impl']} {best['fwd_bwd_ms']:.1f} ms / "
                      f"{best['peak_extra_mib']:.0f} MiB")
     if result.get("max_rows"):
-        best_line += "; largest rows: " + ", ".join(
+        best_line += "; largest batch: " + ", ".join(
             f"{k} {r['max_rows']}" for k, r in result["max_rows"].items())
     return best_line
 

@@ -10,7 +10,7 @@ from .augment import bench_augment
 from .ema import bench_ema
 from .kmeans import bench_kmeans
 from .machine import environment
-from .maxbatch import bench_maxbatch, prototype_max_rows
+from .maxbatch import LARGEST, bench_maxbatch, largest_rows
 from .report import markdown, plot, slug, summary
 from .timing import bench_cpu, bench_gpu
 
@@ -161,10 +161,11 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
             "freed heap pages returned to the OS (malloc_trim), then its peak RSS during one "
             "forward+backward above its RSS before it.")
         rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
-    if op in ("dino", "ibot") and any("error" not in r for r in rows):
-        log(f"largest {op} rows count (K = {formulations.PROTOTYPES}, D = {dims[0]}, {dtypes[0]})")
-        extra = dict(extra, max_rows=prototype_max_rows(op, dims[0], str(dtypes[0]).replace(
-            "torch.", ""), quick, log))
+    if op in LARGEST and any("error" not in r for r in rows):
+        checked = extra.get("peers", {}).get("check", {})
+        peers = [k for k, v in checked.items() if not isinstance(v, str)]
+        extra = dict(extra, max_rows_unit=LARGEST[op][0], max_rows=largest_rows(
+            op, dims[0], str(dtypes[0]).replace("torch.", ""), quick, log, peers))
     result = save(rows)
     if not any("error" not in r for r in rows):
         raise BenchmarkFailed(f"bench {op}: every one of the {len(rows)} cases failed "
