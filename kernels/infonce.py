@@ -148,7 +148,8 @@ def _fwd_kernel(R, C, Q, W, POS, MASK, KR, KC, SCALE, LOSS, MX, LL, EX, PX,
             m_i, l_i, e_i = _online_update(x, sign, a_p, valid, m_i, l_i, e_i)
     m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_i = tl.where(row_ok, l_i, 1.0)  # lanes past the last row hold no columns
-    ll = tl.log2(l_i)
+    # an empty selection (keys) has l = 0 and ll = -inf, taken without a log of 0
+    ll = tl.where(l_i > 0, tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     # The gap mx - sign px is >= 0 and exactly 0 when the positive is the largest logit;
     # a * 0 stays 0 even for an infinite rate.
     # The loss in natural units, |s| gap + ln2 ll: the large term rounds once (|s| times the

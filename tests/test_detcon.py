@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
+import _gloo
 from fastssl import detcon
-from test_multipositive import DTYPES, _free_port, assert_as_close_as_eager
+from test_multipositive import DTYPES, assert_as_close_as_eager
 
 
 def floor(dtype, T, D):
@@ -241,51 +242,28 @@ def _global_batch():
     return xs, ks
 
 
-def _rank_worker(rank, world, port, out_dir):
-    import datetime
-    import os
-    import torch.distributed as dist
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        xs, ks = _global_batch()
-        lo = sum(IMAGES[:rank])
-        rows = slice(lo, lo + IMAGES[rank])
-        mine = [x[rows].clone().requires_grad_() for x in xs]
-        loss = detcon.DetConBLoss(0.2)(*mine, *[k[rows] for k in ks])
-        # the mean over the global rows: each rank's mean weighted by its share
-        (loss * IMAGES[rank] * world / sum(IMAGES)).backward()
-        try:  # rank 1's masks are too short: every rank must raise, none must hang
-            bad = ks[1][rows][:, :3 if rank else 4]
-            detcon.DetConBLoss(0.2)(*mine, ks[0][rows], bad)
-            error = None
-        except Exception as e:
-            error = (type(e).__name__, str(e))
-        torch.save({"loss": loss.detach(), "grads": [x.grad for x in mine], "error": error},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank, world):
+    xs, ks = _global_batch()
+    lo = sum(IMAGES[:rank])
+    rows = slice(lo, lo + IMAGES[rank])
+    mine = [x[rows].clone().requires_grad_() for x in xs]
+    loss = detcon.DetConBLoss(0.2)(*mine, *[k[rows] for k in ks])
+    # the mean over the global rows: each rank's mean weighted by its share
+    (loss * IMAGES[rank] * world / sum(IMAGES)).backward()
+    try:  # rank 1's masks are too short: every rank must raise, none must hang
+        bad = ks[1][rows][:, :3 if rank else 4]
+        detcon.DetConBLoss(0.2)(*mine, ks[0][rows], bad)
+        error = None
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    return {"loss": loss.detach(), "grads": [x.grad for x in mine], "error": error}
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     """Ranks of 3 and 2 images: the row-weighted mean of the ranks' losses is the one-process
     loss on the 5 images, and each rank's input gradients are world_size x the global
     gradients of its slice (the convention of fastssl.distributed)."""
-    import os
-    import tempfile
-    import time
-    import torch.multiprocessing as tmp
-    with tempfile.TemporaryDirectory() as out:
-        ctx = tmp.start_processes(_rank_worker, args=(2, _free_port(), out), nprocs=2,
-                                  join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("the 2-rank run did not finish in 120 s")
-        res = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    res = _gloo.run(_rank_worker, 2, timeout=120)
     xs, ks = _global_batch()
     xs = [x.clone().requires_grad_() for x in xs]
     ref = detcon.DetConBLoss(0.2)(*xs, *ks)

@@ -9,7 +9,6 @@ import torch
 
 from fastssl import _ops, multipositive as mp
 import _gloo
-from _gloo import free_port as _free_port  # noqa: F401  (tests/test_detcon.py imports it)
 
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
