@@ -138,7 +138,7 @@ def test_largest_batch_in_a_memory_budget():
     got = largest_rows("detcon", 8, "float32", True, lines.append, budget_mib=64)
     cap, step = LARGEST["detcon"][2][0], LARGEST["detcon"][1]
     assert set(got) == {"fastssl", "eager"}
-    assert got["fastssl"] == {"max_rows": cap, "stopped_by": f"reached the cap of {cap} rows",
+    assert got["fastssl"] == {"max_rows": cap, "stopped_by": f"reached the cap of {cap} images",
                               "budget": "64 MiB extra"}
     assert got["eager"]["stopped_by"] == "memory" and step <= got["eager"]["max_rows"] < cap
     assert got["eager"]["max_rows"] % step == 0

@@ -31,9 +31,10 @@ def _fits_cpu(impl, size, D, dtype, budget_mib, op="infonce"):
     return r["peak_extra_mib"] <= budget_mib, r["first_fwd_bwd_ms"] / 1e3
 
 
-def max_batch(fits, start, cap, step, log, name, label="2N"):
+def max_batch(fits, start, cap, step, log, name, label="2N", unit="rows"):
     """Doubling from ``start`` until a failure or ``cap``, then bisection to ``step`` rows.
-    ``fits(size) -> (ok, seconds)``. Returns (largest size that fits, reason it stopped)."""
+    ``fits(size) -> (ok, seconds)``. Returns (largest size that fits, reason it stopped);
+    ``unit`` names what a size counts in that reason."""
     good, bad, size = 0, None, start
     while size <= cap:
         ok, secs = fits(size)
@@ -45,7 +46,7 @@ def max_batch(fits, start, cap, step, log, name, label="2N"):
         good = size
         size *= 2
     if bad is None:
-        return good, f"reached the cap of {cap} rows"
+        return good, f"reached the cap of {cap} {unit}"
     while bad - good > step:
         mid = (good + bad) // 2 // step * step
         if mid in (good, bad):
@@ -109,6 +110,7 @@ def largest_rows(op, D, dtype, quick, log, peers=(), budget_mib=None):
     {max_rows, stopped_by, budget}}; torch.compile is left out (it would compile once per
     size)."""
     what, step, cpu_cap, gpu_cap = LARGEST[op]
+    unit = what.split(" (")[0]
     out = {}
     if torch.cuda.is_available():
         names = [*IMPLS[op], *(() if quick else peers)]  # --quick: a 20 s step on the GPU
@@ -118,7 +120,7 @@ def largest_rows(op, D, dtype, quick, log, peers=(), budget_mib=None):
         for name in names:
             fn = implementation(op, name)
             size, why = max_batch(lambda s: _fits_gpu(fn, s, D, getattr(torch, dtype), op),
-                                  step, cap, step, log, name, "rows")
+                                  step, cap, step, log, name, "rows", unit)
             out[name] = {"max_rows": size, "stopped_by": why, "budget": "the GPU"}
     else:
         budget = budget_mib or (512 if quick else 2048)
@@ -128,9 +130,9 @@ def largest_rows(op, D, dtype, quick, log, peers=(), budget_mib=None):
             f"{cap}")
         for name in [*IMPLS[op], *peers]:
             size, why = max_batch(lambda s: _fits_cpu(name, s, D, dtype, budget, op), step,
-                                  cap, step, log, name, "rows")
+                                  cap, step, log, name, "rows", unit)
             out[name] = {"max_rows": size, "stopped_by": why, "budget": f"{budget} MiB extra"}
     for name, r in out.items():
-        log(f"  {name}: largest batch = {r['max_rows']} {what.split(' (')[0]} (stopped by "
+        log(f"  {name}: largest batch = {r['max_rows']} {unit} (stopped by "
             f"{r['stopped_by']}, budget {r['budget']})")
     return out
