@@ -164,14 +164,11 @@ _non_negative_int = _checked(int, lambda v: v >= 0, ">= 0")
 _fraction = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
-def main(argv=None):
-    import fastssl
-    parser = argparse.ArgumentParser(prog="fastssl", description="fused kernels for SSL pretraining")
-    parser.add_argument("--version", action="version", version=f"fastssl {fastssl.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions, device, and the path each op takes")
-    p.set_defaults(func=_info)
+def _add_pretrain(sub, argv):
+    """The ``pretrain`` sub-command: what to train on and how (``_add_run_options``: where
+    and how it runs)."""
     from fastssl.pretrain import DEFAULTS, EPOCHS, METHODS
+
     p = sub.add_parser("pretrain", help="train a small CNN with an SSL method, then kNN and "
                        "linear-probe it on held-out images",
                        description="Pretrain an encoder with one SSL method (or all) built "
@@ -207,6 +204,12 @@ def main(argv=None):
                    f"default {DEFAULTS['test_fraction']}")
     p.add_argument("--knn-k", type=_positive(int), help=f"neighbours, default {DEFAULTS['knn_k']}")
     p.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
+    _add_run_options(p)
+    p.set_defaults(func=lambda a, parser=p: _pretrain(a, parser, argv))
+
+
+def _add_run_options(p):
+    """``pretrain``'s device, output, process, optimiser, resume and evaluation options."""
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--out", default="runs", help="runs folder (default ./runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -236,7 +239,10 @@ def main(argv=None):
     p.add_argument("--fine-tune-draws", type=_positive(int), default=2, help="draws of the "
                    "labelled images per shot count (1/5/10 per class) for fine-tuning, mean "
                    "and std over them (default 2; the run with every label is one)")
-    p.set_defaults(func=lambda a, parser=p: _pretrain(a, parser, argv))
+
+
+def _add_prepare(sub):
+    """The ``prepare`` sub-command: an image folder decoded once into a uint8 array."""
     p = sub.add_parser("prepare", help="decode an image folder once into a memory-mapped "
                        "uint8 array for --data", description="Decode every image of FOLDER "
                        "(one sub-folder per class) once, resized and centre-cropped to SIDE, "
@@ -249,6 +255,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the .npy file to write")
     p.add_argument("--workers", type=_non_negative_int, default=0, help="decoding processes")
     p.set_defaults(func=lambda a, parser=p: _prepare(a, parser))
+
+
+def _add_bench(sub):
+    """The ``bench`` sub-command: one op (or all) against eager PyTorch, torch.compile and
+    the peers."""
     p = sub.add_parser("bench", help="time fastssl against eager PyTorch and torch.compile")
     p.add_argument("op", nargs="?", default="infonce", choices=list(bench.OPS) + ["all"],
                    help="infonce (NT-Xent), supcon, sigreg, detcon, clip, siglip, maxbatch "
@@ -266,7 +277,21 @@ def main(argv=None):
     p.add_argument("--out", help="results folder (default ./fastssl-bench; the checkout's "
                    "benchmarks/results holds the committed results)")
     p.set_defaults(func=lambda a, parser=p: _bench(a, parser))
+
+
+def main(argv=None):
+    """``fastssl info | pretrain | prepare | bench``: parse ``argv`` (default sys.argv) and
+    run the sub-command."""
+    import fastssl
+    parser = argparse.ArgumentParser(prog="fastssl", description="fused kernels for SSL pretraining")
+    parser.add_argument("--version", action="version", version=f"fastssl {fastssl.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, device, and the path each op takes")
+    p.set_defaults(func=_info)
     argv = sys.argv[1:] if argv is None else list(argv)
+    _add_pretrain(sub, argv)
+    _add_prepare(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -100,6 +100,42 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
     column sums all-reduced with ``gather_distributed``; DINOv2's and SwAV's target);
     ``center`` must then be None.
     """
+    V = _checked_tensors(student, teacher, student_prototypes, teacher_prototypes)
+    K = V.shape[0]
+    tau_s = _checks.number(student_temp, "student_temp", lo=0.0, lo_open=True)
+    tau_t = _checks.number(teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
+    if center is not None:
+        _checks.floating(center, "center")
+        if center.shape not in ((K,), (1, K)):
+            raise _checks.ShapeError(f"center must have shape ({K},), got {tuple(center.shape)}")
+        center = center.reshape(K)
+    pairing = _checks.choice(pairing, "pairing", ("dino", "rows"))
+    teacher_target = _checks.choice(teacher_target, "teacher_target", ("softmax", "sinkhorn"))
+    gather_distributed = _checks.flag(gather_distributed, "gather_distributed")
+    student_crops, teacher_crops, weights = _checked_pairing(
+        student.shape[0], teacher.shape[0], pairing, student_crops, teacher_crops, weights)
+    if teacher_target == "sinkhorn":
+        if center is not None:
+            raise ValueError("teacher_target='sinkhorn' computes its own centre: pass "
+                             "center=None")
+        center = sinkhorn_knopp(teacher, V, tau_t, sinkhorn_iterations, gather_distributed)
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    pidx, pw = _pair_table(student.shape[0], teacher.shape[0], pairing, student_crops,
+                           teacher_crops, weights, student.device, acc)
+    # a copy: a caller's centre buffer may move before the backward reads it; a float64
+    # centre (the Sinkhorn scalings) stays float64 (the passes subtract it as a pair)
+    c = None if center is None else center.detach().to(
+        torch.float64 if center.dtype == torch.float64 else acc, copy=True).contiguous()
+    loss = _ops.prototype_ce(student, student_prototypes, teacher.detach(), V.detach(), c,
+                             pidx, pw, float(tau_s), float(tau_t))[0].to(student.dtype)
+    if not return_center_stat:
+        return loss
+    return loss, _center_stat(teacher, V, acc, gather_distributed)
+
+
+def _checked_tensors(student, teacher, student_prototypes, teacher_prototypes):
+    """The teacher's prototypes (default: the student's) once every tensor is floating, 2-D,
+    of one D and K >= 1, on one device."""
     for x, name in ((student, "student"), (teacher, "teacher"),
                     (student_prototypes, "student_prototypes")):
         _checks.floating(x, name)
@@ -122,69 +158,54 @@ def prototype_cross_entropy(student, teacher, student_prototypes, teacher_protot
         if x.device != student.device:
             raise ValueError(f"{name} is on {x.device}, student on {student.device}: every "
                              "tensor must be on one device")
-    tau_s = _checks.number(student_temp, "student_temp", lo=0.0, lo_open=True)
-    tau_t = _checks.number(teacher_temp, "teacher_temp", lo=0.0, lo_open=True)
-    if center is not None:
-        _checks.floating(center, "center")
-        if center.shape not in ((K,), (1, K)):
-            raise _checks.ShapeError(f"center must have shape ({K},), got {tuple(center.shape)}")
-        center = center.reshape(K)
-    pairing = _checks.choice(pairing, "pairing", ("dino", "rows"))
-    teacher_target = _checks.choice(teacher_target, "teacher_target", ("softmax", "sinkhorn"))
-    gather_distributed = _checks.flag(gather_distributed, "gather_distributed")
-    if teacher_target == "sinkhorn":
-        if center is not None:
-            raise ValueError("teacher_target='sinkhorn' computes its own centre: pass "
-                             "center=None")
-        center = sinkhorn_knopp(teacher, V, tau_t, sinkhorn_iterations, gather_distributed)
+    return V
+
+
+def _checked_pairing(n_student, n_teacher, pairing, student_crops, teacher_crops, weights):
+    """(student_crops, teacher_crops, weights) checked against the row counts: ``"rows"``
+    pairs row i with row i (weights default 1/rows); ``"dino"`` pairs every student crop with
+    every other teacher crop of the same image (crop-major rows, student_crops inferred)."""
     if pairing == "rows":
-        if student.shape[0] != teacher.shape[0]:
+        if n_student != n_teacher:
             raise _checks.ShapeError(f"pairing='rows' needs as many student as teacher rows, "
-                                     f"got {student.shape[0]} and {teacher.shape[0]}")
+                                     f"got {n_student} and {n_teacher}")
         if weights is None:
-            weights = torch.full((student.shape[0],), 1.0 / max(student.shape[0], 1))
-        if weights.shape != (student.shape[0],):
-            raise _checks.ShapeError(f"weights must have shape ({student.shape[0]},), got "
+            weights = torch.full((n_student,), 1.0 / max(n_student, 1))
+        if weights.shape != (n_student,):
+            raise _checks.ShapeError(f"weights must have shape ({n_student},), got "
                                      f"{tuple(weights.shape)}")
-    else:
-        teacher_crops = _checks.integer(teacher_crops, "teacher_crops", lo=1)
-        if teacher.shape[0] % teacher_crops:
-            raise _checks.ShapeError(f"teacher has {teacher.shape[0]} rows, not a multiple of "
-                                     f"teacher_crops={teacher_crops}")
-        B = teacher.shape[0] // teacher_crops
-        if student_crops is None:
-            if B == 0 or student.shape[0] % B:
-                raise _checks.ShapeError(f"student has {student.shape[0]} rows, not a multiple "
-                                         f"of the batch {B}")
-            student_crops = student.shape[0] // B
-        student_crops = _checks.integer(student_crops, "student_crops", lo=1)
-        if student.shape[0] != student_crops * B:
-            raise _checks.ShapeError(f"student must have {student_crops} x {B} rows, got "
-                                     f"{student.shape[0]}")
-        if student_crops == 1 and teacher_crops == 1:
-            raise ValueError("one student crop and one teacher crop of the same view make no "
-                             "pair: DINO pairs different views")
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    pidx, pw = _pair_table(student.shape[0], teacher.shape[0], pairing, student_crops,
-                           teacher_crops, weights, student.device, acc)
-    # a copy: a caller's centre buffer may move before the backward reads it; a float64
-    # centre (the Sinkhorn scalings) stays float64 (the passes subtract it as a pair)
-    c = None if center is None else center.detach().to(
-        torch.float64 if center.dtype == torch.float64 else acc, copy=True).contiguous()
-    loss = _ops.prototype_ce(student, student_prototypes, teacher.detach(), V.detach(), c,
-                             pidx, pw, float(tau_s), float(tau_t))[0].to(student.dtype)
-    if not return_center_stat:
-        return loss
+        return student_crops, teacher_crops, weights
+    teacher_crops = _checks.integer(teacher_crops, "teacher_crops", lo=1)
+    if n_teacher % teacher_crops:
+        raise _checks.ShapeError(f"teacher has {n_teacher} rows, not a multiple of "
+                                 f"teacher_crops={teacher_crops}")
+    B = n_teacher // teacher_crops
+    if student_crops is None:
+        if B == 0 or n_student % B:
+            raise _checks.ShapeError(f"student has {n_student} rows, not a multiple "
+                                     f"of the batch {B}")
+        student_crops = n_student // B
+    student_crops = _checks.integer(student_crops, "student_crops", lo=1)
+    if n_student != student_crops * B:
+        raise _checks.ShapeError(f"student must have {student_crops} x {B} rows, got "
+                                 f"{n_student}")
+    if student_crops == 1 and teacher_crops == 1:
+        raise ValueError("one student crop and one teacher crop of the same view make no "
+                         "pair: DINO pairs different views")
+    return student_crops, teacher_crops, weights
+
+
+def _center_stat(teacher, V, acc, gather_distributed):
+    """mean_j t_j . v_k over every rank's teacher rows: v_k . (mean_j t_j), one (K x D)
+    product, no gradient."""
     from fastssl import distributed
-    with torch.no_grad():  # mean_j t_j . v_k = v_k . (mean_j t_j): one (K x D) product
+    with torch.no_grad():
         total = teacher.detach().to(acc).sum(0)
         count = torch.tensor(float(teacher.shape[0]), dtype=acc, device=total.device)
         if gather_distributed and distributed.is_distributed():
             torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(count)
-        stat = V.detach().to(acc) @ (total / count)
-    return loss, stat
-
+        return V.detach().to(acc) @ (total / count)
 
 
 class PrototypeCrossEntropy(torch.nn.Module):

@@ -58,6 +58,84 @@ def check_args(op, sizes=None, dims=None, dtypes=None):
         raise ValueError(f"--dtypes takes {', '.join(DTYPES)}, got {unknown[0]!r}")
 
 
+# Default (--sizes, --dims) per device and op when the flags are not given: (quick, full)
+# pairs of lists; "*" covers every other op measured by the shared CPU/GPU timing loop.
+SHAPES = {
+    "gpu": {"infonce": (([4096, 16384], [4096, 16384, 65536, 262144]), ([128], [128, 256, 1024])),
+            "sigreg": (([4096], [4096, 16384, 65536]), ([256], [256])),
+            # detcon: b images of formulations.DETCON_MASKS = 16 regions
+            "detcon": (([1024], [256, 1024, 4096]), ([128], [128])),
+            "siglip": (([4096], [4096, 16384, 32768]), ([768], [768])),
+            "clip": (([4096], [4096, 16384, 65536]), ([768], [768])),
+            "dino": (([2560], [640, 2560, 8192, 16384]), ([256], [256])),
+            "mae": (([256], [64, 256, 1024]), ([224], [224])),
+            "*": (([256], [256, 2048]), ([2048], [2048, 8192]))},
+    "cpu": {"barlow": (([256], [256, 1024, 2048]), ([1024], [4096])),
+            "dino": (([320], [640, 1280, 2560]), ([256], [256])),
+            "mae": (([32], [64, 256]), ([224], [224])),
+            "sigreg": (([1024, 4096], [1024, 4096, 16384]), ([256], [256])),
+            "detcon": (([64], [64, 256]), ([128], [128])),
+            "infonce": (([2048, 4096], [2048, 4096, 8192, 16384]), ([64], [64])),
+            "supcon": (([2048, 4096], [2048, 4096, 8192, 16384]), ([128], [128])),
+            "*": (([2048, 4096], [2048, 4096, 8192, 16384]), ([256], [256]))},
+}
+SHAPES["gpu"]["supcon"] = SHAPES["gpu"]["infonce"]
+SHAPES["gpu"]["ibot"] = SHAPES["gpu"]["dino"]
+SHAPES["cpu"]["vicreg"] = SHAPES["cpu"]["barlow"]
+SHAPES["cpu"]["ibot"] = SHAPES["cpu"]["dino"]
+CPU_NOTE = ("CPU run: the portable path (chunked PyTorch) against eager PyTorch and "
+            "torch.compile of the same formulation (inductor's C++ backend, compiled during the "
+            "warm-up); the Triton kernels need a CUDA GPU. Peak extra memory: a child process "
+            "per case, warmed up, freed heap pages returned to the OS (malloc_trim), then its "
+            "peak RSS during one forward+backward above its RSS before it.")
+
+
+def default_shapes(op, cuda, quick, sizes=None, dims=None, dtypes=None):
+    """The flags' values, or the op's defaults on this device: (sizes, dims, dtypes)."""
+    table = SHAPES["gpu" if cuda else "cpu"]
+    (quick_sizes, full_sizes), (quick_dims, full_dims) = table.get(op, table["*"])
+    sizes = sizes or (quick_sizes if quick else full_sizes)
+    dims = dims or (quick_dims if quick else full_dims)
+    if not dtypes:
+        dtypes = (["bfloat16"] if quick else ["bfloat16", "float32"]) if cuda else ["float32"]
+    return list(sizes), list(dims), list(dtypes)
+
+
+def _measure(op, cuda, sizes, dims, dtypes, quick, log, save):
+    """The rows of one op and its extra result fields, from the op's own bench."""
+    if op == "maxbatch":
+        if not cuda:
+            log("CPU run: the portable path against eager PyTorch.")
+        return bench_maxbatch(quick, log, save, dims, dtypes)
+    if op == "augment":
+        if not cuda:
+            log("CPU run: the portable path (banded per-sample resampling and torch ops).")
+        return bench_augment(quick, log, save, sizes, dtypes)
+    if op == "kmeans":
+        log("k-means from the same initial centroids (the first K rows) for the same "
+            "iterations, float32 rows" + ("" if cuda else "; CPU: peak RSS of a child process "
+                                          "per case"))
+        return bench_kmeans(quick, log, save, sizes, dims, dtypes)
+    if op == "ema":
+        if not cuda:
+            log("CPU run: fastssl takes torch._foreach_lerp_ on CPU tensors; the CUDA kernel "
+                "needs a GPU.")
+        return bench_ema(quick, log, save)
+    sizes, dims, dtypes = default_shapes(op, cuda, quick, sizes, dims, dtypes)
+    if cuda:
+        log(f"GPU run on {torch.cuda.get_device_name()}")
+        rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save)
+    else:
+        log(CPU_NOTE)
+        rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
+    if op in LARGEST and any("error" not in r for r in rows):
+        checked = extra.get("peers", {}).get("check", {})
+        peers = [k for k, v in checked.items() if not isinstance(v, str)]
+        extra = dict(extra, max_rows_unit=LARGEST[op][0], max_rows=largest_rows(
+            op, dims[0], dtypes[0], quick, log, peers))
+    return rows, extra
+
+
 def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=None, log=print):
     """Run one benchmark; the JSON and markdown files are rewritten after every measured row,
     so a run stopped early still leaves what it measured (a file is written only once a row
@@ -88,89 +166,17 @@ def run(op="infonce", sizes=None, dims=None, dtypes=None, quick=False, out_dir=N
             f.write(markdown(result))
         return result
 
-    if op == "maxbatch":
-        if not cuda:
-            log("CPU run: the portable path against eager PyTorch.")
-        rows, extra = bench_maxbatch(quick, log, save, dims, dtypes)
-    elif op == "augment":
-        if not cuda:
-            log("CPU run: the portable path (banded per-sample resampling and torch ops).")
-        rows, extra = bench_augment(quick, log, save, sizes, dtypes)
-    elif op == "kmeans":
-        log("k-means from the same initial centroids (the first K rows) for the same "
-            "iterations, float32 rows" + ("" if cuda else "; CPU: peak RSS of a child process "
-                                          "per case"))
-        rows, extra = bench_kmeans(quick, log, save, sizes, dims, dtypes)
-    elif op == "ema":
-        if not cuda:
-            log("CPU run: fastssl takes torch._foreach_lerp_ on CPU tensors; the CUDA kernel "
-                "needs a GPU.")
-        rows, extra = bench_ema(quick, log, save)
-    elif cuda:
-        if op in ("infonce", "supcon"):
-            sizes = sizes or ([4096, 16384] if quick else [4096, 16384, 65536, 262144])
-            dims = dims or ([128] if quick else [128, 256, 1024])
-        elif op == "sigreg":
-            sizes = sizes or ([4096] if quick else [4096, 16384, 65536])
-            dims = dims or [256]
-        elif op == "detcon":  # b images of formulations.DETCON_MASKS = 16 regions
-            sizes = sizes or ([1024] if quick else [256, 1024, 4096])
-            dims = dims or [128]
-        elif op == "siglip":
-            sizes = sizes or ([4096] if quick else [4096, 16384, 32768])
-            dims = dims or [768]
-        elif op == "clip":
-            sizes = sizes or ([4096] if quick else [4096, 16384, 65536])
-            dims = dims or [768]
-        elif op in ("dino", "ibot"):
-            sizes = sizes or ([2560] if quick else [640, 2560, 8192, 16384])
-            dims = dims or [256]
-        elif op == "mae":
-            sizes = sizes or ([256] if quick else [64, 256, 1024])
-            dims = dims or [224]
-        else:
-            sizes = sizes or ([256] if quick else [256, 2048])
-            dims = dims or ([2048] if quick else [2048, 8192])
-        dtypes = dtypes or (["bfloat16"] if quick else ["bfloat16", "float32"])
-        log(f"GPU run on {torch.cuda.get_device_name()}")
-        rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save)
-    else:
-        if op in ("barlow", "vicreg"):
-            sizes = sizes or ([256] if quick else [256, 1024, 2048])
-            dims = dims or ([1024] if quick else [4096])
-        elif op in ("dino", "ibot"):
-            sizes = sizes or ([320] if quick else [640, 1280, 2560])
-            dims = dims or [256]
-        elif op == "mae":
-            sizes = sizes or ([32] if quick else [64, 256])
-            dims = dims or [224]
-        elif op == "sigreg":
-            sizes = sizes or ([1024, 4096] if quick else [1024, 4096, 16384])
-            dims = dims or [256]
-        elif op == "detcon":  # b images of formulations.DETCON_MASKS = 16 regions
-            sizes = sizes or ([64] if quick else [64, 256])
-            dims = dims or [128]
-        else:
-            sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
-            dims = dims or ([64] if op == "infonce" else [128] if op == "supcon" else [256])
-        dtypes = dtypes or ["float32"]
-        log("CPU run: the portable path (chunked PyTorch) against eager PyTorch and "
-            "torch.compile of the same formulation (inductor's C++ backend, compiled during "
-            "the warm-up); the Triton kernels need a CUDA GPU. Peak extra memory: a child "
-            "process per case, warmed up, "
-            "freed heap pages returned to the OS (malloc_trim), then its peak RSS during one "
-            "forward+backward above its RSS before it.")
-        rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)
-    if op in LARGEST and any("error" not in r for r in rows):
-        checked = extra.get("peers", {}).get("check", {})
-        peers = [k for k, v in checked.items() if not isinstance(v, str)]
-        extra = dict(extra, max_rows_unit=LARGEST[op][0], max_rows=largest_rows(
-            op, dims[0], str(dtypes[0]).replace("torch.", ""), quick, log, peers))
+    rows, extra = _measure(op, cuda, sizes, dims, dtypes, quick, log, save)
     result = save(rows)
     if not any("error" not in r for r in rows):
         raise BenchmarkFailed(f"bench {op}: every one of the {len(rows)} cases failed "
                               f"(first: {rows[0].get('error') if rows else 'no cases'}); no "
                               "result file written")
+    return _write_plot(result, stem, log)
+
+
+def _write_plot(result, stem, log):
+    """The PNG beside the JSON and markdown (when matplotlib is there); the files listed."""
     written = [stem + ".json", stem + ".md"]
     try:
         plot(result, stem + ".png")
