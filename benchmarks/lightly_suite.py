@@ -115,9 +115,6 @@ DESELECT = {
     "test_forward_gather_distributed_world_size_gt_one": _MOCKED_GROUP,
     "loss/test_visreg_loss.py::TestVISRegLoss::test_gather_distributed_matches_non_distributed":
         _MOCKED_GROUP,
-    # bitwise float32 equality with a second implementation that sums in another order:
-    # fastssl's value is 1 ulp away and 8x closer to float64 on that input
-    # (tests/peers/test_lightly_dense.py holds both to the float64 formula instead)
     "loss/test_detcon_loss.py::TestDetConBLoss::test_DetConBLoss_distributed_against_original":
         _MOCKED_GROUP,
     # lightly's own MACLLoss fails these the same way under pytest >= 9; the same cases
@@ -125,6 +122,9 @@ DESELECT = {
     # fastssl's MACLLoss with lightly's
     "loss/test_macl_loss.py::TestMACLLoss::test_with_batch_size_2":
         "pytest.approx of a 0-d tensor raises TypeError under pytest >= 9",
+    # bitwise float32 equality with a second implementation that sums in another order:
+    # fastssl's value is 1 ulp away and 8x closer to float64 on that input
+    # (tests/peers/test_lightly_dense.py holds both to the float64 formula instead)
     "loss/test_vicregl_loss.py::TestVICRegLLoss::test_global_loss__compare":
         "asserts bitwise float32 equality with another summation order",
 }
