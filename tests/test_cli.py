@@ -75,6 +75,33 @@ def test_max_batch_search_doubles_then_bisects():
     assert size == 4096 and "cap" in why
 
 
+def test_gpu_bench_measures_torch_compile_after_every_other_row(monkeypatch):
+    """bench_gpu's order, with the GPU timing replaced by a recorder: each shape's fastssl,
+    eager and peer rows first, torch.compile's rows (compiled at their first call) last, and
+    none of them without ``compiled``."""
+    from fastssl.bench import timing
+    calls = []
+    monkeypatch.setattr(timing, "_gpu_ceiling", lambda: 1.0)
+    monkeypatch.setattr(timing.peers, "report", lambda *a: ({"peer": object()}, {}))
+    monkeypatch.setattr(timing, "make_inputs", lambda op, size, D, dtype, dev: (size, D))
+    monkeypatch.setattr(timing.torch, "compile", lambda fn, **kw: "compiled")
+    monkeypatch.setattr(timing.torch.cuda, "empty_cache", lambda: None)
+
+    def record(fn, a, b):
+        calls.append(a)
+        return {"fwd_ms": 1.0, "bwd_ms": 1.0, "fwd_bwd_ms": 2.0, "peak_extra_mib": 0.0}
+    monkeypatch.setattr(timing, "_time_gpu", record)
+    rows, _ = timing.bench_gpu("infonce", [64, 128], [8], [torch.bfloat16], lambda *_: None)
+    order = [(r["impl"], r["rows"]) for r in rows]
+    assert order == [("fastssl", 64), ("eager", 64), ("peer", 64), ("fastssl", 128),
+                     ("eager", 128), ("peer", 128), ("torch.compile", 64),
+                     ("torch.compile", 128)]
+    assert all("error" not in r for r in rows) and calls == [64, 64, 64, 128, 128, 128, 64, 128]
+    rows, _ = timing.bench_gpu("infonce", [64], [8], [torch.bfloat16], lambda *_: None,
+                               compiled=False)
+    assert [r["impl"] for r in rows] == ["fastssl", "eager", "peer"]
+
+
 def _quick_bench_rows(tmp_path, op, size, dim):
     """The rows of ``fastssl bench op --quick`` at one size and width, run as a user would."""
     out = subprocess.run([sys.executable, "-m", "fastssl.cli", "bench", op, "--quick",

@@ -61,14 +61,17 @@ def check_args(op, sizes=None, dims=None, dtypes=None):
 # Default (--sizes, --dims) per device and op when the flags are not given: (quick, full)
 # pairs of lists; "*" covers every other op measured by the shared CPU/GPU timing loop.
 SHAPES = {
-    "gpu": {"infonce": (([4096, 16384], [4096, 16384, 65536, 262144]), ([128], [128, 256, 1024])),
+    # --quick on the GPU: the workloads of the GPU targets (benchmarks/NOTES.md)
+    "gpu": {"infonce": (([16384, 65536], [4096, 16384, 65536, 262144]), ([256], [128, 256, 1024])),
+            "supcon": (([32768], [4096, 16384, 32768, 65536]), ([128], [128])),
             "sigreg": (([4096], [4096, 16384, 65536]), ([256], [256])),
             # detcon: b images of formulations.DETCON_MASKS = 16 regions
             "detcon": (([1024], [256, 1024, 4096]), ([128], [128])),
-            "siglip": (([4096], [4096, 16384, 32768]), ([768], [768])),
-            "clip": (([4096], [4096, 16384, 65536]), ([768], [768])),
-            "dino": (([2560], [640, 2560, 8192, 16384]), ([256], [256])),
+            "siglip": (([32768], [4096, 16384, 32768]), ([768], [768])),
+            "clip": (([65536], [4096, 16384, 65536]), ([768], [768])),
+            "dino": (([8190], [640, 2560, 8190, 16380]), ([256], [256])),
             "mae": (([256], [64, 256, 1024]), ([224], [224])),
+            "barlow": (([256, 2048], [256, 2048, 8192]), ([8192], [2048, 8192])),
             "*": (([256], [256, 2048]), ([2048], [2048, 8192]))},
     "cpu": {"barlow": (([256], [256, 1024, 2048]), ([1024], [4096])),
             "dino": (([320], [640, 1280, 2560]), ([256], [256])),
@@ -79,8 +82,8 @@ SHAPES = {
             "supcon": (([2048, 4096], [2048, 4096, 8192, 16384]), ([128], [128])),
             "*": (([2048, 4096], [2048, 4096, 8192, 16384]), ([256], [256]))},
 }
-SHAPES["gpu"]["supcon"] = SHAPES["gpu"]["infonce"]
-SHAPES["gpu"]["ibot"] = SHAPES["gpu"]["dino"]
+SHAPES["gpu"]["vicreg"] = SHAPES["gpu"]["barlow"]
+SHAPES["gpu"]["ibot"] = (([8192], [640, 2560, 8192, 16384]), ([256], [256]))
 SHAPES["cpu"]["vicreg"] = SHAPES["cpu"]["barlow"]
 SHAPES["cpu"]["ibot"] = SHAPES["cpu"]["dino"]
 CPU_NOTE = ("CPU run: the portable path (chunked PyTorch) against eager PyTorch and "
@@ -124,7 +127,8 @@ def _measure(op, cuda, sizes, dims, dtypes, quick, log, save):
     sizes, dims, dtypes = default_shapes(op, cuda, quick, sizes, dims, dtypes)
     if cuda:
         log(f"GPU run on {torch.cuda.get_device_name()}")
-        rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save)
+        rows, extra = bench_gpu(op, sizes, dims, [getattr(torch, d) for d in dtypes], log, save,
+                                compiled=not quick or op == "infonce")
     else:
         log(CPU_NOTE)
         rows, extra = bench_cpu(op, sizes, dims, dtypes, log, 2 if quick else 3, save)

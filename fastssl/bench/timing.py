@@ -66,37 +66,46 @@ def noop(rows):
     pass
 
 
-def bench_gpu(op, sizes, dims, dtypes, log, save=noop):
+def _gpu_row(op, name, fn, size, D, dtype, peak):
+    row = {"op": op, "impl": name, "rows": size, "D": D, "dtype": str(dtype).replace("torch.", "")}
+    a = b = None
+    try:
+        a, b = make_inputs(op, size, D, dtype, "cuda")
+        row.update(_time_gpu(fn, a, b))
+        row["tflops"] = model_flops(op, size, D) / row["fwd_bwd_ms"] / 1e9
+        row["fraction_of_bf16_peak"] = row["tflops"] / peak
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    del a, b
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_gpu(op, sizes, dims, dtypes, log, save=noop, compiled=True):
+    """Every shape for fastssl, the eager formulation and the peers, then (``compiled``)
+    every shape for torch.compile: its compilation, tens of seconds, comes last, so a run
+    stopped at a time limit keeps the other rows."""
     peak = _gpu_ceiling()
     log(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
     found, peer_info = peers.report(op, "cuda", dims[0], log)
-    impls = dict(IMPLS[op])
-    # dynamic=True: one compilation serves every size (per-shape recompiles would hit
-    # dynamo's cache limit and silently fall back to eager).
-    impls["torch.compile"] = torch.compile(impls["eager"], dynamic=True)
-    impls.update(found)
+    impls = {**IMPLS[op], **found}
+    if compiled:
+        # dynamic=True: one compilation serves every size (per-shape recompiles would hit
+        # dynamo's cache limit and silently fall back to eager).
+        impls["torch.compile"] = torch.compile(IMPLS[op]["eager"], dynamic=True)
+    else:
+        log("torch.compile not measured (--quick on the GPU compiles only for infonce)")
+    shapes = [(dtype, D, size) for dtype in dtypes for D in dims for size in sizes]
+    order = [(name, shape) for name in impls if name != "torch.compile" for shape in shapes]
+    order.sort(key=lambda item: shapes.index(item[1]))
+    order += [("torch.compile", shape) for shape in shapes if compiled]
     rows = []
-    for dtype in dtypes:
-        for D in dims:
-            for size in sizes:
-                for name, fn in impls.items():
-                    row = {"op": op, "impl": name, "rows": size, "D": D,
-                           "dtype": str(dtype).replace("torch.", "")}
-                    a = b = None
-                    try:
-                        a, b = make_inputs(op, size, D, dtype, "cuda")
-                        row.update(_time_gpu(fn, a, b))
-                        row["tflops"] = model_flops(op, size, D) / row["fwd_bwd_ms"] / 1e9
-                        row["fraction_of_bf16_peak"] = row["tflops"] / peak
-                    except torch.cuda.OutOfMemoryError:
-                        row["error"] = "out of memory"
-                    except Exception as e:
-                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    del a, b
-                    torch.cuda.empty_cache()
-                    rows.append(row)
-                    log(fmt_row(row))
-                    save(rows)
+    for name, (dtype, D, size) in order:
+        rows.append(_gpu_row(op, name, impls[name], size, D, dtype, peak))
+        log(fmt_row(rows[-1]))
+        save(rows)
     return rows, {"bf16_peak_tflops": peak, "peers": peer_info}
 
 
