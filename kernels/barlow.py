@@ -22,13 +22,17 @@ matrix in memory when N < D.
 ``_gram_inner_kernel`` computes one (i, j) block pair of both Gram tiles (i <= j; the
 mirror pairs count twice) and writes its partial sum; the partials are summed in a fixed
 order (deterministic). ``_gram_apply_kernel`` walks column blocks j for a block of rows i
-and a D chunk of the output, recomputing the W W^T tile (flash-style).
+and a D chunk of the output. For N <= D it reads the W W^T tiles from the N x N float32
+Gram matrix that ``_gram_kernel`` wrote once (no larger than an input); for N > D it
+recomputes each tile (flash-style), which repeats the tile work once per D chunk of the
+output: ceil(D / BD) times, the cost that made N = 2,048, D = 8,192 take 40 ms on an H200
+(benchmarks/NOTES.md).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .infonce import _dot_tile, _interpret, _launch_opts, _precision, _TY
+from .infonce import _dot_tile, _interpret, _launch_opts, _precision, _TY, with_fp32_precisions
 
 
 @triton.jit
@@ -53,7 +57,20 @@ def _gram_inner_kernel(A, B, PART, N, D, s_a0, s_a1, s_b0, s_b1,
 
 
 @triton.jit
-def _gram_apply_kernel(W, X, OUT, N, D, s_w0, s_w1, s_x0, s_x1, s_o0, s_o1,
+def _gram_kernel(W, G, N, D, s_w0, s_w1, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """One (BM x BN) float32 tile of G = W W^T (N x N, row-major)."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    g = _dot_tile(W, rows, N, s_w0, s_w1, W, cols, N, s_w0, s_w1, D, BM, BN, BK,
+                  PRECISION, INTERPRET)
+    tl.store(G + rows[:, None] * N + cols[None, :], g,
+             mask=(rows < N)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _gram_apply_kernel(W, X, G, OUT, N, D, s_w0, s_w1, s_x0, s_x1, s_o0, s_o1,
+                       HAS_G: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                        PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -66,8 +83,12 @@ def _gram_apply_kernel(W, X, OUT, N, D, s_w0, s_w1, s_x0, s_x1, s_o0, s_o1,
     for c0 in range(0, N, BN):
         cols = c0 + tl.arange(0, BN).to(tl.int64)
         col_ok = cols < N
-        g = _dot_tile(W, rows, N, s_w0, s_w1, W, cols, N, s_w0, s_w1, D, BM, BN, BK,
-                      PRECISION, INTERPRET)
+        if HAS_G:
+            g = tl.load(G + rows[:, None] * N + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            g = _dot_tile(W, rows, N, s_w0, s_w1, W, cols, N, s_w0, s_w1, D, BM, BN, BK,
+                          PRECISION, INTERPRET)
         x = tl.load(X + cols[:, None] * s_x0 + dd[None, :] * s_x1,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if INTERPRET:
@@ -204,15 +225,22 @@ def gram_inner(a, b):
 
 
 def gram_apply(w, x):
-    """(w w^T) x in float32."""
+    """(w w^T) x in float32; for N <= w's width through the N x N Gram matrix, written once."""
     N, D = x.shape
     cfg = config(w.dtype, w.shape[1])["apply"]
+    prec = _precision(w.dtype)
     out = torch.empty(N, D, device=x.device, dtype=torch.float32)
+    g = out.new_empty(1)
+    if N <= w.shape[1]:
+        g = torch.empty(N, N, device=x.device, dtype=torch.float32)
+        _gram_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(N, cfg["BN"]))](
+            w, g, N, w.shape[1], *w.stride(), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+            PRECISION=prec, INTERPRET=_interpret(), **_launch_opts(cfg))
     grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BD"]))
-    _gram_apply_kernel[grid](w, x, out, N, w.shape[1], *w.stride(), *x.stride(), *out.stride(),
+    _gram_apply_kernel[grid](w, x, g, out, N, w.shape[1], *w.stride(), *x.stride(),
+                             *out.stride(), HAS_G=g.dim() == 2,
                              BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BD=cfg["BD"],
-                             PRECISION=_precision(w.dtype), INTERPRET=_interpret(),
-                             **_launch_opts(cfg))
+                             PRECISION=prec, INTERPRET=_interpret(), **_launch_opts(cfg))
     return out
 
 
@@ -234,10 +262,15 @@ def shipped_configs():
             sig.update({k: "i32" for k in ("N", "D", "s_a0", "s_a1", "s_b0", "s_b1")})
             out.append((_gram_inner_kernel, sig, dict(BM=i["BM"], BK=i["BK"], PRECISION="tf32",
                                                       INTERPRET=False), i))
-            sig = {"W": ty, "X": ty, "OUT": "*fp32"}
+            sig = {"W": ty, "G": "*fp32"}
+            sig.update({k: "i32" for k in ("N", "D", "s_w0", "s_w1")})
+            out.append((_gram_kernel, sig, dict(BM=a["BM"], BN=a["BN"], BK=a["BK"],
+                                                PRECISION="tf32", INTERPRET=False), a))
+            sig = {"W": ty, "X": ty, "G": "*fp32", "OUT": "*fp32"}
             sig.update({k: "i32" for k in ("N", "D", "s_w0", "s_w1", "s_x0", "s_x1", "s_o0",
                                            "s_o1")})
-            out.append((_gram_apply_kernel, sig, dict(BM=a["BM"], BN=a["BN"], BK=a["BK"],
-                                                      BD=a["BD"], PRECISION="tf32",
-                                                      INTERPRET=False), a))
-    return out
+            for has_g in (False, True):
+                out.append((_gram_apply_kernel, sig, dict(HAS_G=has_g, BM=a["BM"], BN=a["BN"],
+                                                          BK=a["BK"], BD=a["BD"],
+                                                          PRECISION="tf32", INTERPRET=False), a))
+    return with_fp32_precisions(out)

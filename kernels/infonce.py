@@ -291,7 +291,11 @@ def config(dtype, D, interpret=None):
     wide = dtype == torch.float32
     small = D <= 32
     bk = 32 if (small or wide) else 64
-    fwd = dict(BM=64 if wide else 128, BN=64, BK=bk, num_warps=8, num_stages=3)
+    # 16-bit stage counts from the H200 sweep (bf16, 2N = 65,536; benchmarks/NOTES.md,
+    # 2026-12-04), the fastest variants that compile without spills: 4 forward stages
+    # (14.2 ms against 16.3 at D = 256) and 3 backward stages at D > 128 (86.5 against 117.9)
+    fwd = dict(BM=64 if wide else 128, BN=64, BK=bk, num_warps=8,
+               num_stages=3 if (wide or small) else 4)
     # The backward kernels recompute the similarity tile once per D chunk of their output,
     # so the chunk BD is as wide as registers allow (every entry compiles without spills).
     if small:
@@ -303,17 +307,33 @@ def config(dtype, D, interpret=None):
     elif D <= 128:
         bwd = dict(BM=64, BN=64, BK=bk, BD=128, num_warps=8, num_stages=2)
     else:
-        bwd = dict(BM=64, BN=32, BK=bk, BD=256, num_warps=8, num_stages=2)
+        bwd = dict(BM=64, BN=32, BK=bk, BD=256, num_warps=8, num_stages=3)
     # The column kernel owns BN columns and walks rows in blocks of BM: the same tile
     # shapes with the roles exchanged, so its matmuls keep M = 64 rows (wgmma's minimum).
     bwd_cols = dict(bwd, BM=bwd["BN"], BN=bwd["BM"])
     return {"fwd": fwd, "bwd": bwd, "bwd_cols": bwd_cols}
 
 
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
 def _precision(dtype):
+    """``tl.dot``'s input precision for ``dtype`` operands (16-bit operands ignore it).
+    float32 follows PyTorch's switch for its own float32 matmuls, so that a fused loss is as
+    exact as the eager code it replaces: products in three TF32 passes ("tf32x3": the
+    split operands' error terms kept, within a few float32 roundings of full products, on
+    the tensor cores) unless ``torch.backends.cuda.matmul.allow_tf32``
+    (``torch.set_float32_matmul_precision("high")``) allows one TF32 pass ("tf32").
+    ``FASTSSL_FP32_PRECISION`` = ieee | tf32 | tf32x3 overrides both ("ieee": FMA units)."""
     if dtype != torch.float32:
-        return "tf32"  # ignored for 16-bit operands
-    return "ieee" if os.environ.get("FASTSSL_FP32_PRECISION", "tf32") == "ieee" else "tf32"
+        return "tf32"
+    chosen = os.environ.get("FASTSSL_FP32_PRECISION")
+    if chosen:
+        if chosen not in FP32_PRECISIONS:
+            raise ValueError(f"FASTSSL_FP32_PRECISION must be one of {', '.join(FP32_PRECISIONS)}, "
+                             f"got {chosen!r}")
+        return chosen
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def _launch_opts(cfg):
@@ -418,6 +438,18 @@ def backward(rows, cols, negatives, neg_scale, pos_idx, mask_idx, scale, stats, 
 _TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
+def with_fp32_precisions(configs):
+    """A compile table with each float32 entry twice, for both precisions a launch takes by
+    default (``_precision``: "tf32x3", and "tf32" where PyTorch allows TF32); 16-bit
+    entries once. The first pointer of a signature is the operands' dtype."""
+    out = []
+    for fn, sig, ce, opts in configs:
+        out.append((fn, sig, ce, opts))
+        if "PRECISION" in ce and next(iter(sig.values())) == "*fp32":
+            out.append((fn, sig, dict(ce, PRECISION="tf32x3"), opts))
+    return out
+
+
 def shipped_configs():
     """Every (kernel, signature, constexprs, options) the launchers can use on a GPU.
 
@@ -461,4 +493,4 @@ def shipped_configs():
                 ce = dict(HAS_MASK=has_mask, HAS_KEYS=keys, BM=bc["BM"], BN=bc["BN"], BK=bc["BK"],
                           BD=bc["BD"], PRECISION=prec, INTERPRET=False)
                 out.append((_bwd_cols_kernel, sig, ce, bc))
-    return out
+    return with_fp32_precisions(out)

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .infonce import _dot_tile, _interpret, _launch_opts, _precision, _TY
+from .infonce import _dot_tile, _interpret, _launch_opts, _precision, _TY, with_fp32_precisions
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -438,4 +438,4 @@ def shipped_configs():
                                                           VALUE=value, **br), cr))
             for np_, has_bias in ((2, True), (1, False)):
                 out.append((_pair_cols_kernel, sig, dict(NP=np_, HAS_BIAS=has_bias, **bc), cc))
-    return out
+    return with_fp32_precisions(out)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .infonce import _dot_tile, _interpret, _launch_opts, _precision, _TY
+from .infonce import _dot_tile, _interpret, _launch_opts, _precision, _TY, with_fp32_precisions
 
 
 @triton.jit
@@ -208,4 +208,4 @@ def shipped_configs():
                                              "s_d0", "s_d1")})
                 out.append((fn, sig, dict(BM=b["BM"], BN=b["BN"], BK=b["BK"], BD=b["BD"],
                                           PRECISION="tf32", INTERPRET=False), b))
-    return out
+    return with_fp32_precisions(out)

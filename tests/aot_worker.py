@@ -31,8 +31,10 @@ PTXAS = next(os.path.join(BIN, p) for p in ("ptxas-blackwell", "ptxas")
 
 def config_id(family, cfg):
     fn, sig, ce, _ = cfg
-    flags = "".join(k[4] for k in ("HAS_MASK", "HAS_NEG", "HAS_VALS", "HAS_BIAS") if ce.get(k)) or "plain"
+    flags = "".join(k[4] for k in ("HAS_MASK", "HAS_NEG", "HAS_VALS", "HAS_BIAS", "HAS_G")
+                    if ce.get(k)) or "plain"
     flags += "-spherical" if ce.get("SPHERICAL") else ""
+    flags += f"-{ce['PRECISION']}" if ce.get("PRECISION") in ("ieee", "tf32x3") else ""
     flags += "".join(f"-{k}{int(v)}" for k, v in ce.items() if k in ("PHASE", "EN_H", "NP",
                                                                        "VALUE"))
     blocks = "-".join(f"{k}{v}" for k, v in ce.items() if k.startswith("B"))
@@ -67,7 +69,8 @@ def main(cc):
                            spill_bytes=max(spills) if spills else None,
                            registers=int(regs[0]) if regs else None,
                            shared=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"],
-                           matmul="dot" in fn.src)
+                           # full-float32 products ("ieee") run on the FMA units: no wgmma
+                           matmul="dot" in fn.src and ce.get("PRECISION") != "ieee")
             except Exception as e:  # reported per configuration by the test
                 row.update(ok=False, error=f"{type(e).__name__}: {e}"[-2000:])
             print(json.dumps(row), flush=True)

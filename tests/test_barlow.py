@@ -41,7 +41,7 @@ def ref_vicreg(z_a, z_b, lam=25.0, mu=25.0, nu=1.0, eps=1e-4):
         z = z - z.mean(0)
         N, D = z.shape[0], z.shape[-1]
         c = torch.einsum("n...i,n...j->...ij", z, z) / (N - 1)
-        off = c * (1 - torch.eye(D, dtype=c.dtype))
+        off = c * (1 - torch.eye(D, dtype=c.dtype, device=c.device))
         return ((off ** 2).sum((-1, -2)) / D).mean()
 
     return lam * inv + mu * (var(z_a) + var(z_b)) / 2 + nu * (cov(z_a) + cov(z_b))
@@ -211,3 +211,17 @@ def test_opcheck_standardize(backend, device):
     a, stats = _ops.standardize(z.detach(), 1e-5)
     torch.library.opcheck(_ops.standardize_backward.custom,
                           (z.detach(), torch.randn_like(a), stats, 1e-5))
+
+
+@pytest.mark.parametrize("N,D", [(200, 300), (300, 200), (129, 129)])
+def test_gram_apply_kernel_both_ways_against_float64(N, D, device):
+    """(W W^T) X through the Triton kernels (interpreted on CPU): through the N x N Gram
+    matrix written once for N <= D, recomputed tile by tile for N > D; several row and
+    column blocks either way."""
+    from fastssl.kernels import barlow as K
+    g = torch.Generator().manual_seed(N + D)
+    w = torch.randn(N, D, generator=g, dtype=torch.float64)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    want = (w @ w.T) @ x
+    got = K.gram_apply(w.float().to(device), x.float().to(device)).double().cpu()
+    assert float((got - want).norm() / want.norm()) <= 1e-5

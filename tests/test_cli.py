@@ -73,6 +73,11 @@ def test_max_batch_search_doubles_then_bisects():
     assert probes[:5] == [1024, 2048, 4096, 8192, 16384]
     size, why = max_batch(lambda s: (True, 0.0), 1024, 4096, 256, lambda *_: None, "x")
     assert size == 4096 and "cap" in why
+    # a failure other than memory past 6000 rows (out of memory past 9000): its reason
+    size, why = max_batch(lambda s: (True, 0.0) if s <= 6000 else
+                          (False, "RuntimeError: too many keys") if s <= 9000 else (False, None),
+                          1024, 1 << 20, 256, lambda *_: None, "x")
+    assert 6000 - 256 < size <= 6000 and why == "RuntimeError: too many keys"
 
 
 def test_gpu_bench_measures_torch_compile_after_every_other_row(monkeypatch):

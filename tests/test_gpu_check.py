@@ -96,7 +96,7 @@ def test_dry_run_returns_three_files_that_results_table_reads(tmp_path):
     for op in OPS:
         assert f"\n| {op} | CPU" in summary, op
     log = (out / "log.txt").read_text()
-    assert "== tests (at most 420 s" in log and summary.strip() in log
+    assert "== tests (at most 360 s" in log and summary.strip() in log
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
 
 

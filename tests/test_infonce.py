@@ -360,3 +360,22 @@ def test_bad_backend(monkeypatch):
     monkeypatch.setenv("FASTSSL_BACKEND", "magic")
     with pytest.raises(ValueError, match="FASTSSL_BACKEND"):
         fastssl.nt_xent(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_float32_tile_products_round_as_torch_matmuls_do(monkeypatch):
+    """float32 operands take three-pass TF32 products (close to float32's) unless PyTorch
+    allows TF32 for its own float32 matmuls; FASTSSL_FP32_PRECISION overrides, and a value it
+    does not know is an error. 16-bit operands ignore the setting."""
+    from fastssl.kernels.infonce import _precision
+    monkeypatch.delenv("FASTSSL_FP32_PRECISION", raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert _precision(torch.float32) == "tf32x3"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert _precision(torch.float32) == "tf32"
+    for chosen in ("ieee", "tf32", "tf32x3"):
+        monkeypatch.setenv("FASTSSL_FP32_PRECISION", chosen)
+        assert _precision(torch.float32) == chosen
+        assert _precision(torch.bfloat16) == "tf32"
+    monkeypatch.setenv("FASTSSL_FP32_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="FASTSSL_FP32_PRECISION"):
+        _precision(torch.float32)

@@ -113,7 +113,8 @@ def eager_dino(s, W):
     t, V, c = teacher_inputs("dino", s, W)
     S, T = DINO_CROPS
     B = t.shape[0] // T
-    teacher = torch.softmax((t @ V.T - c) / 0.04, dim=-1).view(T, B, -1)
+    # the centre is float32: the teacher softmax too, cast for the einsum as autocast would
+    teacher = torch.softmax((t @ V.T - c) / 0.04, dim=-1).to(s.dtype).view(T, B, -1)
     student = torch.log_softmax((s @ W.T) / 0.1, dim=-1).view(S, B, -1)
     loss = -torch.einsum("tbk,sbk->tsb", teacher, student).mean(-1)  # (T, S) pair means
     return sum(loss[u, v] for u in range(T) for v in range(S) if u != v) / (T * S - min(T, S))

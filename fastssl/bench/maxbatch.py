@@ -19,6 +19,8 @@ def _fits_gpu(fn, size, D, dtype, op="infonce"):
         return True, time.perf_counter() - t
     except torch.cuda.OutOfMemoryError:
         return False, None
+    except RuntimeError as e:  # a limit other than memory (cub's sort of > INT_MAX keys)
+        return False, f"{type(e).__name__}: {str(e)[:120]}"
     finally:
         del a, b
         torch.cuda.empty_cache()
@@ -33,15 +35,21 @@ def _fits_cpu(impl, size, D, dtype, budget_mib, op="infonce"):
 
 def max_batch(fits, start, cap, step, log, name, label="2N", unit="rows"):
     """Doubling from ``start`` until a failure or ``cap``, then bisection to ``step`` rows.
-    ``fits(size) -> (ok, seconds)``. Returns (largest size that fits, reason it stopped);
-    ``unit`` names what a size counts in that reason."""
-    good, bad, size = 0, None, start
-    while size <= cap:
+    ``fits(size) -> (ok, seconds)``, or ``(False, reason)`` for a failure other than memory.
+    Returns (largest size that fits, reason it stopped: "memory", the cap, or the smallest
+    failing size's reason); ``unit`` names what a size counts in that reason."""
+    good, bad, size, why = 0, None, start, "memory"
+
+    def probe(size):
         ok, secs = fits(size)
-        log(f"  {name:>8} {label}={size:>9}: {'ok' if ok else 'does not fit'}"
-            + (f" ({secs:.2f} s)" if secs else ""))
+        failed = "does not fit" if secs is None or not isinstance(secs, str) else f"fails: {secs}"
+        log(f"  {name:>8} {label}={size:>9}: {'ok' if ok else failed}"
+            + (f" ({secs:.2f} s)" if ok and secs else ""))
+        return ok, (secs if isinstance(secs, str) else "memory")
+    while size <= cap:
+        ok, reason = probe(size)
         if not ok:
-            bad = size
+            bad, why = size, reason
             break
         good = size
         size *= 2
@@ -51,10 +59,12 @@ def max_batch(fits, start, cap, step, log, name, label="2N", unit="rows"):
         mid = (good + bad) // 2 // step * step
         if mid in (good, bad):
             break
-        ok, secs = fits(mid)
-        log(f"  {name:>8} {label}={mid:>9}: {'ok' if ok else 'does not fit'}")
-        good, bad = (mid, bad) if ok else (good, mid)
-    return good, "memory"
+        ok, reason = probe(mid)
+        if ok:
+            good = mid
+        else:
+            bad, why = mid, reason
+    return good, why
 
 
 def bench_maxbatch(quick, log, save=noop, dims=None, dtypes=None):

@@ -86,7 +86,9 @@ def _lightly_dino():
     def loss(s, W):
         t, V, c = teacher_inputs("dino", s, W)
         ref = get(W.shape[0], s.device)
-        ref.center = c.view(1, 1, -1).float()  # the bench's fixed centre, every call
+        # the bench's fixed centre, every call, in the inputs' dtype as DINOLoss(...).to(dtype)
+        # keeps it (a float32 centre fails lightly's einsum on 16-bit inputs)
+        ref.center = c.view(1, 1, -1).to(s.dtype)
         with torch.no_grad():
             teacher_logits = (t @ V.T).chunk(DINO_CROPS[1])
         return ref(list(teacher_logits), list((s @ W.T).chunk(DINO_CROPS[0])))
