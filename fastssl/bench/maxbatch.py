@@ -42,7 +42,7 @@ def max_batch(fits, start, cap, step, log, name, label="2N", unit="rows"):
 
     def probe(size):
         ok, secs = fits(size)
-        failed = "does not fit" if secs is None or not isinstance(secs, str) else f"fails: {secs}"
+        failed = f"fails: {secs}" if isinstance(secs, str) else "does not fit"
         log(f"  {name:>8} {label}={size:>9}: {'ok' if ok else failed}"
             + (f" ({secs:.2f} s)" if ok and secs else ""))
         return ok, (secs if isinstance(secs, str) else "memory")
