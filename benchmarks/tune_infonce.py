@@ -3,7 +3,7 @@
 For each D, the forward kernel's launch table (BM, BN, BK, warps, stages) is varied with
 the backward's at its default, then the backward's (BM, BN, BK, BD, warps, stages; the
 column kernel takes the same tile with the roles exchanged) with the forward's at its
-default. Each variant: the median forward and backward times (triton.testing.do_bench),
+default. Each variant: the median forward and backward times (fastssl bench's GPU timing),
 and its loss and gradients against the shipped table's (a different launch table only
 reorders sums: relative differences stay at bf16 rounding, 1e-2). Rows are written to
 OUT.json as they are measured; the sweep stops starting variants after --seconds."""
@@ -13,9 +13,10 @@ import sys
 import time
 
 import torch
-import triton.testing
+import triton
 
 import fastssl
+from fastssl.bench.timing import _gpu_ceiling, _time_gpu
 from fastssl.kernels import infonce as K
 
 FWD = [  # (BM, BN, BK, num_warps, num_stages)
@@ -43,10 +44,8 @@ def table(default, fwd=None, bwd=None):
 
 
 def measure(z0, z1):
-    out = {"fwd_ms": triton.testing.do_bench(lambda: fastssl.nt_xent(z0, z1), return_mode="median")}
-    loss = fastssl.nt_xent(z0, z1)
-    out["bwd_ms"] = triton.testing.do_bench(lambda: loss.backward(retain_graph=True),
-                                            return_mode="median", grad_to_none=[z0, z1])
+    """``fastssl bench``'s GPU timing of one NT-Xent call, and its loss and gradients."""
+    out = _time_gpu(fastssl.nt_xent, z0, z1)
     z0.grad = z1.grad = None
     loss = fastssl.nt_xent(z0, z1)
     g0, g1 = torch.autograd.grad(loss, [z0, z1])
@@ -64,10 +63,7 @@ def main():
     shipped = K.config
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "two_n": a.two_n, "dtype": "bfloat16", "rows": []}
-    a_ = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    peak = 2 * 8192 ** 3 / triton.testing.do_bench(lambda: a_ @ a_, return_mode="median") / 1e9
-    result["bf16_peak_tflops"] = peak
-    del a_
+    peak = result["bf16_peak_tflops"] = _gpu_ceiling()
     print(f"{result['device']}, torch {torch.__version__}, triton {triton.__version__}, "
           f"measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     for D in map(int, a.dims.split(",")):

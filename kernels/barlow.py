@@ -23,7 +23,7 @@ matrix in memory when N < D.
 mirror pairs count twice) and writes its partial sum; the partials are summed in a fixed
 order (deterministic). ``_gram_apply_kernel`` walks column blocks j for a block of rows i
 and a D chunk of the output. For N <= D it reads the W W^T tiles from the N x N float32
-Gram matrix that ``_gram_kernel`` wrote once (no larger than an input); for N > D it
+Gram matrix that ``_gram_kernel`` wrote once (no more elements than an input); for N > D it
 recomputes each tile (flash-style), which repeats the tile work once per D chunk of the
 output: ceil(D / BD) times, the cost that made N = 2,048, D = 8,192 take 40 ms on an H200
 (benchmarks/NOTES.md).

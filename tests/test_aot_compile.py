@@ -29,7 +29,7 @@ def compiled():
 
 # float32 tiles in three TF32 passes (the default for float32 inputs, as exact as PyTorch's
 # float32 matmuls) need the split operands' registers too: zero spills on sm_90, and on
-# sm_80 56-1,380 bytes with the float32 table (benchmarks/NOTES.md, H200 2026-12-04). Those
+# sm_80 24-1,380 bytes with the float32 table (benchmarks/NOTES.md, H200 2026-12-04). Those
 # are allowed up to this bound, and listed; every other entry compiles without spills.
 SM80_TF32X3_SPILL_BOUND = 1536
 

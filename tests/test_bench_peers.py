@@ -200,3 +200,34 @@ def test_bench_clip_on_cpu(tmp_path):
     assert all("error" not in r and r["rows"] == 24 for r in result["rows"])
     assert "| impl | n |" in (tmp_path / path.name.replace(".json", ".md")).read_text()
     assert "Inf-CL" in result["peers"]["missing"]
+
+
+# tiny (size, D) per op for the 16-bit sweep below (sizes the bench accepts)
+TINY = {"infonce": (64, 8), "supcon": (64, 8), "sigreg": (64, 8), "detcon": (8, 8),
+        "clip": (32, 8), "siglip": (32, 8), "barlow": (32, 16), "vicreg": (32, 16),
+        "dino": (20, 8), "ibot": (16, 8), "mae": (2, 32)}
+
+
+def check_16bit_rows(op, names, monkeypatch):
+    """Every named bench row of ``op`` runs forward+backward on bf16 and fp16 inputs, with
+    a finite value within 16-bit rounding of the eager formulation's and finite gradients
+    (a float32 buffer meeting 16-bit inputs, as DINO's centre did, is an error here)."""
+    monkeypatch.setattr(formulations, "PROTOTYPES", 256)
+    size, D = TINY[op]
+    for dtype in (torch.bfloat16, torch.float16):
+        values = {}
+        for name in names:
+            a, b = formulations.make_inputs(op, size, D, dtype, "cpu")
+            loss = timing.implementation(op, name)(a, b)
+            loss.backward()
+            grads = [t.grad for t in (a, b) if t.requires_grad and t.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads), (op, name, dtype)
+            values[name] = float(loss)
+        for name, v in values.items():
+            assert abs(v - values["eager"]) <= 0.03 * abs(values["eager"]), (op, name, dtype, values)
+
+
+@pytest.mark.parametrize("op", sorted(TINY))
+def test_every_bench_row_takes_16bit_inputs(op, monkeypatch):
+    found, _ = peers.find(op, "cpu")
+    check_16bit_rows(op, [*formulations.IMPLS[op], *found], monkeypatch)
